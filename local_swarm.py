@@ -810,10 +810,10 @@ class ChatService:
             body["tools"] = list(req.tools)
         return body
 
-    async def generate(self, req: ChatRequest, gen: Generation) -> AsyncIterator[str]:
+    async def generate(self, req: ChatRequest, gen: Generation, live: bool) -> AsyncIterator[str]:
         """Yield "" once the request is accepted (worker leased, prompt counted), then each text
-        delta. Retries on another worker while nothing has been yielded after acceptance.
-        Raises HTTPError before acceptance; WorkerError if generation breaks midway."""
+        delta. A worker failure is retried on another worker unless `live` deltas already went
+        to the client. Raises HTTPError before acceptance; WorkerError when retries run out."""
         accepted = False
         while True:
             gen.attempts += 1
@@ -832,8 +832,9 @@ class ChatService:
                 if exc.status is not None and 400 <= exc.status < 500:
                     raise HTTPError(400, f"the worker refused the request: {exc}",
                                     code="invalid_request") from exc
-                if gen.text or gen.attempts > self.cfg.max_retries:
+                if (live and gen.text) or gen.attempts > self.cfg.max_retries:
                     raise
+                gen.text, gen.first_token_at = "", None
                 log.warning("%s; retrying on another worker (attempt %d)", exc, gen.attempts + 1)
 
     async def _stream_from(self, worker: Any, req: ChatRequest, gen: Generation
@@ -860,7 +861,7 @@ class ChatService:
     async def complete(self, req: ChatRequest) -> tuple[dict[str, Any], Generation]:
         """A whole (non-streamed) chat.completion object."""
         gen = Generation()
-        async for _ in self.generate(req, gen):
+        async for _ in self.generate(req, gen, live=False):
             pass
         reply = {"id": new_completion_id(), "object": "chat.completion", "created": int(self.clock()),
                  "model": self.reply_model(req),
@@ -872,7 +873,7 @@ class ChatService:
     async def open_stream(self, req: ChatRequest, gen: Generation) -> AsyncIterator[bytes]:
         """Accept the request (raising HTTPError if it cannot be served), then return the SSE
         byte stream of chat.completion.chunk events."""
-        deltas = self.generate(req, gen)
+        deltas = self.generate(req, gen, live=True)
         try:
             await deltas.__anext__()              # leased and counted, or raised
         except BaseException:
@@ -1023,12 +1024,16 @@ class SwarmApp:
 
     async def chat_completions(self, request: Request) -> Response:
         req = parse_chat_request(request.json())
-        if not req.stream:
-            reply, gen = await self.chat.complete(req)
-            self._log_generation(req, gen)
-            return Response.json(reply)
-        gen = Generation()
-        stream = await self.chat.open_stream(req, gen)
+        try:
+            if not req.stream:
+                reply, gen = await self.chat.complete(req)
+                self._log_generation(req, gen)
+                return Response.json(reply)
+            gen = Generation()
+            stream = await self.chat.open_stream(req, gen)
+        except WorkerError as exc:
+            raise HTTPError(503, f"no worker could answer: {exc}", "server_error",
+                            code="workers_unavailable", headers=[("Retry-After", "5")]) from exc
         return Response.sse(self._logged(stream, req, gen))
 
     async def _logged(self, stream: AsyncIterator[bytes], req: ChatRequest, gen: Generation

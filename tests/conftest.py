@@ -1,0 +1,81 @@
+"""Shared fixtures. End-to-end tests run the daemon exactly as a user does (`python local_swarm.py`),
+on a real llama.cpp build and the real SmolLM2-135M model: the first swarm of a run builds
+llama-cpp-python into llama_builds/ and fetches the model into the cache (once per machine)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TEST_MODEL = os.environ.get("LOCAL_SWARM_TEST_MODEL", "smollm2-135m")
+FIRST_START_TIMEOUT = 1800      # the first start may build llama.cpp (~5 min on 2 cores) and download
+READY_LINE = re.compile(r"ready on (http://[\d.]+:\d+)/v1")
+
+
+@dataclass
+class SwarmProcess:
+    """A daemon started as a subprocess, with its output captured for assertions."""
+
+    proc: subprocess.Popen
+    url: str = ""
+    output: list[str] = field(default_factory=list)
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kw)
+
+    def worker_pids(self) -> list[int]:
+        return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def _pump(proc: subprocess.Popen, sink: list[str]) -> None:
+    for line in proc.stdout:
+        sink.append(line)
+
+
+def start_swarm(*flags: str, timeout: float = FIRST_START_TIMEOUT, env: dict | None = None
+                ) -> SwarmProcess:
+    """Start `python local_swarm.py --port 0 FLAGS` and wait for its ready banner."""
+    cmd = [sys.executable, str(ROOT / "local_swarm.py"), "--port", "0", *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env={**os.environ, **(env or {})})
+    swarm = SwarmProcess(proc)
+    threading.Thread(target=_pump, args=(proc, swarm.output), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = [m for line in list(swarm.output) if (m := READY_LINE.search(line))]
+        if found:
+            swarm.url = found[0].group(1)
+            return swarm
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("swarm did not start:\n" + "".join(swarm.output[-60:]))
+
+
+@pytest.fixture(scope="session")
+def swarm():
+    """Two workers on SmolLM2-135M, context 2048, debug logging."""
+    s = start_swarm("--model", TEST_MODEL, "--instances", "2", "--threads", "1", "--ctx", "2048",
+                    "--log-level", "debug")
+    yield s
+    s.stop()

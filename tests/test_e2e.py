@@ -1,0 +1,272 @@
+"""End to end: the daemon as a user runs it, two real llama.cpp workers on SmolLM2-135M, real sockets.
+Clients: httpx and the openai SDK."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from conftest import TEST_MODEL, start_swarm
+
+HELLO = [{"role": "user", "content": "Say hello in one word."}]
+
+
+def sdk(swarm, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=swarm.url + "/v1", api_key=kw.pop("api_key", "unused"),
+                         max_retries=0, timeout=120, **kw)
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+def test_models_lists_swarm_and_model(swarm):
+    ids = [m.id for m in sdk(swarm).models.list().data]
+    assert ids[0] == "local-swarm"
+    assert len(ids) == 2 and "smol" in ids[1].lower()
+
+
+def test_health_reports_workers_and_version(swarm):
+    for path in ("/health", "/v1/health"):
+        body = httpx.get(swarm.url + path).json()
+        assert body["status"] == "healthy"
+        assert body["workers"] == {"healthy": 2, "total": 2}
+        assert body["version"] and body["model"]
+
+
+# -- chat ------------------------------------------------------------------------------------------
+
+def test_chat_whole_reply_with_worker_counted_usage(swarm):
+    reply = sdk(swarm).chat.completions.create(model="local-swarm", messages=HELLO, max_tokens=12,
+                                               temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.model == "local-swarm"
+    assert 0 < reply.usage.completion_tokens <= 12
+    # the prompt is the rendered chat template: SmolLM2's adds a default system prompt,
+    # so the count is far above a length/4 guess of the user's text
+    assert reply.usage.prompt_tokens > 15
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_max_tokens_gives_length_and_exact_count(swarm):
+    reply = sdk(swarm).chat.completions.create(
+        model="local-swarm", max_tokens=5, temperature=0,
+        messages=[{"role": "user", "content": "Count from one to fifty in words."}])
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+
+
+def test_stream_deltas_match_whole_reply(swarm):
+    client = sdk(swarm)
+    kw = dict(model="local-swarm", messages=HELLO, max_tokens=16, temperature=0, seed=7)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_include_usage_last_chunk(swarm):
+    chunks = list(sdk(swarm).chat.completions.create(
+        model="local-swarm", messages=HELLO, max_tokens=8, stream=True,
+        stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens > 0 and last.usage.prompt_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_raw_stream_framing(swarm):
+    with httpx.stream("POST", swarm.url + "/v1/chat/completions", timeout=60,
+                      json={"messages": HELLO, "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["transfer-encoding"] == "chunked"
+        body = r.read().decode()
+    events = [e for e in body.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    for event in events[:-1]:
+        assert event.startswith("data: ")
+        assert json.loads(event[6:])["object"] == "chat.completion.chunk"
+
+
+@pytest.mark.parametrize("content", [None, [{"type": "text", "text": "Say hi."}],
+                                     [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]])
+def test_content_shapes_render_on_a_template_that_concatenates(swarm, content):
+    messages = [{"role": "system", "content": content}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": None}, {"role": "user", "content": "Again"}]
+    r = httpx.post(swarm.url + "/v1/chat/completions", timeout=60,
+                   json={"messages": messages, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_tools_present_still_stream(swarm):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    chunks = list(sdk(swarm).chat.completions.create(model="local-swarm", messages=HELLO,
+                                                     max_tokens=8, stream=True, tools=tools))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert all(c.choices[0].delta.tool_calls is None or isinstance(c.choices[0].delta.tool_calls, list)
+               for c in chunks if c.choices)
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+BAD_BODIES = [
+    (b"{not json", "invalid_json", None),
+    (b"[]", "invalid_value", None),
+    (b'{"messages": []}', "invalid_value", "messages"),
+    (b'{"messages": "hi"}', "invalid_value", "messages"),
+    (b'{"messages": [{"role": "wizard", "content": "x"}]}', "invalid_value", "messages[0]"),
+    (b'{"messages": [{"role": "user", "content": 5}]}', "invalid_value", "messages[0]"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "unsupported_content",
+     "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 9}', "invalid_value", "temperature"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "invalid_value", "temperature"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', "invalid_value", "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1e400}', "invalid_value", "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "top_p": true}', "invalid_value", "top_p"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stop": [1]}', "invalid_value", "stop"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "seed": 1.5}', "invalid_value", "seed"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n": 3}', "unsupported_value", "n"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "invalid_value", "stream"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"x": 1}]}', "invalid_value", "tools"),
+]
+
+
+@pytest.mark.parametrize("body,code,param", BAD_BODIES)
+def test_bad_bodies_get_400_in_openai_shape(swarm, body, code, param):
+    r = httpx.post(swarm.url + "/v1/chat/completions", content=body,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["code"] == code and error["param"] == param
+
+
+def test_unknown_route_and_method(swarm):
+    r = httpx.get(swarm.url + "/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(swarm.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert httpx.get(swarm.url + "/v1/models/local-swarm").json()["id"] == "local-swarm"
+    assert httpx.get(swarm.url + "/v1/models/gpt-9").status_code == 404
+
+
+def test_context_overflow_is_400_before_generation(swarm):
+    long_text = "The quick brown fox jumps over the lazy dog. " * 300     # ~3,000 tokens > 2048
+    started = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk(swarm).chat.completions.create(model="local-swarm", stream=True,
+                                           messages=[{"role": "user", "content": long_text}])
+    assert info.value.code == "context_length_exceeded"
+    assert "2048" in info.value.message
+    assert time.monotonic() - started < 10       # refused on the count, not after a prompt pass
+    assert sdk(swarm).chat.completions.create(model="x", messages=HELLO, max_tokens=2).choices
+
+
+def test_concurrent_requests_all_answered(swarm):
+    results: list[int] = []
+
+    def one(i):
+        r = httpx.post(swarm.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": f"Say the number {i}."}], "max_tokens": 6})
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 6
+
+
+# -- worker failure and shutdown (own swarms) ------------------------------------------------------
+
+def _worker_pids(s) -> list[int]:
+    return [d["pid"] for d in s.health()["details"]]
+
+
+def test_worker_killed_mid_request_is_retried_and_restarted():
+    s = start_swarm("--model", TEST_MODEL, "--instances", "2", "--threads", "1", "--ctx", "1024")
+    try:
+        busy_pid: list[int] = []
+
+        def kill_the_busy_worker():
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not busy_pid:
+                for d in s.health()["details"]:
+                    if d["state"] == "busy":
+                        busy_pid.append(d["pid"])
+                        psutil.Process(d["pid"]).kill()
+                        return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_the_busy_worker)
+        killer.start()
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "Write a long story about a cat."}],
+            "max_tokens": 200})
+        killer.join()
+        assert busy_pid, "no worker was seen busy"
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and s.health()["workers"]["healthy"] < 2:
+            time.sleep(0.5)
+        health = s.health()
+        assert health["workers"]["healthy"] == 2
+        assert busy_pid[0] not in _worker_pids(s)
+        assert sum(d["restarts"] for d in health["details"]) == 1
+    finally:
+        s.stop()
+
+
+def test_sigterm_stops_every_worker_within_5s():
+    s = start_swarm("--model", TEST_MODEL, "--instances", "2", "--threads", "1", "--ctx", "512")
+    pids = s.worker_pids()
+    assert len(pids) == 2
+    started = time.monotonic()
+    assert s.stop(signal.SIGTERM, timeout=10) == 0
+    _wait_gone(pids, started + 5)
+
+
+def test_sigkill_of_daemon_takes_workers_down():
+    s = start_swarm("--model", TEST_MODEL, "--instances", "2", "--threads", "1", "--ctx", "512")
+    pids = s.worker_pids()
+    assert len(pids) == 2
+    s.stop(signal.SIGKILL)
+    _wait_gone(pids, time.monotonic() + 5)
+
+
+def _wait_gone(pids: list[int], deadline: float) -> None:
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) and
+                                              psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                              for p in pids):
+        time.sleep(0.05)
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"workers still alive: {alive}"
+
+
+def test_api_key_required_except_health():
+    s = start_swarm("--model", TEST_MODEL, "--instances", "1", "--threads", "1", "--ctx", "512",
+                    env={"LOCAL_SWARM_API_KEY": "sekret"})
+    try:
+        assert httpx.get(s.url + "/health").status_code == 200
+        r = httpx.get(s.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(s.url + "/v1/models", headers={"x-api-key": "wrong"}).status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"x-api-key": "sekret"}).status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            sdk(s, api_key="nope").models.list()
+        assert sdk(s, api_key="sekret").chat.completions.create(
+            model="local-swarm", messages=HELLO, max_tokens=2).choices
+    finally:
+        s.stop()

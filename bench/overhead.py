@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""What the daemon adds on top of a worker, measured in one run.
+
+Starts a swarm (default: 2 workers), then sends the same requests alternately straight to one
+worker and through the daemon (which, with the other worker kept busy or idle, lands on a worker
+of the same build and model). Prints, per mode, medians and the ratios:
+
+  - streamed tokens/s through the daemon / direct          (target >= 0.97)
+  - added time to first token, median                      (target <= 5 ms)
+  - daemon CPU time per relayed token                      (target <= 50 us)
+  - whole (non-streamed) reply time, daemon / direct
+  - memory: summed PSS of daemon + workers vs one worker alone (weights are mmapped and shared)
+
+Usage: python bench/overhead.py [--model smollm2-135m] [--rounds 8] [--max-tokens 96]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import start_swarm  # noqa: E402  (the tests' launcher: `python local_swarm.py`)
+
+PROMPT = [{"role": "user", "content": "Count from one to two hundred in words, separated by commas."}]
+
+
+def stream_once(url: str, body: dict) -> dict:
+    """One streamed request: time to first content token, token count, tokens/s after the first."""
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                tokens += 1
+                if first is None:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft": first - t0, "tokens": tokens,
+            "tps": (tokens - 1) / (end - first) if tokens > 1 else 0.0, "total": end - t0}
+
+
+def whole_once(url: str, body: dict) -> float:
+    t0 = time.perf_counter()
+    httpx.post(url + "/v1/chat/completions", json=body, timeout=300).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def pss(pid: int) -> int:
+    return psutil.Process(pid).memory_full_info().pss
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--instances", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    args = ap.parse_args()
+
+    swarm = start_swarm("--model", args.model, "--instances", str(args.instances), "--threads", "1",
+                        "--ctx", "2048")
+    try:
+        details = swarm.health()["details"]
+        worker_url = f"http://127.0.0.1:{details[0]['port']}"
+        daemon = psutil.Process(swarm.proc.pid)
+        body = {"messages": PROMPT, "max_tokens": args.max_tokens, "temperature": 0, "seed": 1}
+        stream_once(worker_url, body), stream_once(swarm.url, body)          # warm both paths
+        direct, proxied, cpu_per_token = [], [], []
+        whole_direct, whole_proxied = [], []
+        for _ in range(args.rounds):
+            direct.append(stream_once(worker_url, body))
+            cpu0 = sum(daemon.cpu_times()[:2])
+            proxied.append(stream_once(swarm.url, body))
+            cpu_per_token.append((sum(daemon.cpu_times()[:2]) - cpu0) / max(1, proxied[-1]["tokens"]))
+            whole_direct.append(whole_once(worker_url, body))
+            whole_proxied.append(whole_once(swarm.url, body))
+
+        pids = [w["pid"] for w in swarm.health()["details"]]
+        total_pss = pss(swarm.proc.pid) + sum(pss(p) for p in pids)
+        one_worker = psutil.Process(pids[0]).memory_info().rss     # what it maps alone
+
+        print(f"model {args.model}, {args.instances} workers, {args.rounds} rounds alternated, "
+              f"{med([d['tokens'] for d in direct])} tokens per reply")
+        print(f"streamed tokens/s      direct {med([d['tps'] for d in direct]):8.1f}   "
+              f"daemon {med([p['tps'] for p in proxied]):8.1f}   ratio "
+              f"{med([p['tps'] for p in proxied]) / med([d['tps'] for d in direct]):.3f}  (target >= 0.97)")
+        added = [(p["ttft"] - d["ttft"]) * 1000 for p, d in zip(proxied, direct)]
+        print(f"time to first token    direct {med([d['ttft'] for d in direct]) * 1000:7.1f} ms "
+              f"daemon {med([p['ttft'] for p in proxied]) * 1000:7.1f} ms  added median "
+              f"{med(added):.2f} ms  (target <= 5 ms)")
+        print(f"daemon CPU per token   {med(cpu_per_token) * 1e6:.1f} us  (target <= 50 us)")
+        print(f"whole reply            direct {med(whole_direct) * 1000:7.1f} ms "
+              f"daemon {med(whole_proxied) * 1000:7.1f} ms  ratio "
+              f"{med(whole_proxied) / med(whole_direct):.3f}")
+        print(f"memory (PSS)           daemon {pss(swarm.proc.pid) / 2**20:.0f} MiB, one worker "
+              f"{one_worker / 2**20:.0f} MiB (RSS), swarm total {total_pss / 2**20:.0f} MiB = "
+              f"{total_pss / one_worker:.2f} x one worker for {len(pids)} workers")
+    finally:
+        swarm.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Chat API: request validation, message normalisation, chunk framing, auth and routing,
+as pure functions (the same paths run against real workers in test_e2e.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import local_swarm as ls
+
+
+def body(**kw):
+    return {"messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+@pytest.mark.parametrize("extra,sampling", [
+    ({}, {}),
+    ({"temperature": 0}, {"temperature": 0}),
+    ({"temperature": 1.5, "top_p": 0.9}, {"temperature": 1.5, "top_p": 0.9}),
+    ({"max_tokens": 10}, {"max_tokens": 10}),
+    ({"max_completion_tokens": 7, "max_tokens": 10}, {"max_tokens": 7}),
+    ({"stop": "\n"}, {"stop": ["\n"]}),
+    ({"stop": ["a", "b"]}, {"stop": ["a", "b"]}),
+    ({"seed": 42}, {"seed": 42}),
+    ({"temperature": None, "user": "x", "logprobs": False}, {}),
+])
+def test_sampling_fields_pass_validation(extra, sampling):
+    assert ls.parse_chat_request(body(**extra)).sampling == sampling
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"temperature": -0.1}, "temperature"), ({"temperature": 2.1}, "temperature"),
+    ({"temperature": True}, "temperature"), ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"),
+    ({"max_tokens": 10 ** 30}, "max_tokens"), ({"seed": 2 ** 70}, "seed"),
+    ({"stop": ["a"] * 5}, "stop"), ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"stream": 1}, "stream"),
+    ({"stream_options": []}, "stream_options"),
+    ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
+    ({"n": 2}, "n"), ({"tools": {"a": 1}}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": 3}}]}, "tools"),
+])
+def test_bad_fields_name_the_param(extra, param):
+    with pytest.raises(ls.HTTPError) as info:
+        ls.parse_chat_request(body(**extra))
+    assert info.value.status == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize("msg,expected", [
+    ({"role": "user", "content": "x"}, {"role": "user", "content": "x"}),
+    ({"role": "assistant", "content": None}, {"role": "assistant", "content": ""}),
+    ({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+     {"role": "user", "content": "a\nb"}),
+    ({"role": "developer", "content": "rules"}, {"role": "system", "content": "rules"}),
+    ({"role": "tool", "content": "42", "tool_call_id": "call_1"},
+     {"role": "tool", "content": "42", "tool_call_id": "call_1"}),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]},
+     {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function"}]}),
+])
+def test_messages_normalised_for_templates(msg, expected):
+    assert ls.normalize_message(msg, 0) == expected
+
+
+@pytest.mark.parametrize("payload", [None, 3, "x", [], {"messages": None}, {"messages": [3]},
+                                     {"messages": [{"content": "no role"}]}])
+def test_bad_shapes_are_400(payload):
+    with pytest.raises(ls.HTTPError) as info:
+        ls.parse_chat_request(payload)
+    assert info.value.status == 400 and info.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_include_usage_and_stream_flags():
+    req = ls.parse_chat_request(body(stream=True, stream_options={"include_usage": True}))
+    assert req.stream and req.include_usage
+
+
+def test_chunk_frames_are_valid_openai_chunks():
+    frame = ls.ChunkFrame("chatcmpl-1", 123, "m", include_usage=True)
+    events = [frame.role(), frame.content('he said "hi"\n'), frame.finish("length"),
+              frame.usage({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})]
+    parsed = []
+    for raw in events:
+        assert raw.startswith(b"data: ") and raw.endswith(b"\n\n")
+        parsed.append(json.loads(raw[6:]))
+    assert all(p["id"] == "chatcmpl-1" and p["object"] == "chat.completion.chunk" for p in parsed)
+    assert parsed[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert parsed[1]["choices"][0]["delta"]["content"] == 'he said "hi"\n'
+    assert parsed[2]["choices"][0]["finish_reason"] == "length"
+    assert parsed[3]["choices"] == [] and parsed[3]["usage"]["total_tokens"] == 5
+    assert [p["usage"] for p in parsed[:3]] == [None] * 3
+
+
+def test_chunk_frames_without_usage_have_no_usage_field():
+    frame = ls.ChunkFrame("c", 1, "m", include_usage=False)
+    assert "usage" not in json.loads(frame.content("x")[6:])
+
+
+SMOL_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+                 "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_prompt_renderer_uses_the_template():
+    r = ls.PromptRenderer(SMOL_TEMPLATE)
+    out = r.render([{"role": "user", "content": "hi"}])
+    assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_prompt_renderer_falls_back_on_broken_template():
+    r = ls.PromptRenderer("{{ raise_exception('no system role') }}")
+    assert r.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "a\nb"
+    assert ls.PromptRenderer("{% for %}").render([{"role": "user", "content": "a"}]) == "a"
+
+
+class Req:
+    def __init__(self, path="/v1/models", **headers):
+        self.path = path
+        self._h = {k.replace("_", "-"): v for k, v in headers.items()}
+
+    def header(self, name, default=None):
+        return self._h.get(name, default)
+
+
+@pytest.mark.parametrize("headers,ok", [
+    ({}, False), ({"authorization": "Bearer k1"}, True), ({"authorization": "bearer k1"}, True),
+    ({"authorization": "Bearer k2"}, False), ({"authorization": "k1"}, False),
+    ({"x_api_key": "k1"}, True), ({"x_api_key": "k1x"}, False),
+])
+def test_api_key_checks(headers, ok):
+    if ok:
+        ls.check_api_key(Req(**headers), "k1")
+    else:
+        with pytest.raises(ls.HTTPError) as info:
+            ls.check_api_key(Req(**headers), "k1")
+        assert info.value.status == 401 and info.value.type == "authentication_error"
+
+
+def test_health_is_public_and_no_key_means_open():
+    ls.check_api_key(Req("/health"), "k1")
+    ls.check_api_key(Req("/v1/health"), "k1")
+    ls.check_api_key(Req("/v1/models"), None)

@@ -1,0 +1,269 @@
+"""Worker pool mechanics with small in-process fake workers (fail on cue); the real workers are
+exercised in test_e2e.py."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import local_swarm as ls
+
+
+class FakeProcess:
+    def __init__(self):
+        self.returncode = None
+        self.pid = 4242
+        self._exit = asyncio.Event()
+
+    async def wait(self):
+        await self._exit.wait()
+        return self.returncode
+
+    def die(self, code=-9):
+        self.returncode = code
+        self._exit.set()
+
+
+class FakeWorker:
+    """The worker interface (start, wait_ready, stream_chat, count_tokens, stop), scripted."""
+
+    def __init__(self, index, fail_start=0, tokens=("Hel", "lo"), die_after=None):
+        self.name = f"worker-{index}"
+        self.port = 1000 + index
+        self.started_at = 0.0
+        self.log_path = Path("/nonexistent")
+        self.process = None
+        self.fail_start = fail_start
+        self.tokens = tokens
+        self.die_after = die_after          # die after yielding this many chunks
+        self.starts = 0
+        self.gate = None                    # an asyncio.Event a stream waits on, when set
+
+    @property
+    def pid(self):
+        return self.process.pid if self.process else None
+
+    async def start(self):
+        self.starts += 1
+        self.process = FakeProcess()
+        if self.fail_start > 0:
+            self.fail_start -= 1
+            self.process.die(1)
+
+    def exited(self):
+        return self.process is None or self.process.returncode is not None
+
+    async def wait_ready(self, timeout):
+        if self.exited():
+            raise ls.WorkerError(f"{self.name} exited while loading")
+
+    async def count_tokens(self, text):
+        if self.exited():
+            raise ls.WorkerError("dead")
+        return len(text.split())
+
+    async def stream_chat(self, body, timeout):
+        if self.gate is not None:
+            await self.gate.wait()
+        for i, tok in enumerate(self.tokens):
+            if self.die_after is not None and i >= self.die_after:
+                self.die_after = None
+                self.process.die()
+                raise ls.WorkerError(f"{self.name}: stream broken")
+            yield {"choices": [{"delta": {"content": tok}, "finish_reason": None}]}
+        yield {"choices": [{"delta": {}, "finish_reason": "stop"}]}
+
+    async def stop(self, grace=0):
+        if self.process and self.process.returncode is None:
+            self.process.die(0)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+async def started_pool(workers, queue_size=4):
+    pool = ls.WorkerPool(workers, queue_size=queue_size, start_timeout=1)
+    await pool.start()
+    await pool.wait_any_ready(2)
+    await asyncio.sleep(0)
+    return pool
+
+
+def test_leases_are_exclusive_and_released():
+    async def go():
+        pool = await started_pool([FakeWorker(1), FakeWorker(2)])
+        async with pool.lease() as a, pool.lease() as b:
+            assert a is not b
+            assert pool.healthy() == 2 and pool.waiting() == 0
+            assert [d["state"] for d in pool.describe()] == ["busy", "busy"]
+        assert [d["state"] for d in pool.describe()] == ["idle", "idle"]
+        await pool.stop()
+    run(go())
+
+
+def test_waiters_are_served_in_order_and_full_queue_gets_429():
+    async def go():
+        pool = await started_pool([FakeWorker(1)], queue_size=2)
+        order = []
+
+        async def user(i):
+            async with pool.lease():
+                order.append(i)
+                await asyncio.sleep(0.01)
+
+        async with pool.lease():
+            tasks = [asyncio.create_task(user(i)) for i in range(2)]
+            await asyncio.sleep(0.01)
+            assert pool.waiting() == 2
+            with pytest.raises(ls.HTTPError) as info:
+                async with pool.lease():
+                    pass
+            assert info.value.status == 429 and info.value.code == "queue_full"
+            retry_after = dict(info.value.headers)["Retry-After"]
+            assert 1 <= int(retry_after) <= 60
+        await asyncio.gather(*tasks)
+        assert order == [0, 1]
+        await pool.stop()
+    run(go())
+
+
+def test_cancelled_waiter_does_not_leak_the_worker():
+    async def go():
+        pool = await started_pool([FakeWorker(1)])
+        async with pool.lease():
+            waiter = asyncio.create_task(pool.lease().__aenter__())
+            await asyncio.sleep(0.01)
+            waiter.cancel()
+        await asyncio.sleep(0.01)
+        async with pool.lease() as w:          # would hang if the cancelled waiter held it
+            assert w.name == "worker-1"
+        await pool.stop()
+    run(go())
+
+
+def test_crashed_worker_is_restarted_and_stale_lease_ignored(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
+
+    async def go():
+        w = FakeWorker(1)
+        pool = await started_pool([w])
+        cm = pool.lease()
+        await cm.__aenter__()
+        w.process.die()
+        await asyncio.sleep(0.1)                 # supervisor restarts it
+        assert w.starts == 2 and pool.describe()[0]["state"] == "idle"
+        async with pool.lease():
+            await cm.__aexit__(None, None, None)  # the dead lease ends: must not free the new one
+            assert pool.describe()[0]["state"] == "busy"
+        assert pool.describe()[0]["restarts"] == 1
+        await pool.stop()
+    run(go())
+
+
+def test_worker_failing_to_start_is_retried_with_backoff(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01, 0.02))
+
+    async def go():
+        w = FakeWorker(1, fail_start=2)
+        pool = ls.WorkerPool([w], queue_size=4, start_timeout=1)
+        assert pool.status() == "initializing"
+        await pool.start()
+        await pool.wait_any_ready(2)
+        assert w.starts == 3 and pool.status() == "healthy"
+        await pool.stop()
+        assert pool.describe()[0]["state"] == "stopped"
+    run(go())
+
+
+def test_status_degraded_when_one_of_two_is_down(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
+
+    async def go():
+        a, b = FakeWorker(1), FakeWorker(2)
+        pool = await started_pool([a, b])
+        b.process.die()
+        await asyncio.sleep(0.01)
+        assert pool.status() == "degraded" and pool.healthy() == 1
+        await pool.stop()
+    run(go())
+
+
+def test_stop_fails_waiters_with_503():
+    async def go():
+        pool = await started_pool([FakeWorker(1)])
+        async with pool.lease():
+            waiter = asyncio.create_task(pool.lease().__aenter__())
+            await asyncio.sleep(0.01)
+            await pool.stop()
+            with pytest.raises(ls.HTTPError) as info:
+                await waiter
+            assert info.value.status == 503
+    run(go())
+
+
+# -- chat service over fake workers: retries --------------------------------------------------------
+
+def chat_service(pool, n_ctx=100):
+    return ls.ChatService(pool, ls.PromptRenderer(None), "fake-model", n_ctx, ls.Config())
+
+
+def request(stream=False, text="hi there"):
+    return ls.parse_chat_request({"messages": [{"role": "user", "content": text}],
+                                  "stream": stream})
+
+
+def test_whole_reply_retried_on_another_worker_after_midway_death(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
+
+    async def go():
+        a, b = FakeWorker(1, die_after=1), FakeWorker(2)
+        pool = await started_pool([a, b])
+        reply, gen = await chat_service(pool).complete(request())
+        assert reply["choices"][0]["message"]["content"] == "Hello"
+        assert gen.attempts == 2 and gen.worker == "worker-2"
+        await pool.stop()
+    run(go())
+
+
+def test_stream_not_retried_once_content_was_sent(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
+
+    async def go():
+        pool = await started_pool([FakeWorker(1, die_after=1), FakeWorker(2)])
+        gen = ls.Generation()
+        stream = await chat_service(pool).open_stream(request(stream=True), gen)
+        events = [e async for e in stream]
+        assert b'"content":"Hel"' in events[1]
+        assert b'"worker_failed"' in events[-2] and events[-1] == ls.SSE_DONE
+        assert gen.attempts == 1
+        await pool.stop()
+    run(go())
+
+
+def test_context_overflow_refused_before_generation():
+    async def go():
+        w = FakeWorker(1)
+        w.gate = asyncio.Event()                 # a generation would hang here
+        pool = await started_pool([w])
+        with pytest.raises(ls.HTTPError) as info:
+            await chat_service(pool, n_ctx=5).complete(request(text="one two three four five six"))
+        assert info.value.status == 400 and info.value.code == "context_length_exceeded"
+        assert pool.describe()[0]["state"] == "idle"
+        await pool.stop()
+    run(go())
+
+
+def test_retries_run_out_into_worker_error(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
+
+    async def go():
+        workers = [FakeWorker(1, die_after=0), FakeWorker(2, die_after=0)]
+        pool = await started_pool(workers)
+        svc = chat_service(pool)
+        svc.cfg = ls.Config(max_retries=1)
+        with pytest.raises(ls.WorkerError):
+            await svc.complete(request())
+        await pool.stop()
+    run(go())

@@ -694,8 +694,11 @@ def _run_logged(job: _BuildJob, label: str, argv: Sequence[str],
     with open(job.log_path, "ab") as log_file:
         log_file.write(f"\n$ {' '.join(argv)}\n".encode())
         log_file.flush()
-        proc = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
+        try:
+            proc = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env)
+        except OSError as exc:
+            raise BuildError(f"{label}: cannot run {argv[0]}: {exc}") from exc
         returncode = _wait_reporting(job, label, proc, started)
     if returncode != 0:
         raise BuildError(_failure_message(job, label, returncode))
@@ -738,14 +741,16 @@ def _ensure_sdist(job: _BuildJob) -> Path:
     scratch = sdist_dir / f".download-{os.getpid()}"   # per process: never a half-written archive
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    _run_logged(job, "downloading source", [
-        *job.pip, "download", "--no-deps", "--no-binary", ":all:",
-        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(scratch), *job.pip_options])
-    archives = sorted(scratch.glob("*.tar.gz"))
-    if not archives:
-        raise BuildError(f"pip downloaded no source archive; see {job.log_path}")
-    os.replace(archives[0], shipped)
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        _run_logged(job, "downloading source", [
+            *job.pip, "download", "--no-deps", "--no-binary", ":all:",
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(scratch), *job.pip_options])
+        archives = sorted(scratch.glob("*.tar.gz"))
+        if not archives:
+            raise BuildError(f"pip downloaded no source archive; see {job.log_path}")
+        os.replace(archives[0], shipped)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return shipped
 
 

@@ -525,6 +525,13 @@ def test_real_pip_downloads_builds_and_installs(tmp_path):
     assert again == info
 
 
+def test_a_missing_pip_is_a_build_error(tmp_path):
+    with pytest.raises(ls.BuildError, match="cannot run"):
+        ls.ensure_build(tmp_path, hardware(), progress=lambda line: None,
+                        pip=(str(tmp_path / "no-such-python"), "-m", "pip"))
+    assert not list((tmp_path / "sdist").iterdir())   # no half-made download left behind
+
+
 def test_failed_build_raises_with_log_tail(tmp_path):
     builds = tmp_path / "builds"
     write_sdist(builds / "sdist", fail=True)

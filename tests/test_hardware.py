@@ -1,0 +1,549 @@
+"""Hardware detection, build keys and CMake arguments, the worker plan, and ensure_build.
+
+Probes are fed from tables of tool outputs; builds run real pip against a tiny fake sdist (an
+in-tree PEP 517 backend that prints ninja-like steps and records CMAKE_ARGS), never llama.cpp.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import local_swarm as ls  # noqa: E402
+
+PY = f"cp{sys.version_info.major}{sys.version_info.minor}"
+GiB = 2**30
+NATIVE_OFF = ["-DGGML_NATIVE=OFF"]
+AVX2_ARGS = list(ls.LEVEL_CMAKE_ARGS["avx2"])
+SSE42_ARGS = ["-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_BMI2=OFF", "-DGGML_FMA=OFF",
+              "-DGGML_F16C=OFF"]
+
+
+# ---- detect_hardware from tables of tool outputs ----------------------------------------------------
+
+CPUINFO_AVX2 = textwrap.dedent("""\
+    processor\t: 0
+    vendor_id\t: AuthenticAMD
+    model name\t: AMD EPYC 7B13
+    physical id\t: 0
+    core id\t: 0
+    flags\t\t: fpu sse4_2 avx avx2 fma f16c bmi2 avx512f
+
+    processor\t: 1
+    model name\t: AMD EPYC 7B13
+    physical id\t: 0
+    core id\t: 1
+    flags\t\t: fpu sse4_2 avx avx2 fma f16c bmi2 avx512f
+    """)
+CPUINFO_OLD = "processor\t: 0\nmodel name\t: Intel Xeon E5-2670\nflags\t\t: fpu sse4_2 avx\n"
+CPUINFO_NO_BMI2 = "processor\t: 0\nmodel name\t: Odd VM\nflags\t\t: sse4_2 avx avx2 fma f16c\n"
+CPUINFO_ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes crc32 asimddp\n"
+NVIDIA_SMI = {"nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits":
+              "NVIDIA GeForce RTX 4090, 24564\n"}
+NVCC = {"nvcc --version": "Cuda compilation tools, release 12.4\n"}
+ROCMINFO = textwrap.dedent("""\
+    *******
+    Agent 1
+    *******
+      Name:                    AMD Ryzen 9 7950X
+      Marketing Name:          AMD Ryzen 9 7950X
+    *******
+    Agent 2
+    *******
+      Name:                    gfx1100
+      Uuid:                    GPU-abc
+      Marketing Name:          AMD Radeon RX 7900 XTX
+    """)
+ROCMINFO_CPU_ONLY = "  Name:                    AMD Ryzen 9 7950X\n  Marketing Name:          AMD Ryzen\n"
+VULKAN_GPU = textwrap.dedent("""\
+    Devices:
+    ========
+    GPU0:
+    \tapiVersion         = 1.3.255
+    \tdeviceType         = PHYSICAL_DEVICE_TYPE_DISCRETE_GPU
+    \tdeviceName         = AMD Radeon RX 6600
+    GPU1:
+    \tdeviceType         = PHYSICAL_DEVICE_TYPE_CPU
+    \tdeviceName         = llvmpipe (LLVM 15.0.6, 256 bits)
+    """)
+VULKAN_LLVMPIPE = ("GPU0:\n\tdeviceType = PHYSICAL_DEVICE_TYPE_CPU\n"
+                   "\tdeviceName = llvmpipe (LLVM 15.0.6, 256 bits)\n")
+
+
+class Tools:
+    """A fake `run`: answers from a table keyed by the joined argv; None (missing) otherwise."""
+
+    def __init__(self, table: dict[str, str]) -> None:
+        self.table = table
+        self.calls: list[str] = []
+
+    def __call__(self, argv):
+        self.calls.append(" ".join(argv))
+        return self.table.get(" ".join(argv))
+
+
+def files(table: dict[str, str]):
+    return lambda path: table.get(path)
+
+
+# (case, os, machine, cpuinfo, tools, backend, level, key suffix, cmake args, gpu name, vram)
+DETECT_CASES = [
+    ("x86 avx2, no GPU", "linux", "x86_64", CPUINFO_AVX2, {},
+     "cpu", "avx2", "linux-x86_64-{py}-cpu-avx2", NATIVE_OFF + AVX2_ARGS, "", 0),
+    ("x86 without avx2", "linux", "x86_64", CPUINFO_OLD, {},
+     "cpu", "sse42", "linux-x86_64-{py}-cpu-sse42", NATIVE_OFF + SSE42_ARGS, "", 0),
+    ("avx2 without bmi2 is not the avx2 level", "linux", "x86_64", CPUINFO_NO_BMI2, {},
+     "cpu", "sse42", "linux-x86_64-{py}-cpu-sse42", NATIVE_OFF + SSE42_ARGS, "", 0),
+    ("nvidia GPU + nvcc", "linux", "x86_64", CPUINFO_AVX2, {**NVIDIA_SMI, **NVCC},
+     "cuda", "avx2", "linux-x86_64-{py}-cuda-avx2", NATIVE_OFF + ["-DGGML_CUDA=on"] + AVX2_ARGS,
+     "NVIDIA GeForce RTX 4090", 24564 * 2**20),
+    ("nvidia GPU without nvcc", "linux", "x86_64", CPUINFO_AVX2, NVIDIA_SMI,
+     "cpu", "avx2", "linux-x86_64-{py}-cpu-avx2", NATIVE_OFF + AVX2_ARGS, "", 0),
+    ("nvcc without GPU", "linux", "x86_64", CPUINFO_AVX2, NVCC,
+     "cpu", "avx2", "linux-x86_64-{py}-cpu-avx2", NATIVE_OFF + AVX2_ARGS, "", 0),
+    ("apple silicon", "darwin", "arm64", None,
+     {"sysctl -n machdep.cpu.brand_string": "Apple M2 Pro\n"},
+     "metal", "", "darwin-arm64-{py}-metal", NATIVE_OFF + ["-DGGML_METAL=on"], "Apple M2 Pro GPU", 0),
+    ("intel mac", "darwin", "x86_64", None,
+     {"sysctl -n machdep.cpu.brand_string": "Intel(R) Core(TM) i9-9880H\n",
+      "sysctl -n machdep.cpu.features": "FPU SSE4.2 AVX1.0 FMA F16C\n",
+      "sysctl -n machdep.cpu.leaf7_features": "BMI1 AVX2 BMI2\n"},
+     "cpu", "avx2", "darwin-x86_64-{py}-cpu-avx2", NATIVE_OFF + AVX2_ARGS, "", 0),
+    ("rocm", "linux", "x86_64", CPUINFO_AVX2,
+     {"rocminfo": ROCMINFO, "hipconfig --version": "6.1.0\n"},
+     "rocm", "avx2", "linux-x86_64-{py}-rocm-avx2", NATIVE_OFF + ["-DGGML_HIP=on"] + AVX2_ARGS,
+     "AMD Radeon RX 7900 XTX", 0),
+    ("rocminfo lists only the CPU", "linux", "x86_64", CPUINFO_AVX2,
+     {"rocminfo": ROCMINFO_CPU_ONLY, "hipconfig --version": "6.1.0\n"},
+     "cpu", "avx2", "linux-x86_64-{py}-cpu-avx2", NATIVE_OFF + AVX2_ARGS, "", 0),
+    ("vulkan", "linux", "x86_64", CPUINFO_OLD,
+     {"vulkaninfo --summary": VULKAN_GPU, "glslc --version": "shaderc v2023.8\n"},
+     "vulkan", "sse42", "linux-x86_64-{py}-vulkan-sse42",
+     NATIVE_OFF + ["-DGGML_VULKAN=on"] + SSE42_ARGS, "AMD Radeon RX 6600", 0),
+    ("vulkan software renderer only", "linux", "x86_64", CPUINFO_AVX2,
+     {"vulkaninfo --summary": VULKAN_LLVMPIPE, "glslc --version": "shaderc\n"},
+     "cpu", "avx2", "linux-x86_64-{py}-cpu-avx2", NATIVE_OFF + AVX2_ARGS, "", 0),
+    ("linux arm64", "linux", "aarch64", CPUINFO_ARM, {},
+     "cpu", "", "linux-aarch64-{py}-cpu", NATIVE_OFF, "", 0),
+    ("windows, nothing known", "win32", "AMD64", None, {},
+     "cpu", "sse42", "windows-x86_64-{py}-cpu-sse42", NATIVE_OFF + SSE42_ARGS, "", 0),
+    ("nothing readable", "linux", "x86_64", None, {},
+     "cpu", "sse42", "linux-x86_64-{py}-cpu-sse42", NATIVE_OFF + SSE42_ARGS, "", 0),
+]
+
+
+@pytest.mark.parametrize("case,os_name,machine,cpuinfo,tools,backend,level,key,args,gpu,vram",
+                         DETECT_CASES, ids=[c[0] for c in DETECT_CASES])
+def test_detect_hardware_table(case, os_name, machine, cpuinfo, tools, backend, level, key, args,
+                               gpu, vram):
+    proc = {"/proc/cpuinfo": cpuinfo} if cpuinfo else {}
+    hw = ls.detect_hardware(run=Tools(tools), read_text=files(proc), os_name=os_name,
+                            machine=machine)
+    assert hw.backend == backend
+    assert ls.cpu_level(hw) == level
+    assert ls.build_key(hw) == key.format(py=PY)
+    assert ls.cmake_args(hw) == args
+    assert hw.gpu_name == gpu
+    assert hw.vram_bytes == vram
+    assert hw.python_tag == PY
+
+
+def test_detect_reads_cpu_model_and_flags():
+    hw = ls.detect_hardware(run=Tools({}), read_text=files({"/proc/cpuinfo": CPUINFO_AVX2}),
+                            os_name="linux", machine="x86_64")
+    assert hw.cpu_model == "AMD EPYC 7B13"
+    assert {"avx2", "fma", "f16c", "bmi2", "avx512f"} <= hw.cpu_flags
+    assert hw.physical_cores >= 1 and hw.logical_cores >= 1 and hw.ram_total > 0
+
+
+def test_unusable_gpu_and_toolkit_are_reported_as_notes():
+    no_nvcc = ls.detect_hardware(run=Tools(NVIDIA_SMI), read_text=files({}), os_name="linux",
+                                 machine="x86_64")
+    no_gpu = ls.detect_hardware(run=Tools(NVCC), read_text=files({}), os_name="linux",
+                                machine="x86_64")
+    assert any("no CUDA toolkit" in note for note in no_nvcc.notes)
+    assert any("lists no GPU" in note for note in no_gpu.notes)
+
+
+def test_every_tool_is_a_short_probe():
+    tools = Tools({})
+    ls.detect_hardware(run=tools, read_text=files({}), os_name="linux", machine="x86_64")
+    assert "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits" in tools.calls
+    assert "rocminfo" in tools.calls and "vulkaninfo --summary" in tools.calls
+    assert ls.run_tool(["definitely-not-a-tool-xyz"]) is None
+    assert ls.run_tool([sys.executable, "-c", "import sys; sys.exit(3)"]) is None
+    assert ls.run_tool([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.2) is None
+    assert ls.run_tool([sys.executable, "-c", "print('hi')"]) == "hi\n"
+
+
+def test_stdlib_fallbacks_without_psutil():
+    meminfo = "MemTotal:       16384000 kB\nMemFree:  100 kB\nMemAvailable:    8192000 kB\n"
+    hw = ls.detect_hardware(run=Tools({}), os_name="linux", machine="x86_64", ps=None,
+                            read_text=files({"/proc/cpuinfo": CPUINFO_AVX2, "/proc/meminfo": meminfo}))
+    assert (hw.physical_cores, hw.ram_total, hw.ram_available) == (2, 16384000 * 1024, 8192000 * 1024)
+    mac = ls.detect_hardware(run=Tools({"sysctl -n hw.physicalcpu": "8\n", "sysctl -n hw.memsize": "17179869184\n"}),
+                             read_text=files({}), os_name="darwin", machine="arm64", ps=None)
+    assert (mac.physical_cores, mac.ram_total) == (8, 16 * GiB)
+
+
+# ---- plan -------------------------------------------------------------------------------------------
+
+
+def hardware(cores=2, ram=24 * GiB, backend="cpu", vram=0, arch="x86_64") -> ls.Hardware:
+    return ls.Hardware(os="linux", arch=arch, python_tag=PY, cpu_model="test", cpu_flags=frozenset(),
+                       physical_cores=cores, logical_cores=cores, ram_total=ram, ram_available=ram,
+                       backend=backend, vram_bytes=vram)
+
+
+def model(size, n_layer, n_head_kv, head_dim, ctx, name="m") -> ls.ModelInfo:
+    return ls.ModelInfo(path=Path(f"/models/{name}.gguf"), size_bytes=size, sha256=None, name=name,
+                        arch="llama", context_length=ctx, n_layer=n_layer, n_embd=n_head_kv * head_dim,
+                        n_head=n_head_kv, n_head_kv=n_head_kv, head_dim=head_dim,
+                        has_tool_template=False, chat_template_family="chatml")
+
+
+SMOLLM2 = model(98_362_432, 30, 3, 64, 8192, "smollm2")
+QWEN05 = model(491_400_064, 24, 2, 64, 32768, "qwen05")
+QWEN15 = model(1_117_320_768, 28, 2, 128, 32768, "qwen15")
+
+# (case, hardware, model, flags, instances, threads, ctx, gpu_layers, words in the reasons)
+PLAN_CASES = [
+    ("2 cores, 24 GB, SmolLM2", hardware(2, 24 * GiB), SMOLLM2, {}, 2, 1, 8192, 0,
+     ["one per physical core", "trained context 8192"]),
+    ("8 cores, 16 GB, qwen 0.5b: roomy context", hardware(8, 16 * GiB), QWEN05, {}, 8, 1, 16384, 0,
+     ["context 16384"]),
+    ("16 cores: capped at 8 workers x 2 threads", hardware(16, 64 * GiB), QWEN05, {}, 8, 2, 16384, 0,
+     ["max 8"]),
+    ("tiny RAM: one worker, over budget", hardware(4, 1 * GiB), QWEN05, {}, 1, 4, 8192, 0,
+     ["does not fit", "warning"]),
+    ("memory bound: 3 workers", hardware(8, 2 * GiB), SMOLLM2, {}, 3, 2, 8192, 0,
+     ["as many as fit in memory"]),
+    ("--instances overrides and oversubscribes", hardware(2, 24 * GiB), SMOLLM2, {"cfg_instances": 4},
+     4, 1, 8192, 0, ["set by --instances", "oversubscribe"]),
+    ("--threads overrides", hardware(2, 24 * GiB), SMOLLM2, {"cfg_threads": 2}, 2, 2, 8192, 0,
+     ["set by --threads", "oversubscribe"]),
+    ("--ctx overrides, past the trained context", hardware(2, 24 * GiB), SMOLLM2, {"cfg_ctx": 16384},
+     2, 1, 16384, 0, ["set by --ctx", "over the model's trained 8192"]),
+    ("--instances over the budget", hardware(2, 2 * GiB), QWEN05, {"cfg_instances": 6}, 6, 1, 8192, 0,
+     ["warning: 6 workers need", "over the"]),
+    ("cuda, 24 GB VRAM: weights per worker", hardware(16, 64 * GiB, "cuda", 24 * GiB), QWEN15, {},
+     8, 2, 8192, -1, ["VRAM", "own weights"]),
+    ("cuda, 4 GB VRAM: VRAM bound", hardware(16, 64 * GiB, "cuda", 4 * GiB), QWEN15, {},
+     1, 2, 8192, -1, ["as many as fit in GPU memory"]),
+    ("metal: unified memory, shared weights", hardware(8, 16 * GiB, "metal", 0, "arm64"), QWEN05, {},
+     8, 1, 16384, -1, ["available RAM"]),
+]
+
+
+@pytest.mark.parametrize("case,hw,info,flags,instances,threads,ctx,gpu_layers,words", PLAN_CASES,
+                         ids=[c[0] for c in PLAN_CASES])
+def test_plan_table(case, hw, info, flags, instances, threads, ctx, gpu_layers, words):
+    result = ls.plan(hw, info, **flags)
+    assert (result.instances, result.threads, result.ctx, result.gpu_layers) == \
+        (instances, threads, ctx, gpu_layers)
+    assert result.threads_batch == result.threads
+    text = " | ".join(result.reasons)
+    for word in words:
+        assert word in text
+
+
+def test_plan_numbers_follow_the_documented_rule():
+    hw, info = hardware(2, 24 * GiB), SMOLLM2
+    result = ls.plan(hw, info)
+    assert ls.kv_bytes_per_token(info) == 2 * 30 * 3 * 64 * 2
+    assert result.kv_bytes_per_worker == 8192 * ls.kv_bytes_per_token(info)
+    assert result.memory_budget == int(24 * GiB * 0.70)
+    assert result.weights_bytes == info.size_bytes
+    assert not any("warning" in reason for reason in result.reasons)
+
+
+# ---- doctor, site_env, small helpers ----------------------------------------------------------------
+
+
+def test_doctor_report_says_what_it_found(tmp_path):
+    hw = dataclasses.replace(hardware(2, 24 * GiB), notes=("CUDA toolkit (nvcc) found but no GPU",))
+    key = ls.build_key(hw)
+    report = ls.doctor_report(hw, key, ls.plan(hw, SMOLLM2), SMOLLM2, builds_dir=tmp_path)
+    assert key in report and "not built yet" in report
+    assert "2 workers x 1 thread" in report and "one per physical core" in report
+    assert "CUDA toolkit" in report and "smollm2" in report
+    make_current_build(tmp_path, hw)
+    assert "ready" in ls.doctor_report(hw, key, None, None, builds_dir=tmp_path)
+    assert "none found yet" in ls.doctor_report(hw, key, None, None, builds_dir=tmp_path)
+
+
+def test_doctor_on_this_machine():
+    """`python -c` the way a user would: detect this machine and print the report."""
+    code = ("import local_swarm as ls; hw = ls.detect_hardware(); "
+            "print(ls.doctor_report(hw, ls.build_key(hw), None, None))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    hw = ls.detect_hardware()
+    assert f"Build:     {ls.build_key(hw)}" in done.stdout
+    assert f"Cores:     {hw.physical_cores} physical" in done.stdout and "GiB total" in done.stdout
+
+
+def test_site_env_puts_the_build_first(tmp_path):
+    info = ls.build_info(tmp_path, hardware())
+    env = ls.site_env(info, base={"PYTHONPATH": "/elsewhere", "HOME": "/h"})
+    assert env["PYTHONPATH"] == os.pathsep.join([str(info.site), "/elsewhere"])
+    assert env["HOME"] == "/h"
+    assert ls.site_env(info, base={})["PYTHONPATH"] == str(info.site)
+
+
+@pytest.mark.parametrize("text,step", [
+    ("  [93/193] /usr/bin/g++ -c a.cpp\n  [94/193] /usr/bin/g++ -c b.cpp\n", "[94/193]"),
+    ("-- Configuring done\n", ""),
+    ("[1/5] x\n[12/15] y", "[12/15]"),
+])
+def test_last_build_step(text, step):
+    assert ls._last_build_step(text) == step
+
+
+@pytest.mark.parametrize("present,log,words,absent", [
+    ({"cc", "c++"}, "", [], ["missing"]),
+    (set(), "", ["a C compiler and a C++ compiler", "build-essential"], []),
+    ({"gcc"}, "", ["a C++ compiler", "apt-get"], ["a C compiler and"]),
+    ({"cc", "c++"}, "/bin/sh: 1: cmake: not found", ["cmake"], []),
+])
+def test_toolchain_hint(present, log, words, absent):
+    hint = ls._toolchain_hint("linux", log, which=lambda name: f"/usr/bin/{name}" if name in present else None)
+    for word in words:
+        assert word in hint
+    for word in absent:
+        assert word not in hint
+
+
+# ---- ensure_build -----------------------------------------------------------------------------------
+
+
+def make_current_build(builds_dir: Path, hw: ls.Hardware) -> ls.BuildInfo:
+    """A finished build folder, as ensure_build would leave it."""
+    info = ls.build_info(builds_dir, hw)
+    (info.site / "llama_cpp").mkdir(parents=True)
+    (info.site / "llama_cpp" / "__init__.py").write_text("")
+    (info.dir / "build.json").write_text(json.dumps({
+        "key": info.key, "cmake_args": list(info.cmake_args), "wheel": "llama_cpp_python-x.whl",
+        "llama_cpp_python": ls.LLAMA_CPP_PYTHON_VERSION, "python_tag": hw.python_tag}))
+    return info
+
+
+FAKE_PIP = textwrap.dedent("""\
+    # A stand-in for pip: records each call next to itself and makes the files pip would make.
+    import json, os, sys, time
+    from pathlib import Path
+    args = sys.argv[1:]
+    here = Path(__file__).parent
+    with open(here / "calls.jsonl", "a") as log:
+        log.write(json.dumps({"args": args, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS"),
+                              "PARALLEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL")}) + "\\n")
+    def after(flag):
+        return args[args.index(flag) + 1]
+    if args[0] == "download":
+        Path(after("-d"), "llama_cpp_python-0.3.36.tar.gz").write_bytes(b"sdist")
+    elif args[0] == "wheel":
+        time.sleep(float(os.environ.get("FAKE_PIP_SLEEP", "0")))
+        print("[1/2] fake compile", flush=True)
+        Path(after("-w")).mkdir(parents=True, exist_ok=True)
+        Path(after("-w"), "llama_cpp_python-0.3.36-py3-none-any.whl").write_bytes(b"wheel")
+    elif args[0] == "install":
+        Path(after("--target"), "llama_cpp").mkdir(parents=True)
+        Path(after("--target"), "llama_cpp", "__init__.py").write_text("")
+    """)
+
+
+@pytest.fixture
+def fake_pip(tmp_path):
+    script = tmp_path / "fakepip" / "pip.py"
+    script.parent.mkdir()
+    script.write_text(FAKE_PIP)
+    calls = script.parent / "calls.jsonl"
+    return (sys.executable, str(script)), lambda: [json.loads(line) for line in calls.read_text().splitlines()] \
+        if calls.exists() else []
+
+
+def test_reuse_costs_milliseconds_and_never_calls_pip(tmp_path):
+    hw = hardware()
+    made = make_current_build(tmp_path / "builds", hw)
+    marker = tmp_path / "pip-was-called"
+    pip = (sys.executable, "-c", f"open({str(marker)!r}, 'w'); raise SystemExit('pip must not run')")
+    started = time.perf_counter()
+    info = ls.ensure_build(tmp_path / "builds", hw, progress=lambda line: None, pip=pip)
+    assert time.perf_counter() - started < 0.5
+    assert not marker.exists()
+    assert info.key == made.key and info.site == made.site
+    assert info.wheel == made.dir / "wheels" / "llama_cpp_python-x.whl"
+    assert (info.backend, info.gpu, info.cmake_args) == ("cpu", False, made.cmake_args)
+
+
+@pytest.mark.parametrize("change", [
+    {"cmake_args": ["-DGGML_NATIVE=OFF", "-DGGML_CUDA=on"]},
+    {"llama_cpp_python": "0.3.1"},
+    {"python_tag": "cp27"},
+])
+def test_rebuild_when_the_record_differs(tmp_path, fake_pip, change):
+    pip, calls = fake_pip
+    hw = hardware(cores=3)
+    info = make_current_build(tmp_path / "builds", hw)
+    record = json.loads((info.dir / "build.json").read_text())
+    (info.dir / "build.json").write_text(json.dumps({**record, **change}))
+    built = ls.ensure_build(tmp_path / "builds", hw, progress=lambda line: None, pip=pip)
+    kinds = [call["args"][0] for call in calls()]
+    assert kinds == ["download", "wheel", "install"]
+    wheel_call = calls()[1]
+    assert wheel_call["CMAKE_ARGS"] == " ".join(ls.cmake_args(hw))
+    assert wheel_call["PARALLEL"] == "3"
+    assert "--no-cache-dir" in wheel_call["args"]
+    assert calls()[2]["args"][-2:] == ["httpx", "psutil"]
+    assert json.loads((info.dir / "build.json").read_text())["cmake_args"] == ls.cmake_args(hw)
+    assert built.wheel == info.dir / "wheels" / "llama_cpp_python-0.3.36-py3-none-any.whl"
+    assert (tmp_path / "builds" / "sdist" / "llama_cpp_python-0.3.36.tar.gz").read_bytes() == b"sdist"
+
+
+def test_two_starts_at_once_build_once(tmp_path, fake_pip, monkeypatch):
+    pip, calls = fake_pip
+    monkeypatch.setenv("FAKE_PIP_SLEEP", "1.0")
+    hw, lines, results = hardware(), [], []
+
+    def start():
+        results.append(ls.ensure_build(tmp_path / "b", hw, progress=lines.append, pip=pip))
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [call["args"][0] for call in calls()].count("wheel") == 1
+    assert len(results) == 2 and results[0] == results[1]
+    assert any("waiting" in line for line in lines)
+
+
+# ---- a real pip build of a tiny fake sdist -----------------------------------------------------------
+
+BACKEND = textwrap.dedent('''\
+    """A PEP 517 backend standing in for scikit-build-core: no compiler, no network."""
+    import base64, hashlib, os, sys, time, zipfile
+    NAME, VERSION, FAIL = "llama_cpp_python", "0.3.36", {fail}
+    DIST = f"{{NAME}}-{{VERSION}}.dist-info"
+    META = f"Metadata-Version: 2.1\\nName: {{NAME}}\\nVersion: {{VERSION}}\\nProvides-Extra: server\\n"
+
+    def get_requires_for_build_wheel(config_settings=None):
+        return []
+
+    def prepare_metadata_for_build_wheel(directory, config_settings=None):
+        os.makedirs(os.path.join(directory, DIST))
+        with open(os.path.join(directory, DIST, "METADATA"), "w") as f:
+            f.write(META)
+        return DIST
+
+    def build_wheel(directory, config_settings=None, metadata_directory=None):
+        for n in range(1, 11):
+            print(f"[{{n}}/10] compiling unit {{n}}", flush=True)
+            time.sleep(0.08)
+        if FAIL:
+            for n in range(40):
+                print(f"fake error line {{n}}", flush=True)
+            sys.exit(1)
+        files = {{"llama_cpp/__init__.py": "__version__ = '0.3.36'\\n",
+                 "llama_cpp/cmake_args.txt": os.environ.get("CMAKE_ARGS", ""),
+                 f"{{DIST}}/METADATA": META,
+                 f"{{DIST}}/WHEEL": "Wheel-Version: 1.0\\nGenerator: fake\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"}}
+        name = f"{{NAME}}-{{VERSION}}-py3-none-any.whl"
+        record = []
+        with zipfile.ZipFile(os.path.join(directory, name), "w") as whl:
+            for path, text in files.items():
+                data = text.encode()
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                record.append(f"{{path}},sha256={{digest}},{{len(data)}}")
+                whl.writestr(path, data)
+            whl.writestr(f"{{DIST}}/RECORD", "\\n".join(record + [f"{{DIST}}/RECORD,,"]) + "\\n")
+        return name
+    ''')
+PYPROJECT = textwrap.dedent("""\
+    [build-system]
+    requires = []
+    build-backend = "fake_backend"
+    backend-path = ["."]
+
+    [project]
+    name = "llama_cpp_python"
+    version = "0.3.36"
+    """)
+
+
+def write_sdist(folder: Path, fail: bool = False) -> Path:
+    """llama_cpp_python-0.3.36.tar.gz whose in-tree backend builds a pure-Python wheel."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "llama_cpp_python-0.3.36.tar.gz"
+    members = {"pyproject.toml": PYPROJECT, "fake_backend.py": BACKEND.format(fail=fail),
+               "PKG-INFO": "Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: 0.3.36\n"}
+    with tarfile.open(path, "w:gz") as archive:
+        for name, text in members.items():
+            data = text.encode()
+            entry = tarfile.TarInfo(f"llama_cpp_python-0.3.36/{name}")
+            entry.size = len(data)
+            archive.addfile(entry, io.BytesIO(data))
+    return path
+
+
+def test_real_pip_downloads_builds_and_installs(tmp_path):
+    index = tmp_path / "index"
+    write_sdist(index)
+    hw, lines = hardware(cores=2), []
+    builds = tmp_path / "builds"
+    options = ("--no-index", "--find-links", str(index), "--disable-pip-version-check")
+    info = ls.ensure_build(builds, hw, progress=lines.append, pip_options=options,
+                           extra_packages=(), progress_every=0.25)
+    assert (builds / "sdist" / "llama_cpp_python-0.3.36.tar.gz").is_file()
+    assert (info.site / "llama_cpp" / "cmake_args.txt").read_text() == " ".join(ls.cmake_args(hw))
+    record = json.loads((info.dir / "build.json").read_text())
+    assert record["key"] == ls.build_key(hw) == info.key
+    assert record["cmake_args"] == ls.cmake_args(hw)
+    assert (record["llama_cpp_python"], record["python_tag"]) == ("0.3.36", PY)
+    assert record["wheel"] == info.wheel.name and info.wheel.is_file()
+    assert record["seconds"] > 0 and record["built_at"]
+    assert not (info.dir / "site.tmp").exists()
+    log = (info.dir / "build.log").read_text()
+    assert "[10/10] compiling unit 10" in log
+    text = "\n".join(lines)
+    for phase in ("downloading", "compiling llama.cpp", "installing", "ready in"):
+        assert phase in text
+    assert "step [" in text   # a periodic line quoted the compiler's progress
+    again = ls.ensure_build(builds, hw, progress=lines.append, pip=("false",))
+    assert again == info
+
+
+def test_a_missing_pip_is_a_build_error(tmp_path):
+    with pytest.raises(ls.BuildError, match="cannot run"):
+        ls.ensure_build(tmp_path, hardware(), progress=lambda line: None,
+                        pip=(str(tmp_path / "no-such-python"), "-m", "pip"))
+    assert not list((tmp_path / "sdist").iterdir())   # no half-made download left behind
+
+
+def test_failed_build_raises_with_log_tail(tmp_path):
+    builds = tmp_path / "builds"
+    write_sdist(builds / "sdist", fail=True)
+    hw = hardware()
+    with pytest.raises(ls.BuildError) as caught:
+        ls.ensure_build(builds, hw, progress=lambda line: None,
+                        pip_options=("--no-index", "--disable-pip-version-check"), extra_packages=())
+    message = str(caught.value)
+    log_path = builds / ls.build_key(hw) / "build.log"
+    assert "compiling llama.cpp failed" in message
+    assert str(log_path) in message
+    assert "fake error line 39" in message   # the log's tail is quoted
+    assert "fake error line 0\n" not in message   # ... only the tail
+    assert not (builds / ls.build_key(hw) / "build.json").exists()
+    assert not ls.build_ready(builds, hw)

@@ -1040,6 +1040,7 @@ class SkippedArray:
 
     item_type: int
     length: int
+    offset: int = 0          # byte offset of the first item in the file (to look items up later)
 
 
 class _GGUFReader:
@@ -1104,8 +1105,9 @@ class _GGUFReader:
         count = self.length("Q", MAX_GGUF_ARRAY, "array length")
         if count <= GGUF_KEPT_ARRAY:
             return [self.value(item_type, depth + 1) for _ in range(count)]
+        start = self.pos
         self.skip_array(item_type, count, depth + 1)
-        return SkippedArray(item_type, count)
+        return SkippedArray(item_type, count, start)
 
     def skip_array(self, item_type: int, count: int, depth: int) -> None:
         """Skip `count` items of `item_type` without building them."""
@@ -1181,6 +1183,9 @@ class ModelInfo:
     head_dim: int
     has_tool_template: bool
     chat_template_family: str     # see CHAT_TEMPLATE_FAMILIES; "" when unknown
+    chat_template: str = ""       # the jinja template from tokenizer.chat_template
+    bos_token: str = ""           # text of the BOS/EOS tokens, as templates expect them
+    eos_token: str = ""
 
 
 def _meta_int(meta: dict[str, Any], key: str) -> int:
@@ -1206,6 +1211,24 @@ def chat_template_family(template: str) -> str:
     return ""
 
 
+def gguf_token_texts(path: Path, vocab: Any, ids: Iterable[int]) -> dict[int, str]:
+    """Texts of the tokens `ids` from the skipped vocabulary array (tokenizer.ggml.tokens);
+    ids outside it are left out. Walks the length-prefixed strings from the array's offset."""
+    wanted = {i for i in ids if isinstance(i, int) and 0 <= i < getattr(vocab, "length", 0)}
+    if not wanted or vocab.item_type != GGUF_TYPE_STRING:
+        return {}
+    found: dict[int, str] = {}
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        reader = _GGUFReader(view, "<")
+        reader.pos = vocab.offset
+        for index in range(max(wanted) + 1):
+            if index in wanted:
+                found[index] = reader.string()
+            else:
+                reader.skip_strings(1)
+    return found
+
+
 def model_info(path: Path | str, sha256: str | None = None) -> ModelInfo:
     """Read a GGUF file's header into a ModelInfo. Raises ModelError when it is not a usable GGUF."""
     path = Path(path)
@@ -1222,7 +1245,16 @@ def model_info(path: Path | str, sha256: str | None = None) -> ModelInfo:
         n_head_kv=_meta_int(meta, f"{arch}.attention.head_count_kv") or n_head,
         head_dim=(_meta_int(meta, f"{arch}.attention.key_length")
                   or (n_embd // n_head if n_head else 0)),
-        has_tool_template="tools" in template, chat_template_family=chat_template_family(template))
+        has_tool_template="tools" in template, chat_template_family=chat_template_family(template),
+        chat_template=template, **_special_tokens(path, meta))
+
+
+def _special_tokens(path: Path, meta: dict[str, Any]) -> dict[str, str]:
+    """{"bos_token": text, "eos_token": text} from the vocabulary ("" when absent)."""
+    ids = {name: meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos")}
+    texts = gguf_token_texts(path, meta.get("tokenizer.ggml.tokens"), ids.values())
+    return {f"{name}_token": texts.get(i, "") if isinstance(i, int) else ""
+            for name, i in ids.items()}
 
 
 # ---- discovery --------------------------------------------------------------------------------------
@@ -2778,14 +2810,31 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   log_level=args.log_level, queue_size=args.queue_size, **extra)
 
 
+def local_model(cfg_model: str | None, cache_dir: Path) -> ModelInfo | None:
+    """The model a start would serve, if it is already on this machine; None if it would have
+    to be downloaded first. Raises ModelError for a bad explicit path."""
+    def not_here(*_: Any) -> Path:
+        raise LookupError
+    try:
+        return model_info(resolve_model(cfg_model, cache_dir, fetch=not_here))
+    except LookupError:
+        return None
+
+
 def doctor(cfg: Config) -> int:
     """Print hardware, build key and plan; start nothing, download nothing."""
     hw = detect_hardware()
-    path = local_model(cfg.model, cfg.cache_dir)
-    model = model_info(path) if path else None
-    print(doctor_report(hw, cfg.builds_dir, plan(hw, model, cfg.instances, cfg.ctx, cfg.threads),
-                        model))
+    model = local_model(cfg.model, cfg.cache_dir)
+    the_plan = plan(hw, model, cfg.instances, cfg.ctx, cfg.threads) if model else None
+    print(doctor_report(hw, build_key(hw), the_plan, model, cfg.builds_dir))
     return 0
+
+
+def add_site_to_path(build: BuildInfo) -> None:
+    """Let the daemon import what the build installed (httpx, psutil, jinja2) when this Python
+    lacks them; packages already importable keep precedence."""
+    if str(build.site) not in sys.path:
+        sys.path.append(str(build.site))
 
 
 def run(cfg: Config) -> int:

@@ -1913,12 +1913,13 @@ class LlamaCppPythonWorker:
             if self.exited():
                 raise WorkerError(f"{self.name} exited while loading:\n"
                                   f"{tail_lines(self.log_path, WORKER_LOG_TAIL)}")
-            if await self._answers():
+            if await self.ping():
                 return
             await asyncio.sleep(WORKER_READY_POLL)
         raise WorkerError(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
 
-    async def _answers(self) -> bool:
+    async def ping(self) -> bool:
+        """True if the worker answers GET /v1/models with 200 within 2 s."""
         import httpx
         try:
             reply = await self.client.get(self.url + "/v1/models", timeout=2.0)
@@ -2002,7 +2003,8 @@ RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60             # bounds of the Retry-After
 
 @dataclass
 class WorkerSlot:
-    """The pool's mutable record of one worker. state: starting | idle | busy | dead | stopped."""
+    """The pool's mutable record of one worker.
+    state: starting | idle | busy | checking (failed a request; being probed) | dead | stopped."""
 
     worker: Any
     state: str = "starting"
@@ -2139,13 +2141,36 @@ class WorkerPool:
         else:
             self._hand_out(slot)
 
+    def _quarantine(self, slot: WorkerSlot, lease_id: int) -> None:
+        """A request failed on this worker: probe it before anyone else gets it. It may be dying
+        (its exit not reaped yet) or just have refused one request."""
+        if slot.state == "busy" and slot.lease_id == lease_id:
+            slot.state = "checking"
+            self._tasks.append(asyncio.create_task(self._probe(slot), name="probe"))
+            self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def _probe(self, slot: WorkerSlot) -> None:
+        alive = await slot.worker.ping()
+        if slot.state != "checking":
+            return                                 # the supervisor saw it exit meanwhile
+        if alive and not slot.worker.exited():
+            self._hand_out(slot)
+        else:
+            log.warning("%s does not answer after a failed request; restarting it",
+                        slot.worker.name)
+            await slot.worker.stop()               # its supervisor restarts it
+
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[Any]:
-        """`async with pool.lease() as worker:` exclusive use of one ready worker."""
+        """`async with pool.lease() as worker:` exclusive use of one ready worker. A WorkerError
+        out of the block sends the worker to be probed before it is leased again."""
         slot, lease_id = await self._acquire()
         started = time.monotonic()
         try:
             yield slot.worker
+        except WorkerError:
+            self._quarantine(slot, lease_id)
+            raise
         finally:
             self._service_time = 0.8 * self._service_time + 0.2 * (time.monotonic() - started)
             self._release(slot, lease_id)
@@ -2799,11 +2824,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """A Config from parsed flags; raises SystemExit(2) on values out of range."""
+    """A Config from parsed flags; exits with status 2 (argparse's) on values out of range."""
     for name in ("instances", "ctx", "threads", "queue_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+            build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
     extra = {"cors_origins": tuple(args.cors_origins)} if args.cors_origins else {}
     return Config(host=args.host, port=args.port, api_key=args.api_key or None, model=args.model,
                   instances=args.instances, ctx=args.ctx, threads=args.threads,

@@ -79,3 +79,10 @@ def swarm():
                     "--log-level", "debug")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def smol_model_path() -> Path:
+    """SmolLM2-135M on disk (fetched into the local-swarm cache once per machine)."""
+    import local_swarm as ls
+    return ls.resolve_model("smollm2-135m", ls.Config().cache_dir)

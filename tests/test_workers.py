@@ -39,6 +39,7 @@ class FakeWorker:
         self.die_after = die_after          # die after yielding this many chunks
         self.starts = 0
         self.gate = None                    # an asyncio.Event a stream waits on, when set
+        self.mute = False                   # alive but not answering pings
 
     @property
     def pid(self):
@@ -57,6 +58,9 @@ class FakeWorker:
     async def wait_ready(self, timeout):
         if self.exited():
             raise ls.WorkerError(f"{self.name} exited while loading")
+
+    async def ping(self):
+        return not self.exited() and not self.mute
 
     async def count_tokens(self, text):
         if self.exited():
@@ -158,6 +162,36 @@ def test_crashed_worker_is_restarted_and_stale_lease_ignored(monkeypatch):
             await cm.__aexit__(None, None, None)  # the dead lease ends: must not free the new one
             assert pool.describe()[0]["state"] == "busy"
         assert pool.describe()[0]["restarts"] == 1
+        await pool.stop()
+    run(go())
+
+
+def test_failed_request_sends_worker_to_probe_before_reuse():
+    async def go():
+        w = FakeWorker(1)
+        pool = await started_pool([w])
+        with pytest.raises(ls.WorkerError):
+            async with pool.lease():
+                raise ls.WorkerError("refused once")
+        assert pool.describe()[0]["state"] == "checking"
+        await asyncio.sleep(0.01)
+        assert pool.describe()[0]["state"] == "idle"       # it answered the probe
+        await pool.stop()
+    run(go())
+
+
+def test_failed_worker_that_does_not_answer_is_stopped_for_restart(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
+
+    async def go():
+        w = FakeWorker(1)
+        pool = await started_pool([w])
+        w.mute = True
+        with pytest.raises(ls.WorkerError):
+            async with pool.lease():
+                raise ls.WorkerError("connection reset")
+        await asyncio.sleep(0.1)
+        assert w.starts == 2 and pool.describe()[0]["restarts"] == 1
         await pool.stop()
     run(go())
 

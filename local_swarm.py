@@ -1040,7 +1040,7 @@ class SkippedArray:
 
     item_type: int
     length: int
-    offset: int = 0          # byte offset of the first item in the file (to look items up later)
+    offset: int = field(default=0, compare=False)   # file offset of item 0, for later look-ups
 
 
 class _GGUFReader:
@@ -1219,7 +1219,7 @@ def gguf_token_texts(path: Path, vocab: Any, ids: Iterable[int]) -> dict[int, st
         return {}
     found: dict[int, str] = {}
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        reader = _GGUFReader(view, "<")
+        reader = _GGUFReader(view, _gguf_endian(view))
         reader.pos = vocab.offset
         for index in range(max(wanted) + 1):
             if index in wanted:

@@ -2210,6 +2210,7 @@ MAX_MESSAGES = 4096                 # messages in one request
 MAX_STOP = 4                        # stop sequences (OpenAI's limit)
 MAX_TOKENS_LIMIT = 1 << 20          # a max_tokens beyond any context we could serve
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+TOKEN_BOUND_SLACK = 8               # tokens a tokenizer may add beyond one per byte (BOS, prefix space)
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
 
 
@@ -2393,7 +2394,7 @@ def _template_raise(message: str) -> None:
 class Generation:
     """What one request produced; filled in as tokens arrive."""
 
-    text: str = ""
+    parts: list[str] = field(default_factory=list)
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -2401,6 +2402,10 @@ class Generation:
     attempts: int = 0
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -2418,16 +2423,21 @@ class ChatService:
         self.n_ctx = n_ctx
         self.cfg = cfg
         self.clock = clock
+        self._added_tokens: int | None = None   # tokens the tokenizer adds to any text (BOS)
 
-    async def _count_prompt(self, worker: Any, req: ChatRequest) -> int:
-        """Prompt tokens by the worker's tokenizer; 400 context_length_exceeded if too long."""
-        count = await worker.count_tokens(self.renderer.render(req.messages, req.tools))
+    def _check_fits(self, count: int) -> None:
+        """Raise 400 context_length_exceeded when a prompt of `count` tokens cannot be served."""
         if count >= self.n_ctx:
             raise HTTPError(400, f"This model's maximum context length is {self.n_ctx} tokens. "
                             f"However, your messages resulted in {count} tokens. Please reduce "
                             "the length of the messages.", code="context_length_exceeded",
                             param="messages")
-        return count
+
+    def surely_fits(self, prompt: str) -> bool:
+        """True when the prompt cannot exceed the context whatever the tokenizer: every token
+        but BOS and an inserted prefix space covers at least one byte. Such prompts are counted
+        after generation, off the time-to-first-token path."""
+        return len(prompt.encode("utf-8")) + TOKEN_BOUND_SLACK < self.n_ctx
 
     def _worker_body(self, req: ChatRequest) -> dict[str, Any]:
         body = {"messages": list(req.messages), **req.sampling}
@@ -2436,9 +2446,10 @@ class ChatService:
         return body
 
     async def generate(self, req: ChatRequest, gen: Generation, live: bool) -> AsyncIterator[str]:
-        """Yield "" once the request is accepted (worker leased, prompt counted), then each text
-        delta. A worker failure is retried on another worker unless `live` deltas already went
-        to the client. Raises HTTPError before acceptance; WorkerError when retries run out."""
+        """Yield "" once the request is accepted (worker leased, prompt known to fit), then each
+        text delta. A worker failure is retried on another worker unless `live` deltas already
+        went to the client. Raises HTTPError before acceptance; WorkerError when retries run out."""
+        prompt = self.renderer.render(req.messages, req.tools)
         accepted = False
         while True:
             gen.attempts += 1
@@ -2446,21 +2457,28 @@ class ChatService:
                 async with self.pool.lease() as worker:
                     gen.worker = worker.name
                     if not accepted:
-                        gen.prompt_tokens = await self._count_prompt(worker, req)
+                        if not self.surely_fits(prompt):
+                            gen.prompt_tokens = await worker.count_tokens(prompt)
+                            self._check_fits(gen.prompt_tokens)
                         accepted = True
                         yield ""
                     async for delta in self._stream_from(worker, req, gen):
                         yield delta
-                    gen.completion_tokens = await self._count_completion(worker, gen.text)
+                    await self._count_usage(worker, prompt, gen)
                     return
             except WorkerError as exc:
-                if exc.status is not None and 400 <= exc.status < 500:
-                    raise HTTPError(400, f"the worker refused the request: {exc}",
-                                    code="invalid_request") from exc
-                if (live and gen.text) or gen.attempts > self.cfg.max_retries:
-                    raise
-                gen.text, gen.first_token_at = "", None
-                log.warning("%s; retrying on another worker (attempt %d)", exc, gen.attempts + 1)
+                self._after_failure(exc, gen, live)
+
+    def _after_failure(self, exc: WorkerError, gen: Generation, live: bool) -> None:
+        """Decide whether a failed attempt is retried (returns) or ends the request (raises)."""
+        if exc.status is not None and 400 <= exc.status < 500:
+            raise HTTPError(400, f"the worker refused the request: {exc}",
+                            code="invalid_request") from exc
+        if (live and gen.parts) or gen.attempts > self.cfg.max_retries:
+            raise exc
+        gen.parts.clear()
+        gen.first_token_at = None
+        log.warning("%s; retrying on another worker (attempt %d)", exc, gen.attempts + 1)
 
     async def _stream_from(self, worker: Any, req: ChatRequest, gen: Generation
                            ) -> AsyncIterator[str]:
@@ -2470,15 +2488,21 @@ class ChatService:
             if text:
                 if gen.first_token_at is None:
                     gen.first_token_at = time.monotonic()
-                gen.text += text
+                gen.parts.append(text)
                 yield text
             if choice.get("finish_reason") in FINISH_REASONS:
                 gen.finish_reason = choice["finish_reason"]
 
-    async def _count_completion(self, worker: Any, text: str) -> int:
-        if not text:
-            return 0
-        return max(0, await worker.count_tokens(text) - await worker.count_tokens(""))
+    async def _count_usage(self, worker: Any, prompt: str, gen: Generation) -> None:
+        """Usage by the worker's tokenizer: the prompt (unless counted already) and the reply
+        (its count minus the tokens the tokenizer adds to any text, such as BOS)."""
+        if not gen.prompt_tokens:
+            gen.prompt_tokens = await worker.count_tokens(prompt)
+        if self._added_tokens is None:
+            self._added_tokens = await worker.count_tokens("")
+        text = gen.text
+        gen.completion_tokens = max(0, await worker.count_tokens(text) - self._added_tokens
+                                    ) if text else 0
 
     def reply_model(self, req: ChatRequest) -> str:
         return req.model if req.model in (SWARM_MODEL_ID, self.model_id) else self.model_id

@@ -2464,6 +2464,8 @@ class ChatService:
                         yield ""
                     async for delta in self._stream_from(worker, req, gen):
                         yield delta
+                    if live and not (req.include_usage or log.isEnabledFor(logging.DEBUG)):
+                        return                     # nobody reads usage: spare the worker calls
                     await self._count_usage(worker, prompt, gen)
                     return
             except WorkerError as exc:
@@ -2496,13 +2498,13 @@ class ChatService:
     async def _count_usage(self, worker: Any, prompt: str, gen: Generation) -> None:
         """Usage by the worker's tokenizer: the prompt (unless counted already) and the reply
         (its count minus the tokens the tokenizer adds to any text, such as BOS)."""
-        if not gen.prompt_tokens:
-            gen.prompt_tokens = await worker.count_tokens(prompt)
         if self._added_tokens is None:
             self._added_tokens = await worker.count_tokens("")
         text = gen.text
-        gen.completion_tokens = max(0, await worker.count_tokens(text) - self._added_tokens
-                                    ) if text else 0
+        prompt_count = worker.count_tokens(prompt) if not gen.prompt_tokens else _const(gen.prompt_tokens)
+        text_count = worker.count_tokens(text) if text else _const(self._added_tokens)
+        gen.prompt_tokens, counted = await asyncio.gather(prompt_count, text_count)
+        gen.completion_tokens = max(0, counted - self._added_tokens)
 
     def reply_model(self, req: ChatRequest) -> str:
         return req.model if req.model in (SWARM_MODEL_ID, self.model_id) else self.model_id
@@ -2548,6 +2550,10 @@ class ChatService:
         finally:
             await deltas.aclose()
         yield SSE_DONE
+
+
+async def _const(value: Any) -> Any:
+    return value
 
 
 def new_completion_id() -> str:
@@ -2907,6 +2913,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     logging.basicConfig(level=cfg.log_level.upper(), format=LOG_FORMAT)
+    for noisy in ("httpx", "httpcore"):        # one line per worker call; our debug log says more
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return doctor(cfg) if args.command == "doctor" else run(cfg)
     except (BuildError, ModelError, WorkerError) as exc:

@@ -2717,6 +2717,70 @@ def tail_lines(path: Path, n: int) -> str:
         return ""
 
 
+def worker_client() -> Any:
+    """The httpx client the pool shares for every worker call: no connection limit (one
+    request per worker anyway), keep-alive, and asyncio sockets underneath (see AsyncioStream)."""
+    import httpx
+    return httpx.AsyncClient(transport=_asyncio_transport(),
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
+
+def _asyncio_transport() -> Any:
+    """httpx's own transport (its request/response mapping and error translation), over an
+    httpcore pool whose network backend is plain asyncio streams instead of anyio: on the
+    per-token path that halves the CPU httpx spends per chunk read (bench/overhead.py)."""
+    import httpcore
+    import httpx
+
+    class Stream(httpcore.AsyncNetworkStream):
+        def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.reader, self.writer = reader, writer
+
+        async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            with _as_httpcore_errors(httpcore.ReadTimeout, httpcore.ReadError):
+                async with asyncio.timeout(timeout):
+                    return await self.reader.read(max_bytes)
+
+        async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            with _as_httpcore_errors(httpcore.WriteTimeout, httpcore.WriteError):
+                self.writer.write(buffer)
+                async with asyncio.timeout(timeout):
+                    await self.writer.drain()
+
+        async def aclose(self) -> None:
+            self.writer.close()
+
+        def get_extra_info(self, info: str) -> Any:
+            return self.writer.get_extra_info(info) if info in ("socket", "peername") else None
+
+    class Backend(httpcore.AsyncNetworkBackend):
+        async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                              local_address: str | None = None, socket_options: Any = None
+                              ) -> httpcore.AsyncNetworkStream:
+            with _as_httpcore_errors(httpcore.ConnectTimeout, httpcore.ConnectError):
+                async with asyncio.timeout(timeout):
+                    return Stream(*await asyncio.open_connection(host, port))
+
+        async def sleep(self, seconds: float) -> None:
+            await asyncio.sleep(seconds)
+
+    transport = httpx.AsyncHTTPTransport()
+    transport._pool = httpcore.AsyncConnectionPool(network_backend=Backend(),
+                                                   max_keepalive_connections=64)
+    return transport
+
+
+@contextlib.contextmanager
+def _as_httpcore_errors(timeout_error: type, network_error: type) -> Iterator[None]:
+    """Raise socket failures as the httpcore exceptions httpx knows how to translate."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise timeout_error(str(exc) or "timed out") from exc
+    except OSError as exc:
+        raise network_error(str(exc) or type(exc).__name__) from exc
+
+
 class LlamaCppPythonWorker:
     """One `python -m llama_cpp.server` process and the HTTP calls the swarm makes to it."""
 
@@ -3599,9 +3663,7 @@ class Swarm:
 
     async def start(self) -> None:
         """Listen at once (health says "initializing"), then start the workers."""
-        import httpx
-        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None,
-                                                            max_keepalive_connections=64))
+        self.client = worker_client()
         workers = [LlamaCppPythonWorker(spec, self.client, self.launcher)
                    for spec in self._worker_specs()]
         self.pool = WorkerPool(workers, self.cfg.queue_size, self.cfg.worker_start_timeout)

@@ -301,3 +301,48 @@ def test_retries_run_out_into_worker_error(monkeypatch):
             await svc.complete(request())
         await pool.stop()
     run(go())
+
+
+# -- the worker HTTP client (httpx over asyncio streams) ------------------------------------------
+
+async def _serve_once(reply: bytes, hold: float = 0.0):
+    """A loopback server that reads a request head, sends `reply`, waits `hold`, then closes."""
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        await asyncio.sleep(hold)
+        writer.close()
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_worker_client_reads_and_reuses_connections():
+    import httpx
+
+    async def go():
+        reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        server, port = await _serve_once(reply * 1, hold=0.5)
+        async with ls.worker_client() as client:
+            r = await client.get(f"http://127.0.0.1:{port}/")
+            assert (r.status_code, r.text) == (200, "ok")
+            with pytest.raises(httpx.ConnectError):
+                await client.get(f"http://127.0.0.1:{ls.free_port()}/")
+        server.close()
+    run(go())
+
+
+@pytest.mark.parametrize("reply,hold,error", [
+    (b"", 2.0, "ReadTimeout"),                                             # says nothing
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 0.0, "RemoteProtocolError"),  # cut short
+])
+def test_worker_client_maps_socket_failures_to_httpx_errors(reply, hold, error):
+    import httpx
+
+    async def go():
+        server, port = await _serve_once(reply, hold)
+        async with ls.worker_client() as client:
+            with pytest.raises(getattr(httpx, error)):
+                await client.get(f"http://127.0.0.1:{port}/", timeout=0.3)
+        server.close()
+    run(go())

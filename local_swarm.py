@@ -739,8 +739,8 @@ class CorsPolicy:
 
     def allows(self, origin: str | None) -> bool:
         """True if a reply to this Origin may be read by the page that sent it."""
-        if not origin:
-            return False
+        if not origin or not (origin.isascii() and origin.isprintable()):
+            return False                       # never echo odd bytes back, even under "*"
         if "*" in self.origins or origin in self.origins:
             return True
         base, colon, port = origin.rpartition(":")
@@ -888,8 +888,8 @@ class _Connection:
         self._busy = True
         try:
             response = await self._respond(request)
-            keep = persistent(request.version, request.headers) and \
-                not _tokens(response.headers, "connection").count("close")
+            keep = persistent(request.version, request.headers) \
+                and "close" not in _tokens(response.headers, "connection")
             if response.stream is not None and request.version == "HTTP/1.0":
                 keep = False                   # no chunked in 1.0: the body ends with the connection
             return await self._send(request, response, keep) and keep
@@ -926,14 +926,13 @@ class _Connection:
         return _render_head(response.status, headers)
 
     async def _send(self, request: Request | None, response: Response, keep: bool) -> bool:
-        """Write one reply; True if it went out whole. HEAD gets the head only (a stream is
-        closed unread); a stream is relayed item by item."""
+        """Write one reply; True if it went out whole. HEAD and bodiless statuses get the head
+        only (a stream is then closed unread); a stream is relayed item by item."""
         head, stream = self._head(request, response, keep), response.stream
-        head_only = request is not None and request.method == "HEAD"
+        head_only = _bodiless(response.status) or (request is not None and request.method == "HEAD")
         if head_only or stream is None:
             await _aclose(stream)
-            body = b"" if head_only or _bodiless(response.status) else response.body
-            self._writer.write(head + body)
+            self._writer.write(head if head_only else head + response.body)
             await self._drain()
             return True
         self._writer.write(head)

@@ -278,6 +278,13 @@ def test_parser_events_and_fields() -> None:
     assert request.json() == {}
 
 
+def test_obs_fold_is_named_in_the_error() -> None:
+    parser = RequestParser(LIMITS)
+    parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n")
+    with pytest.raises(HTTPError, match="folding"):
+        parser.next_event()
+
+
 def test_chunked_decoder_byte_by_byte() -> None:
     decoder, buf = ChunkedDecoder(LIMITS), bytearray()
     results = []
@@ -449,10 +456,12 @@ class App:
         stream = self.events(int(query.get("n", "3")), float(query.get("gap", "0")),
                              int(query.get("size", "0")), query.get("then", ""))
         self.streams.append(stream)
-        return Response.sse(stream)
+        return Response(int(query.get("status", "200")), [("Content-Type", "text/event-stream")],
+                        stream=stream)
 
     async def events(self, n: int, gap: float, size: int, then: str) -> AsyncIterator[bytes]:
         try:
+            yield b""                                   # must not be sent: it would end the body
             for i in range(n):
                 self.yielded += 1
                 yield sse_json({"i": i, "pad": "x" * size})
@@ -724,10 +733,13 @@ def test_head_has_headers_and_no_body() -> None:
             assert (reply.status, reply.header("content-length"), reply.body) == (200, "11", b"")
             await client.send(b"HEAD /stream HTTP/1.1\r\nHost: a\r\n\r\n")
             assert (await client.reply("HEAD")).header("content-type") == "text/event-stream"
+            await client.send(b"GET /stream?status=204 HTTP/1.1\r\nHost: a\r\n\r\n")
+            reply = await client.reply()
+            assert (reply.status, reply.body, reply.header("transfer-encoding")) == (204, b"", None)
             await client.send(b"GET /text HTTP/1.1\r\nHost: a\r\n\r\n")  # nothing stray in between
             assert (await client.reply()).body == b"hello world"
-            stream = h.app.streams[0]
-            assert h.app.yielded == 0 and stream.ag_frame is None   # closed, never started
+            assert h.app.yielded == 0                       # both streams closed, never started
+            assert [stream.ag_frame for stream in h.app.streams] == [None, None]
             assert h.app.seen[:2] == ["HEAD /text", "HEAD /stream"]
     run(main())
 
@@ -791,7 +803,7 @@ def test_options_preflight_allowed_origin() -> None:
 @pytest.mark.parametrize("origin,allowed", [
     ("http://localhost", True), ("http://127.0.0.1:8080", True), ("http://localhost:", False),
     ("http://evil.example", False), ("http://localhost.evil.example", False),
-    ("http://localhost:80:80", False), ("https://localhost", False),
+    ("http://localhost:80:80", False), ("https://localhost", False), ("http://localhost:\xb2", False),
 ])
 def test_cors_origin_on_every_reply(origin: str, allowed: bool) -> None:
     async def main() -> None:
@@ -813,6 +825,8 @@ def test_cors_star_allows_any_origin() -> None:
             client = await h.client()
             await client.send(b"GET /echo HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example\r\n\r\n")
             assert (await client.reply()).header("access-control-allow-origin") == "https://app.example"
+            await client.send(b"GET /echo HTTP/1.1\r\nHost: a\r\nOrigin: http://a\x01b\r\n\r\n")
+            assert (await client.reply()).header("access-control-allow-origin") is None  # not echoed
             await client.send(GET)                        # no Origin: no CORS headers
             reply = await client.reply()
             assert reply.header("access-control-allow-origin") is None and reply.header("vary") is None
@@ -896,6 +910,25 @@ def test_body_too_big(body: bytes) -> None:
             assert_error(await client.reply(), 413)
             assert await client.closed()
             assert h.app.seen == []
+    run(main())
+
+
+def test_closing_reply_survives_unread_input() -> None:
+    """A 413 sent while the client is still sending its body must reach it: the server half-closes
+    and drains (lingers) instead of closing at once, which would reset the connection."""
+    async def main() -> None:
+        async with serving() as h:
+            client = await h.client()
+            await client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4000000\r\n\r\n")
+
+            async def body() -> None:
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(40):
+                        await client.send(b"x" * 100_000)
+            sending = asyncio.create_task(body())
+            await asyncio.sleep(0.05)
+            assert_error(await client.reply(), 413)
+            await sending
     run(main())
 
 

@@ -829,6 +829,7 @@ class _Connection:
         self._parser = RequestParser(limits)
         self._queue: asyncio.Queue[Request | HTTPError | None] = asyncio.Queue(limits.max_pipelined)
         self._drained = asyncio.Event()       # set while every queued request has been answered
+        self._queued_bytes = 0                # bodies waiting in the queue: bounded by max_body
         self._busy = False                    # answering: the client leaving cancels the main task
         self._deadline: float | None = None   # when the head or body being read is overdue
         self._main: asyncio.Task[None] | None = None
@@ -873,15 +874,20 @@ class _Connection:
         """The next request or framing error; None if the client left or sent nothing for
         keepalive_timeout (a request already arriving is bounded by the reader's deadlines)."""
         if not self._queue.empty():
-            return self._queue.get_nowait()
+            return self._dequeued(self._queue.get_nowait())
         self._drained.set()
         try:
             async with asyncio.timeout(self._limits.keepalive_timeout):
-                return await self._queue.get()
+                return self._dequeued(await self._queue.get())
         except TimeoutError:
             if self._parser.phase == "idle":
                 return None
-        return await self._queue.get()
+        return self._dequeued(await self._queue.get())
+
+    def _dequeued(self, item: Request | HTTPError | None) -> Request | HTTPError | None:
+        if isinstance(item, Request):
+            self._queued_bytes -= len(item.body)
+        return item
 
     async def _answer(self, request: Request) -> bool:
         """Answer one request; True if the connection stays open for the next."""
@@ -1045,6 +1051,12 @@ class _Connection:
         self._deadline = None
 
     async def _enqueue(self, item: Request | HTTPError) -> None:
+        """Queue for the connection task. Pipelined bodies wait (and the socket with them) while
+        the queue already holds max_body bytes, so one connection buffers at most about that."""
+        size = len(item.body) if isinstance(item, Request) else 0
+        while self._queued_bytes and self._queued_bytes + size > self._limits.max_body:
+            await self._drained.wait()
+        self._queued_bytes += size
         self._drained.clear()
         await self._queue.put(item)
 

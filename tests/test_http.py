@@ -689,6 +689,20 @@ def test_pipelined_requests_answered_in_order() -> None:
     run(main())
 
 
+def test_pipelined_bodies_over_max_body_wait_and_are_all_answered() -> None:
+    """Six pipelined 600-byte bodies with max_body 1000: the reader holds back (at most about
+    max_body queued per connection) instead of buffering them all, and every one is answered."""
+    async def main() -> None:
+        async with serving(dataclasses.replace(LIMITS, max_body=1000)) as h:
+            client = await h.client()
+            body = b"x" * 600
+            one = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 600\r\n\r\n" + body
+            await client.send(b"GET /delay?ms=200 HTTP/1.1\r\nHost: a\r\n\r\n" + one * 6)
+            replies = [(await client.reply()).json() for _ in range(7)]
+            assert [r["body"] for r in replies] == [""] + ["x" * 600] * 6
+    run(main())
+
+
 def test_expect_100_continue() -> None:
     async def main() -> None:
         async with serving() as h:
@@ -946,6 +960,7 @@ def test_disconnect_cancels_a_slow_handler(reset: bool) -> None:
             await asyncio.wait_for(h.app.started.wait(), 2)
             client.close(reset)
             await asyncio.wait_for(h.app.cancelled.wait(), 1.0)
+            assert h.app.cancelled.is_set()
     run(main())
 
 

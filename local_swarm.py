@@ -1434,8 +1434,11 @@ def build_key(hw: Hardware) -> str:
 def cmake_args(hw: Hardware) -> list[str]:
     """CMAKE_ARGS for llama.cpp: never native; the x86_64 level spelled out in full (set
     explicitly, because with SOURCE_DATE_EPOCH in the environment llama.cpp defaults them OFF);
-    plus the GPU backend switch."""
-    return ["-DGGML_NATIVE=OFF", *BACKEND_CMAKE_ARGS[hw.backend], *LEVEL_CMAKE_ARGS[cpu_level(hw)]]
+    plus the GPU backend switch. LLAVA_BUILD=OFF leaves out the multimodal library (mtmd): the
+    swarm serves text, and mtmd is about a third of the compile (llama-cpp-python imports it only
+    for image chat handlers)."""
+    return ["-DGGML_NATIVE=OFF", "-DLLAVA_BUILD=OFF", *BACKEND_CMAKE_ARGS[hw.backend],
+            *LEVEL_CMAKE_ARGS[cpu_level(hw)]]
 
 
 @dataclass(frozen=True)

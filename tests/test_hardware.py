@@ -24,7 +24,7 @@ import local_swarm as ls  # noqa: E402
 
 PY = f"cp{sys.version_info.major}{sys.version_info.minor}"
 GiB = 2**30
-NATIVE_OFF = ["-DGGML_NATIVE=OFF"]
+NATIVE_OFF = ["-DGGML_NATIVE=OFF", "-DLLAVA_BUILD=OFF"]
 AVX2_ARGS = list(ls.LEVEL_CMAKE_ARGS["avx2"])
 SSE42_ARGS = ["-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_BMI2=OFF", "-DGGML_FMA=OFF",
               "-DGGML_F16C=OFF"]

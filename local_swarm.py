@@ -2937,6 +2937,7 @@ class LlamaCppPythonWorker:
 
 RESTART_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)   # seconds before restart k of a crashing worker
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60             # bounds of the Retry-After estimate (seconds)
+START_ATTEMPTS = 3                  # failed starts of every worker before start-up gives up
 
 
 @dataclass
@@ -2974,11 +2975,15 @@ class WorkerPool:
             self._tasks.append(asyncio.create_task(self._supervise(slot), name=slot.worker.name))
 
     async def wait_any_ready(self, timeout: float) -> None:
-        """Wait until one worker is ready; raises WorkerError if none is within timeout."""
+        """Wait until one worker is ready. Raises WorkerError, with the first worker's log tail,
+        if none is within timeout or every worker has failed START_ATTEMPTS starts."""
         deadline = time.monotonic() + timeout
         while not any(s.ready_once for s in self.slots):
-            if time.monotonic() > deadline or all(t.done() for t in self._tasks):
-                raise WorkerError("no worker became ready; see the worker logs")
+            hopeless = all(s.restarts >= START_ATTEMPTS for s in self.slots)
+            if hopeless or time.monotonic() > deadline:
+                worker = self.slots[0].worker
+                raise WorkerError(f"no worker became ready; {worker.log_path} ends with:\n"
+                                  f"{tail_lines(worker.log_path, WORKER_LOG_TAIL)}")
             await asyncio.sleep(WORKER_READY_POLL)
 
     async def stop(self) -> None:
@@ -3668,7 +3673,7 @@ class Swarm:
         return self.model.path.stem
 
     def _worker_specs(self) -> list[WorkerSpec]:
-        log_dir = self.cfg.cache_dir / "logs"
+        log_dir = worker_log_dir(self.cfg.cache_dir / "logs")
         return [WorkerSpec(index=i, model=self.model.path, model_id=self.model_id,
                            n_ctx=self.plan.ctx, threads=self.plan.threads,
                            threads_batch=self.plan.threads_batch, gpu_layers=self.plan.gpu_layers,
@@ -3705,6 +3710,26 @@ class Swarm:
             await self.pool.stop()
         if self.client:
             await self.client.aclose()
+
+
+def worker_log_dir(logs: Path) -> Path:
+    """This daemon's folder for worker logs (logs/<pid>), so that swarms running side by side
+    keep their own; folders of daemons no longer running are removed."""
+    with contextlib.suppress(OSError):
+        for old in logs.iterdir():
+            if old.name.isdigit() and not _pid_alive(int(old.name)):
+                shutil.rmtree(old, ignore_errors=True)
+    return logs / str(os.getpid())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def banner(swarm: Swarm) -> str:

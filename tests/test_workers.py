@@ -346,3 +346,30 @@ def test_worker_client_maps_socket_failures_to_httpx_errors(reply, hold, error):
                 await client.get(f"http://127.0.0.1:{port}/", timeout=0.3)
         server.close()
     run(go())
+
+
+def test_start_up_gives_up_when_every_worker_keeps_failing(monkeypatch, tmp_path):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
+
+    async def go():
+        workers = [FakeWorker(1, fail_start=99), FakeWorker(2, fail_start=99)]
+        workers[0].log_path = tmp_path / "worker-1.log"
+        workers[0].log_path.write_text("error loading model: bad magic\n")
+        pool = ls.WorkerPool(workers, queue_size=4, start_timeout=1)
+        await pool.start()
+        with pytest.raises(ls.WorkerError) as info:
+            await pool.wait_any_ready(30)
+        assert "bad magic" in str(info.value)
+        await pool.stop()
+    run(go())
+
+
+def test_worker_log_dirs_of_dead_daemons_are_pruned(tmp_path):
+    import os
+    dead = tmp_path / "999999999"
+    dead.mkdir()
+    alive = tmp_path / str(os.getppid())
+    alive.mkdir()
+    mine = ls.worker_log_dir(tmp_path)
+    assert mine == tmp_path / str(os.getpid())
+    assert not dead.exists() and alive.exists()

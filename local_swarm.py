@@ -2624,12 +2624,21 @@ def resolve_model(cfg_model: str | None, cache_dir: Path,
         if path.exists() or known_model(cfg_model) is None:
             return _checked_model_path(path)
         return fetch(known_model(cfg_model), Path(cache_dir), progress)
-    found = find_models(search_dirs, cache_dir=Path(cache_dir))
+    found = [path for path in find_models(search_dirs, cache_dir=Path(cache_dir))
+             if not _fetched_by_name(path, Path(cache_dir))]
     if found:
         return found[0]
     default = known_model(DEFAULT_MODEL_ID)
     assert default is not None   # KNOWN_MODELS holds the default by construction
     return fetch(default, Path(cache_dir), progress)
+
+
+def _fetched_by_name(path: Path, cache_dir: Path) -> bool:
+    """True for a known model other than the default that sits in the swarm's cache: it was
+    fetched because someone named it (the tests fetch SmolLM2), so it is served only when named,
+    never picked in place of the default."""
+    others = {m.file for m in KNOWN_MODELS if m.id != DEFAULT_MODEL_ID}
+    return path.parent == cache_dir / "models" and path.name in others
 
 
 def _checked_model_path(path: Path) -> Path:

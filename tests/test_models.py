@@ -547,3 +547,18 @@ def test_resolve_known_id_discovery_and_default(tmp_path):
     assert ls.resolve_model(None, tmp_path, search_dirs=[tmp_path / "models"], fetch=fake) == found
     assert ls.resolve_model(None, tmp_path, search_dirs=[tmp_path / "empty"], fetch=fake) == fake.result
     assert fake.calls == ["smollm2-135m", ls.DEFAULT_MODEL_ID]
+
+
+def test_a_named_sample_in_the_cache_never_replaces_the_default(tmp_path):
+    """The tests fetch SmolLM2 into the swarm's cache; a later `python local_swarm.py` with no
+    --model must still serve (or fetch) the default, and a user's own model beats both."""
+    fake = FakeFetch(tmp_path / "fetched.gguf")
+    cache_models = tmp_path / "models"
+    model_file(cache_models / ls.known_model("smollm2-135m").file)
+    assert ls.resolve_model(None, tmp_path, search_dirs=[cache_models], fetch=fake) == fake.result
+    assert ls.resolve_model("smollm2-135m", tmp_path, search_dirs=[cache_models], fetch=fake) == fake.result  # named: fetch verifies the cached copy
+    default = model_file(cache_models / ls.known_model(ls.DEFAULT_MODEL_ID).file)
+    assert ls.resolve_model(None, tmp_path, search_dirs=[cache_models], fetch=fake) == default
+    own = model_file(tmp_path / "mine" / "llama.gguf")
+    assert ls.resolve_model(None, tmp_path, search_dirs=[tmp_path / "mine", cache_models],
+                            fetch=fake) == own

@@ -2774,6 +2774,8 @@ def _asyncio_transport() -> Any:
             self.writer.close()
 
         def get_extra_info(self, info: str) -> Any:
+            if info == "is_readable":      # asked before reusing a kept-alive connection: the
+                return self.reader.at_eof() or self.writer.is_closing()  # worker closed it
             return self.writer.get_extra_info(info) if info in ("socket", "peername") else None
 
     class Backend(httpcore.AsyncNetworkBackend):
@@ -2947,6 +2949,7 @@ class LlamaCppPythonWorker:
 RESTART_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)   # seconds before restart k of a crashing worker
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60             # bounds of the Retry-After estimate (seconds)
 START_ATTEMPTS = 3                  # failed starts of every worker before start-up gives up
+PROBE_ATTEMPTS = 3                  # pings of a worker whose request failed, before a restart
 
 
 @dataclass
@@ -3102,7 +3105,11 @@ class WorkerPool:
             self._tasks = [t for t in self._tasks if not t.done()]
 
     async def _probe(self, slot: WorkerSlot) -> None:
-        alive = await slot.worker.ping()
+        for attempt in range(PROBE_ATTEMPTS):       # a stale connection must not cost a restart
+            alive = await slot.worker.ping()
+            if alive or slot.state != "checking":
+                break
+            await asyncio.sleep(WORKER_READY_POLL)
         if slot.state != "checking":
             return                                 # the supervisor saw it exit meanwhile
         if alive and not slot.worker.exited():

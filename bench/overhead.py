@@ -158,6 +158,9 @@ def main() -> int:
         print(f"memory (PSS)           daemon {pss(swarm.proc.pid) / 2**20:.0f} MiB, one worker "
               f"{one_worker / 2**20:.0f} MiB (RSS), swarm total {total_pss / 2**20:.0f} MiB = "
               f"{total_pss / one_worker:.2f} x one worker for {len(pids)} workers")
+    except Exception:
+        print("".join(swarm.output[-40:]), file=sys.stderr)     # the daemon's side of a failure
+        raise
     finally:
         swarm.stop()
     return 0

@@ -373,3 +373,26 @@ def test_worker_log_dirs_of_dead_daemons_are_pruned(tmp_path):
     mine = ls.worker_log_dir(tmp_path)
     assert mine == tmp_path / str(os.getpid())
     assert not dead.exists() and alive.exists()
+
+
+def test_worker_client_drops_a_kept_alive_connection_the_server_closed():
+    """uvicorn closes idle keep-alive connections after 5 s; the next call must open a new one,
+    not fail with a broken pipe (which would send a healthy worker to be restarted)."""
+    async def go():
+        served = []
+
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            served.append(1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            writer.close()                      # keep-alive promised, then closed: like idle expiry
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+        async with ls.worker_client() as client:
+            for _ in range(3):
+                assert (await client.post(url, content=b"x" * 100)).text == "ok"
+                await asyncio.sleep(0.05)
+        assert len(served) == 3
+        server.close()
+    run(go())

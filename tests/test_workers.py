@@ -190,7 +190,10 @@ def test_failed_worker_that_does_not_answer_is_stopped_for_restart(monkeypatch):
         with pytest.raises(ls.WorkerError):
             async with pool.lease():
                 raise ls.WorkerError("connection reset")
-        await asyncio.sleep(0.1)
+        for _ in range(100):                       # PROBE_ATTEMPTS pings, then the restart
+            if w.starts == 2:
+                break
+            await asyncio.sleep(0.05)
         assert w.starts == 2 and pool.describe()[0]["restarts"] == 1
         await pool.stop()
     run(go())

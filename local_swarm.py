@@ -3127,8 +3127,9 @@ class WorkerPool:
         started = time.monotonic()
         try:
             yield slot.worker
-        except WorkerError:
-            self._quarantine(slot, lease_id)
+        except WorkerError as exc:
+            if exc.status is None:                 # no answer at all: is the worker still there?
+                self._quarantine(slot, lease_id)
             raise
         finally:
             self._service_time = 0.8 * self._service_time + 0.2 * (time.monotonic() - started)
@@ -3432,9 +3433,9 @@ class ChatService:
 
     def _after_failure(self, exc: WorkerError, gen: Generation, live: bool) -> None:
         """Decide whether a failed attempt is retried (returns) or ends the request (raises)."""
-        if exc.status is not None and 400 <= exc.status < 500:
-            raise HTTPError(400, f"the worker refused the request: {exc}",
-                            code="invalid_request") from exc
+        if exc.status is not None:       # the worker is up and answered this request with an
+            raise HTTPError(400, f"the worker refused the request: {exc}",    # error: another
+                            code="worker_rejected") from exc  # worker would too; a 5xx loops editors
         if (live and gen.parts) or gen.attempts > self.cfg.max_retries:
             raise exc
         gen.parts.clear()

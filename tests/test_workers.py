@@ -40,6 +40,7 @@ class FakeWorker:
         self.starts = 0
         self.gate = None                    # an asyncio.Event a stream waits on, when set
         self.mute = False                   # alive but not answering pings
+        self.refuse = None                  # an HTTP status to answer chats with, when set
 
     @property
     def pid(self):
@@ -68,6 +69,10 @@ class FakeWorker:
         return len(text.split())
 
     async def stream_chat(self, body, timeout):
+        self.chats = getattr(self, "chats", 0) + 1
+        if self.refuse is not None:
+            raise ls.WorkerError(f"{self.name} answered {self.refuse}: template error",
+                                 status=self.refuse)
         if self.gate is not None:
             await self.gate.wait()
         for i, tok in enumerate(self.tokens):
@@ -288,6 +293,23 @@ def test_context_overflow_refused_before_generation():
             await chat_service(pool, n_ctx=5).complete(request(text="one two three four five six"))
         assert info.value.status == 400 and info.value.code == "context_length_exceeded"
         assert pool.describe()[0]["state"] == "idle"
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("status", [422, 500])
+def test_a_worker_answering_an_error_is_not_retried_and_gives_400(status):
+    """A live worker that answers this request with an error (a template that cannot render it)
+    would answer the same on every worker: 400 at once, never a 5xx that editors retry."""
+    async def go():
+        a, b = FakeWorker(1), FakeWorker(2)
+        a.refuse = b.refuse = status
+        pool = await started_pool([a, b])
+        with pytest.raises(ls.HTTPError) as info:
+            await chat_service(pool).complete(request())
+        assert info.value.status == 400 and info.value.code == "worker_rejected"
+        assert getattr(a, "chats", 0) + getattr(b, "chats", 0) == 1
+        assert [d["state"] for d in pool.describe()] == ["idle", "idle"]
         await pool.stop()
     run(go())
 

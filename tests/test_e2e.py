@@ -163,14 +163,23 @@ def test_unknown_route_and_method(swarm):
 
 def test_context_overflow_is_400_before_generation(swarm):
     long_text = "The quick brown fox jumps over the lazy dog. " * 300     # ~3,000 tokens > 2048
-    started = time.monotonic()
+    chats_before = worker_chat_calls(swarm)
     with pytest.raises(openai.BadRequestError) as info:
         sdk(swarm).chat.completions.create(model="local-swarm", stream=True,
                                            messages=[{"role": "user", "content": long_text}])
     assert info.value.code == "context_length_exceeded"
-    assert "2048" in info.value.message
-    assert time.monotonic() - started < 10       # refused on the count, not after a prompt pass
+    assert "2048" in info.value.message and "tokens" in info.value.message
+    assert worker_chat_calls(swarm) == chats_before       # refused on the count: no generation
     assert sdk(swarm).chat.completions.create(model="x", messages=HELLO, max_tokens=2).choices
+    assert worker_chat_calls(swarm) == chats_before + 1   # (the log really records chats)
+
+
+def worker_chat_calls(swarm) -> int:
+    """Chat requests the daemon's workers have received, from their access logs."""
+    import local_swarm as ls
+    logs = ls.Config().cache_dir / "logs" / str(swarm.proc.pid)
+    return sum(p.read_text(errors="replace").count("POST /v1/chat/completions")
+               for p in logs.glob("worker-*.log"))
 
 
 def test_concurrent_requests_all_answered(swarm):

@@ -374,14 +374,12 @@ def fake_pip(tmp_path):
         if calls.exists() else []
 
 
-def test_reuse_costs_milliseconds_and_never_calls_pip(tmp_path):
+def test_reuse_never_calls_pip(tmp_path):
     hw = hardware()
     made = make_current_build(tmp_path / "builds", hw)
     marker = tmp_path / "pip-was-called"
     pip = (sys.executable, "-c", f"open({str(marker)!r}, 'w'); raise SystemExit('pip must not run')")
-    started = time.perf_counter()
     info = ls.ensure_build(tmp_path / "builds", hw, progress=lambda line: None, pip=pip)
-    assert time.perf_counter() - started < 0.5
     assert not marker.exists()
     assert info.key == made.key and info.site == made.site
     assert info.wheel == made.dir / "wheels" / "llama_cpp_python-x.whl"

@@ -866,7 +866,7 @@ def test_header_deadline_runs_from_the_first_byte() -> None:
                         await asyncio.sleep(0.05)
             dripping = asyncio.create_task(drip())
             assert_error(await client.reply(), 408)
-            assert 0.25 < time.monotonic() - started < 1.0
+            assert 0.25 < time.monotonic() - started < 3.0   # fired, not early
             dripping.cancel()
     run(main())
 
@@ -878,7 +878,7 @@ def test_body_deadline() -> None:
             started = time.monotonic()
             await client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
             assert_error(await client.reply(), 408)
-            assert 0.25 < time.monotonic() - started < 1.0
+            assert 0.25 < time.monotonic() - started < 3.0   # fired, not early
             assert await client.closed()
             assert h.app.seen == []
     run(main())
@@ -892,7 +892,7 @@ def test_idle_keep_alive_closed_quietly() -> None:
             assert (await client.reply()).status == 200
             idle = time.monotonic()
             assert await client.closed()               # EOF with no bytes: no 408
-            assert 0.25 < time.monotonic() - idle < 1.0
+            assert 0.25 < time.monotonic() - idle < 3.0   # fired, not early
             silent = await h.client()                  # a connection that never sends
             assert await silent.closed()
     run(main())
@@ -1008,7 +1008,7 @@ def test_fifty_concurrent_connections() -> None:
             started = time.monotonic()
             bodies = await asyncio.gather(*(one(h, i) for i in range(50)))
             assert bodies == [str(i) for i in range(50)]
-            assert time.monotonic() - started < 2.0        # served together, not one by one
+            assert time.monotonic() - started < 4.0        # together: one by one takes 5 s
     run(main())
 
 
@@ -1028,7 +1028,7 @@ def test_stop_does_not_hang_on_slow_clients() -> None:
         assert 0 < app.yielded < 100000
         started = time.monotonic()
         await server.stop()
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0           # bounded by STOP_GRACE, not by clients
         assert app.stream_closed.is_set() and app.cancelled.is_set()
         for client in (hog, partial, sleeper):
             await client.aclose()

@@ -233,6 +233,13 @@ class Config:
     worker_start_timeout: float = 180.0       # model load on a slow disk
     request_timeout: float = 600.0            # whole generation
     max_retries: int = 2                      # re-dispatch of a request whose worker died early
+    votes: int | None = None                  # candidates per request; None: from the instances
+    mode: str = "vote"                        # "vote": generate k, vote, send the winner;
+                                              # "fastest": stream one worker live, no vote
+    vote_temperature: float = 0.7             # sampling temperature when a request omits it
+    adaptive: bool = True                     # start with few candidates, add while they disagree
+    vote_deadline: float = 300.0              # seconds for all candidates; late ones are dropped
+    affinity: bool = True                     # a conversation's next turn goes to the same workers
     cors_origins: tuple[str, ...] = ("http://localhost", "http://127.0.0.1")
     http: HttpLimits = field(default_factory=HttpLimits)
 
@@ -3066,14 +3073,22 @@ class WorkerPool:
         estimate = self._service_time * (len(self._waiters) + 1) / busy
         return int(min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, estimate)))
 
-    async def _acquire(self) -> tuple[WorkerSlot, int]:
-        """Wait for a worker. Raises HTTPError 429 when the waiting line is full."""
+    def _idle_slot(self, prefer: Sequence[str]) -> WorkerSlot | None:
+        """An idle worker, the first of `prefer` (by name) that is idle if any."""
+        idle = [slot for slot in self.slots if slot.state == "idle"]
+        ranked = sorted(idle, key=lambda s: prefer.index(s.worker.name)
+                        if s.worker.name in prefer else len(prefer))
+        return ranked[0] if ranked else None
+
+    async def _acquire(self, prefer: Sequence[str] = ()) -> tuple[WorkerSlot, int]:
+        """Wait for a worker (an idle preferred one first). Raises HTTPError 429 when the waiting
+        line is full."""
         if self._stopping:
             raise HTTPError(503, "the swarm is shutting down", "server_error", code="shutting_down")
-        for slot in self.slots:
-            if slot.state == "idle":
-                self._lease_to(slot)
-                return slot, slot.lease_id
+        slot = self._idle_slot(prefer)
+        if slot is not None:
+            self._lease_to(slot)
+            return slot, slot.lease_id
         if sum(not f.done() for f in self._waiters) >= self.queue_size:
             raise HTTPError(429, f"all {len(self.slots)} workers are busy and {self.queue_size} "
                             "requests are waiting; retry later", "rate_limit_error",
@@ -3120,10 +3135,11 @@ class WorkerPool:
             await slot.worker.stop()               # its supervisor restarts it
 
     @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[Any]:
-        """`async with pool.lease() as worker:` exclusive use of one ready worker. A WorkerError
-        out of the block sends the worker to be probed before it is leased again."""
-        slot, lease_id = await self._acquire()
+    async def lease(self, prefer: Sequence[str] = ()) -> AsyncIterator[Any]:
+        """`async with pool.lease() as worker:` exclusive use of one ready worker, one named in
+        `prefer` when such is idle (conversation affinity: its KV cache holds the prefix). A
+        WorkerError out of the block sends the worker to be probed before it is leased again."""
+        slot, lease_id = await self._acquire(prefer)
         started = time.monotonic()
         try:
             yield slot.worker
@@ -3233,6 +3249,22 @@ def normalize_message(msg: Any, i: int) -> dict[str, Any]:
     return out
 
 
+MAX_VOTES = 16                      # candidates one request may ask for
+MODES = ("vote", "fastest")
+
+
+@dataclass(frozen=True)
+class SwarmOptions:
+    """The request's own `swarm` object (an extension OpenAI clients never send): None = the
+    daemon's setting."""
+
+    votes: int | None = None
+    mode: str | None = None
+    adaptive: bool | None = None
+    force_vote: bool = False          # vote even at temperature 0 (candidates differ by seed only)
+    affinity: bool | None = None
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     """A validated chat request. `sampling` holds only fields the worker understands."""
@@ -3243,6 +3275,23 @@ class ChatRequest:
     sampling: dict[str, Any]
     tools: tuple[dict[str, Any], ...] = ()
     model: str | None = None
+    swarm: SwarmOptions = SwarmOptions()
+
+
+def _parse_swarm_options(body: dict) -> SwarmOptions:
+    opts = body.get("swarm")
+    if opts is None:
+        return SwarmOptions()
+    if not isinstance(opts, dict):
+        raise _invalid("'swarm' must be an object", "swarm")
+    mode = opts.get("mode")
+    if mode is not None and mode not in MODES:
+        raise _invalid(f"'swarm.mode' must be one of {list(MODES)}", "swarm.mode")
+    adaptive, affinity = opts.get("adaptive"), opts.get("affinity")
+    return SwarmOptions(votes=_check_number(opts, "votes", 1, MAX_VOTES, integer=True), mode=mode,
+                        adaptive=None if adaptive is None else _check_bool(opts, "adaptive"),
+                        force_vote=_check_bool(opts, "force_vote"),
+                        affinity=None if affinity is None else _check_bool(opts, "affinity"))
 
 
 def _parse_stop(body: dict) -> list[str] | None:
@@ -3303,7 +3352,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stream=_check_bool(body, "stream"),
         include_usage=_check_bool(options or {}, "include_usage"),
         sampling=_parse_sampling(body), tools=_parse_tools(body),
-        model=model if isinstance(model, str) else None)
+        model=model if isinstance(model, str) else None, swarm=_parse_swarm_options(body))
 
 
 class PromptRenderer:
@@ -3372,6 +3421,120 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+# ---- consensus: how a request is answered, and the state of one vote ------------------------------
+# Rules: a request omitting temperature samples at the vote temperature, so the default request is
+# voted; temperature 0 sends one request (its candidates would be identical) unless the request
+# forces a vote; k is capped by the healthy workers. Candidates are whole replies generated in
+# parallel, one per worker; a failed one is dropped, not fatal. Adaptive mode starts with
+# ADAPTIVE_START candidates and adds more only while they disagree (adaptive_more); a majority
+# vote finishes early once its leader cannot be overtaken, cancelling the stragglers.
+
+ADAPTIVE_START = 2                  # candidates an adaptive vote starts with
+DEFAULT_MAX_VOTES = 5               # the default k is the instance count up to this
+KEEPALIVE_EVERY = 5.0               # seconds between SSE comments while a streamed vote runs
+AFFINITY_ENTRIES = 1024             # conversations remembered for affinity (least recent dropped)
+_PIECES = re.compile(r"\s*\S+\s*|\s+")  # a voted reply streams as word-sized deltas
+
+
+@dataclass(frozen=True)
+class VotePlan:
+    """How one request is answered: mode, candidates (k), adaptive or not, the temperature the
+    candidates sample at, and whether conversation affinity applies."""
+
+    mode: str
+    k: int
+    adaptive: bool
+    temperature: float
+    affinity: bool
+
+
+def vote_plan(req: ChatRequest, cfg: Config, healthy: int, instances: int) -> VotePlan:
+    """The plan for one request; request options beat the daemon's flags."""
+    mode = req.swarm.mode or cfg.mode
+    temperature = req.sampling.get("temperature", cfg.vote_temperature)
+    k = req.swarm.votes or cfg.votes or min(instances, DEFAULT_MAX_VOTES)
+    if mode == "fastest" or (temperature == 0 and not req.swarm.force_vote):
+        k = 1
+    k = max(1, min(k, max(healthy, 1)))
+    if k == 1 and mode == "vote":
+        mode = "single"                        # one candidate: nothing to vote on
+    adaptive = cfg.adaptive if req.swarm.adaptive is None else req.swarm.adaptive
+    affinity = cfg.affinity if req.swarm.affinity is None else req.swarm.affinity
+    return VotePlan(mode=mode, k=k, adaptive=adaptive, temperature=temperature,
+                    affinity=affinity)
+
+
+def conversation_key(messages: Sequence[dict[str, Any]]) -> str:
+    """Identifies a conversation across turns: its messages up to the first user message (the
+    system prompt and the opening question stay the same as the conversation grows)."""
+    head = []
+    for msg in messages:
+        head.append((msg["role"], msg["content"]))
+        if msg["role"] == "user":
+            break
+    return hashlib.sha256(json.dumps(head).encode()).hexdigest()
+
+
+class AffinityMap:
+    """conversation key -> the workers that served its last turn, best first (bounded LRU)."""
+
+    def __init__(self, capacity: int = AFFINITY_ENTRIES) -> None:
+        self.capacity = capacity
+        self._map: dict[str, tuple[str, ...]] = {}
+
+    def get(self, key: str) -> tuple[str, ...]:
+        workers = self._map.pop(key, ())
+        if workers:
+            self._map[key] = workers           # most recent last
+        return workers
+
+    def put(self, key: str, workers: Sequence[str]) -> None:
+        self._map.pop(key, None)
+        self._map[key] = tuple(dict.fromkeys(workers))
+        while len(self._map) > self.capacity:
+            del self._map[next(iter(self._map))]
+
+
+@dataclass
+class Ballot:
+    """One vote in progress: candidates as they arrive (with their generations), and the tally."""
+
+    plan: VotePlan
+    started: float = field(default_factory=time.monotonic)
+    launched: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    entries: list[tuple[Candidate, Generation]] = field(default_factory=list)
+    vote: Vote | None = None
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [candidate for candidate, _ in self.entries]
+
+    def winner(self) -> Generation:
+        return self.entries[self.vote.winner if self.vote else 0][1]
+
+    def describe(self) -> dict[str, Any]:
+        """The reply's `swarm` object: what the vote did."""
+        vote = self.vote or tally(self.candidates)
+        return {
+            "mode": self.plan.mode, "strategy": vote.strategy, "k": self.plan.k,
+            "samples": self.launched, "failed": self.failed, "cancelled": self.cancelled,
+            "confidence": round(vote.confidence, 4), "winner": self.entries[vote.winner][0].worker,
+            "votes": [len(group) for group in vote.groups],
+            "candidates": [{"worker": c.worker, "latency_ms": round(c.latency * 1000, 1),
+                            "tokens": c.tokens, "finish_reason": c.finish_reason,
+                            "score": round(vote.scores[i], 4), "winner": i == vote.winner}
+                           for i, c in enumerate(self.candidates)]}
+
+
+def _seeds(req: ChatRequest, k: int) -> list[int]:
+    """One seed per candidate: the request's seed + i, else random ones."""
+    base = req.sampling.get("seed")
+    base = int.from_bytes(os.urandom(4), "little") if base is None else base
+    return [(base + i) % (2 ** 32) for i in range(k)]
+
+
 class ChatService:
     """Turns a ChatRequest into worker calls and OpenAI-shaped replies."""
 
@@ -3384,6 +3547,7 @@ class ChatService:
         self.cfg = cfg
         self.clock = clock
         self._added_tokens: int | None = None   # tokens the tokenizer adds to any text (BOS)
+        self.affinity = AffinityMap()
 
     def _check_fits(self, count: int) -> None:
         """Raise 400 context_length_exceeded when a prompt of `count` tokens cannot be served."""
@@ -3405,16 +3569,22 @@ class ChatService:
             body["tools"] = list(req.tools)
         return body
 
-    async def generate(self, req: ChatRequest, gen: Generation, live: bool) -> AsyncIterator[str]:
+    async def generate(self, req: ChatRequest, gen: Generation, live: bool,
+                       prompt: str | None = None, checked: bool = False,
+                       prefer: Sequence[str] = ()) -> AsyncIterator[str]:
         """Yield "" once the request is accepted (worker leased, prompt known to fit), then each
         text delta. A worker failure is retried on another worker unless `live` deltas already
-        went to the client. Raises HTTPError before acceptance; WorkerError when retries run out."""
-        prompt = self.renderer.render(req.messages, req.tools)
-        accepted = False
+        went to the client. `prompt` is the rendered prompt when the caller has it; `checked`
+        when its length was checked already. Raises HTTPError before acceptance; WorkerError when
+        retries run out."""
+        prompt = self.renderer.render(req.messages, req.tools) if prompt is None else prompt
+        accepted = checked
+        if checked:
+            yield ""
         while True:
             gen.attempts += 1
             try:
-                async with self.pool.lease() as worker:
+                async with self.pool.lease(prefer) as worker:
                     gen.worker = worker.name
                     if not accepted:
                         if not self.surely_fits(prompt):
@@ -3466,43 +3636,156 @@ class ChatService:
         gen.prompt_tokens, counted = await asyncio.gather(prompt_count, text_count)
         gen.completion_tokens = max(0, counted - self._added_tokens)
 
-    def reply_model(self, req: ChatRequest) -> str:
-        return req.model if req.model in (SWARM_MODEL_ID, self.model_id) else self.model_id
+    # -- consensus --------------------------------------------------------------------------------
 
-    async def complete(self, req: ChatRequest) -> tuple[dict[str, Any], Generation]:
-        """A whole (non-streamed) chat.completion object."""
-        gen = Generation()
-        async for _ in self.generate(req, gen, live=False):
+    def plan(self, req: ChatRequest) -> VotePlan:
+        return vote_plan(req, self.cfg, self.pool.healthy(), len(self.pool.slots))
+
+    async def accept(self, req: ChatRequest) -> tuple[str, int]:
+        """The rendered prompt and its token count (0 when it surely fits and was not counted).
+        Raises HTTPError 400 context_length_exceeded."""
+        prompt = self.renderer.render(req.messages, req.tools)
+        if self.surely_fits(prompt):
+            return prompt, 0
+        async with self.pool.lease() as worker:
+            count = await worker.count_tokens(prompt)
+        self._check_fits(count)
+        return prompt, count
+
+    def _preferred(self, req: ChatRequest, plan: VotePlan) -> tuple[str, ...]:
+        return self.affinity.get(conversation_key(req.messages)) if plan.affinity else ()
+
+    def _remember(self, req: ChatRequest, plan: VotePlan, workers: Sequence[str]) -> None:
+        if plan.affinity and workers:
+            self.affinity.put(conversation_key(req.messages), workers)
+
+    async def _candidate(self, req: ChatRequest, plan: VotePlan, prompt: str, prompt_tokens: int,
+                         seed: int, started: float, prefer: Sequence[str]
+                         ) -> tuple[Candidate, Generation]:
+        """One whole candidate at the plan's temperature and its own seed."""
+        sub = dataclasses.replace(req, sampling={**req.sampling, "temperature": plan.temperature,
+                                                 "seed": seed})
+        gen = Generation(prompt_tokens=prompt_tokens)
+        async for _ in self.generate(sub, gen, live=False, prompt=prompt, checked=True,
+                                     prefer=prefer):
             pass
+        return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
+                         latency=time.monotonic() - started, tokens=gen.completion_tokens), gen
+
+    async def vote(self, req: ChatRequest, plan: VotePlan, prompt: str, prompt_tokens: int
+                   ) -> Ballot:
+        """Run the vote: launch candidates, collect them as they finish, stop early when the
+        vote is decided or adaptive mode is satisfied, cancel the rest. Raises WorkerError when
+        every candidate failed, HTTPError when a worker refused the request itself."""
+        ballot, pending = Ballot(plan), set()
+        seeds, prefer = _seeds(req, plan.k), self._preferred(req, plan)
+
+        def launch(count: int) -> None:
+            for _ in range(max(0, min(count, plan.k - ballot.launched))):
+                i = ballot.launched
+                ballot.launched += 1
+                pending.add(asyncio.create_task(self._candidate(
+                    req, plan, prompt, prompt_tokens, seeds[i], ballot.started, prefer[i:i + 1])))
+
+        launch(min(plan.k, ADAPTIVE_START) if plan.adaptive else plan.k)
+        try:
+            await self._collect_until_settled(ballot, pending, launch)
+        finally:
+            ballot.cancelled = len(pending)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if not ballot.entries:
+            raise WorkerError(f"all {ballot.launched} candidates failed")
+        ballot.vote = tally(ballot.candidates)
+        self._remember(req, plan, [c.worker for c in ballot.candidates])
+        return ballot
+
+    async def _collect_until_settled(self, ballot: Ballot, pending: set,
+                                     launch: Callable[[int], None]) -> None:
+        deadline = ballot.started + self.cfg.vote_deadline
+        while pending:
+            done, _ = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                log.warning("vote deadline: %d candidates dropped", len(pending))
+                return
+            pending.difference_update(done)
+            self._collect(ballot, done)
+            keys = [answer_key_of(c) for c in ballot.candidates]
+            outstanding = len(pending) + ballot.plan.k - ballot.launched
+            if keys and choose_strategy(ballot.candidates) == "majority" \
+                    and decided(keys, outstanding):
+                return                                     # early finish
+            if not pending and ballot.plan.adaptive and keys:
+                launch(adaptive_more(keys, ballot.plan.k))
+
+    @staticmethod
+    def _collect(ballot: Ballot, done: set) -> None:
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, HTTPError):
+                raise exc                                  # the request itself was refused
+            if exc is not None:
+                ballot.failed += 1
+                log.warning("candidate dropped from the vote: %s", exc)
+            else:
+                ballot.entries.append(task.result())
+
+    # -- replies -----------------------------------------------------------------------------------
+
+    async def complete(self, req: ChatRequest) -> tuple[dict[str, Any], Generation, dict]:
+        """A whole (non-streamed) chat.completion object, its generation and `swarm` object."""
+        plan = self.plan(req)
+        if plan.k == 1:
+            gen = Generation()
+            sub = dataclasses.replace(req, sampling={**req.sampling,
+                                                     "temperature": plan.temperature})
+            async for _ in self.generate(sub, gen, live=False, prefer=self._preferred(req, plan)):
+                pass
+            self._remember(req, plan, [gen.worker])
+            swarm = single_swarm(plan, gen)
+        else:
+            prompt, prompt_tokens = await self.accept(req)
+            ballot = await self.vote(req, plan, prompt, prompt_tokens)
+            gen, swarm = ballot.winner(), ballot.describe()
         reply = {"id": new_completion_id(), "object": "chat.completion", "created": int(self.clock()),
                  "model": self.reply_model(req),
                  "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
                               "logprobs": None, "finish_reason": gen.finish_reason}],
-                 "usage": gen.usage()}
-        return reply, gen
+                 "usage": gen.usage(), "swarm": swarm}
+        return reply, gen, swarm
 
-    async def open_stream(self, req: ChatRequest, gen: Generation) -> AsyncIterator[bytes]:
+    async def open_stream(self, req: ChatRequest, gen: Generation) -> tuple[AsyncIterator[bytes],
+                                                                           VotePlan]:
         """Accept the request (raising HTTPError if it cannot be served), then return the SSE
-        byte stream of chat.completion.chunk events."""
-        deltas = self.generate(req, gen, live=True)
+        byte stream: live from one worker (k = 1), or the voted winner after the vote."""
+        plan = self.plan(req)
+        if plan.k > 1:
+            prompt, prompt_tokens = await self.accept(req)
+            return self._voted_sse(req, plan, prompt, prompt_tokens, gen), plan
+        sub = dataclasses.replace(req, sampling={**req.sampling, "temperature": plan.temperature})
+        deltas = self.generate(sub, gen, live=True, prefer=self._preferred(req, plan))
         try:
             await deltas.__anext__()              # leased and counted, or raised
         except BaseException:
             await deltas.aclose()
             raise
-        return self._sse(req, gen, deltas)
+        return self._sse(req, plan, gen, deltas), plan
 
-    async def _sse(self, req: ChatRequest, gen: Generation, deltas: AsyncIterator[str]
-                   ) -> AsyncIterator[bytes]:
-        frame = ChunkFrame(new_completion_id(), int(self.clock()), self.reply_model(req),
-                           req.include_usage)
+    def _frame(self, req: ChatRequest) -> ChunkFrame:
+        return ChunkFrame(new_completion_id(), int(self.clock()), self.reply_model(req),
+                          req.include_usage)
+
+    async def _sse(self, req: ChatRequest, plan: VotePlan, gen: Generation,
+                   deltas: AsyncIterator[str]) -> AsyncIterator[bytes]:
+        frame = self._frame(req)
         try:
             yield frame.role()
             async for text in deltas:
                 yield frame.content(text)
-            yield frame.finish(gen.finish_reason)
-            if req.include_usage:
-                yield frame.usage(gen.usage())
+            self._remember(req, plan, [gen.worker])
+            yield from_frames(frame, req, gen, single_swarm(plan, gen))
         except WorkerError as exc:
             log.error("stream broken after output began: %s", exc)
             yield sse_json(HTTPError(502, f"the worker failed mid-stream: {exc}", "server_error",
@@ -3510,6 +3793,63 @@ class ChatService:
         finally:
             await deltas.aclose()
         yield SSE_DONE
+
+    async def _voted_sse(self, req: ChatRequest, plan: VotePlan, prompt: str, prompt_tokens: int,
+                         gen: Generation) -> AsyncIterator[bytes]:
+        """Role chunk at once, SSE comments while the vote runs (so clients do not time out),
+        then the winner as word-sized deltas, the finish chunk and the `swarm` object."""
+        frame = self._frame(req)
+        yield frame.role()
+        task = asyncio.create_task(self.vote(req, plan, prompt, prompt_tokens))
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_EVERY)
+                if not done:
+                    yield sse_comment("voting")
+            ballot = task.result()
+        except (WorkerError, HTTPError) as exc:
+            yield sse_json(HTTPError(502, f"the vote failed: {exc}", "server_error",
+                                     code="vote_failed").body())
+            yield SSE_DONE
+            return
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        winner = ballot.winner()
+        _adopt(gen, winner)
+        for piece in _PIECES.findall(winner.text):
+            yield frame.content(piece)
+        yield from_frames(frame, req, winner, ballot.describe())
+        yield SSE_DONE
+
+    def reply_model(self, req: ChatRequest) -> str:
+        return req.model if req.model in (SWARM_MODEL_ID, self.model_id) else self.model_id
+
+
+def _adopt(gen: Generation, winner: Generation) -> None:
+    """Copy the winner into the request's Generation (what the request log reports)."""
+    for name in ("parts", "finish_reason", "prompt_tokens", "completion_tokens", "worker",
+                 "attempts", "first_token_at"):
+        setattr(gen, name, getattr(winner, name))
+
+
+def from_frames(frame: "ChunkFrame", req: ChatRequest, gen: Generation, swarm: dict) -> bytes:
+    """The closing events: the finish chunk, then the usage chunk when asked for; the `swarm`
+    object rides on the last of them."""
+    if not req.include_usage:
+        return frame.finish(gen.finish_reason, swarm)
+    return frame.finish(gen.finish_reason) + frame.usage(gen.usage(), swarm)
+
+
+def single_swarm(plan: VotePlan, gen: Generation) -> dict[str, Any]:
+    """The `swarm` object of a reply that had one candidate."""
+    latency = (time.monotonic() - gen.started) * 1000
+    return {"mode": plan.mode, "strategy": "single", "k": 1, "samples": gen.attempts, "failed": 0,
+            "cancelled": 0, "confidence": 1.0, "winner": gen.worker, "votes": [1],
+            "candidates": [{"worker": gen.worker, "latency_ms": round(latency, 1),
+                            "tokens": gen.completion_tokens, "finish_reason": gen.finish_reason,
+                            "score": 1.0, "winner": True}]}
 
 
 async def _const(value: Any) -> Any:
@@ -3533,8 +3873,11 @@ class ChunkFrame:
         self.content_post = (b'},"logprobs":null,"finish_reason":null}]'
                              + self.usage_field.encode() + b"}\n\n")
 
-    def _event(self, choices: list, extra: str = "") -> bytes:
+    def _event(self, choices: list, extra: str = "", swarm: dict | None = None) -> bytes:
         body = self.head + ',"choices":' + json.dumps(choices, separators=(",", ":"))
+        if swarm is not None:
+            extra = (extra or self.usage_field) + ',"swarm":' + json.dumps(swarm,
+                                                                           separators=(",", ":"))
         return ("data: " + body + (extra or self.usage_field) + "}\n\n").encode()
 
     def role(self) -> bytes:
@@ -3544,11 +3887,12 @@ class ChunkFrame:
     def content(self, text: str) -> bytes:
         return self.content_pre + json.dumps(text).encode() + self.content_post
 
-    def finish(self, reason: str) -> bytes:
-        return self._event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+    def finish(self, reason: str, swarm: dict | None = None) -> bytes:
+        return self._event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}],
+                           swarm=swarm)
 
-    def usage(self, usage: dict[str, int]) -> bytes:
-        return self._event([], ',"usage":' + json.dumps(usage, separators=(",", ":")))
+    def usage(self, usage: dict[str, int], swarm: dict | None = None) -> bytes:
+        return self._event([], ',"usage":' + json.dumps(usage, separators=(",", ":")), swarm)
 
 
 
@@ -3641,15 +3985,16 @@ class SwarmApp:
         req = parse_chat_request(request.json())
         try:
             if not req.stream:
-                reply, gen = await self.chat.complete(req)
+                reply, gen, swarm = await self.chat.complete(req)
                 self._log_generation(req, gen)
-                return Response.json(reply)
+                return Response.json(reply, headers=swarm_headers(swarm))
             gen = Generation()
-            stream = await self.chat.open_stream(req, gen)
+            stream, plan = await self.chat.open_stream(req, gen)
         except WorkerError as exc:
             raise HTTPError(503, f"no worker could answer: {exc}", "server_error",
                             code="workers_unavailable", headers=[("Retry-After", "5")]) from exc
-        return Response.sse(self._logged(stream, req, gen))
+        return Response.sse(self._logged(stream, req, gen),
+                            headers=[("x-swarm-mode", plan.mode), ("x-swarm-k", str(plan.k))])
 
     async def _logged(self, stream: AsyncIterator[bytes], req: ChatRequest, gen: Generation
                       ) -> AsyncIterator[bytes]:
@@ -3669,6 +4014,14 @@ class SwarmApp:
                   "attempts %d: %r", "stream" if req.stream else "whole", len(req.messages),
                   gen.finish_reason, gen.prompt_tokens, gen.completion_tokens, ttft,
                   (now - gen.started) * 1000, gen.worker, gen.attempts, gen.text[:80])
+
+
+def swarm_headers(swarm: dict[str, Any]) -> list[tuple[str, str]]:
+    """x-swarm-* headers of a whole reply (a streamed reply sends mode and k; the rest is on
+    its last chunk)."""
+    return [("x-swarm-mode", swarm["mode"]), ("x-swarm-strategy", swarm["strategy"]),
+            ("x-swarm-k", str(swarm["k"])), ("x-swarm-samples", str(swarm["samples"])),
+            ("x-swarm-confidence", str(swarm["confidence"])), ("x-swarm-winner", swarm["winner"])]
 
 
 class Swarm:
@@ -3826,6 +4179,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cors-origin", action="append", dest="cors_origins",
                         help="an allowed browser Origin (repeatable; '*' allows all; default "
                         "http://localhost and http://127.0.0.1 on any port)")
+    parser.add_argument("--votes", type=int, help="candidates per request (default: the number "
+                        f"of workers, up to {DEFAULT_MAX_VOTES}; capped by the healthy workers); "
+                        "a request may set its own with \"swarm\": {\"votes\": k}")
+    parser.add_argument("--mode", choices=MODES, default="vote", help="vote (default): generate "
+                        "the candidates, vote, send the winner (streamed replies start after the "
+                        "vote); fastest: stream one worker live, no vote")
+    parser.add_argument("--vote-temperature", type=float, default=0.7, help="temperature the "
+                        "candidates sample at when a request omits it (default 0.7)")
+    parser.add_argument("--no-adaptive", dest="adaptive", action="store_false", help="always "
+                        "generate all k candidates (default: start with 2, add more while they "
+                        "disagree)")
+    parser.add_argument("--no-affinity", dest="affinity", action="store_false", help="do not send "
+                        "a conversation's next turn to the workers that served the last one")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="debug shows each request and reply in brief, with timings")
     return parser
@@ -3833,14 +4199,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """A Config from parsed flags; exits with status 2 (argparse's) on values out of range."""
-    for name in ("instances", "ctx", "threads", "queue_size"):
+    if not 0 <= args.vote_temperature <= 2:
+        build_parser().error("--vote-temperature must be between 0 and 2")
+    for name in ("instances", "ctx", "threads", "queue_size", "votes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
     extra = {"cors_origins": tuple(args.cors_origins)} if args.cors_origins else {}
     return Config(host=args.host, port=args.port, api_key=args.api_key or None, model=args.model,
                   instances=args.instances, ctx=args.ctx, threads=args.threads,
-                  log_level=args.log_level, queue_size=args.queue_size, **extra)
+                  log_level=args.log_level, queue_size=args.queue_size, votes=args.votes,
+                  mode=args.mode, vote_temperature=args.vote_temperature, adaptive=args.adaptive,
+                  affinity=args.affinity, **extra)
 
 
 def local_model(cfg_model: str | None, cache_dir: Path) -> ModelInfo | None:

@@ -99,11 +99,13 @@ def request_body(arm: Arm, task: Any, args: argparse.Namespace) -> dict:
 
 
 def samples_spent(reply: dict) -> int:
-    """`swarm.k`, else the number of `swarm.candidates`, else 1 (a plain single answer)."""
+    """`swarm.samples` (candidates launched, adaptive and early finish included), else `swarm.k`,
+    else the number of `swarm.candidates`, else 1 (a plain single answer)."""
     swarm = reply.get("swarm")
     if isinstance(swarm, dict):
-        if isinstance(swarm.get("k"), int) and not isinstance(swarm.get("k"), bool):
-            return swarm["k"]
+        for key in ("samples", "k"):
+            if isinstance(swarm.get(key), int) and not isinstance(swarm.get(key), bool):
+                return swarm[key]
         if isinstance(swarm.get("candidates"), list):
             return len(swarm["candidates"])
     return 1

@@ -3,6 +3,7 @@ exercised in test_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -247,13 +248,15 @@ def test_stop_fails_waiters_with_503():
 
 # -- chat service over fake workers: retries --------------------------------------------------------
 
-def chat_service(pool, n_ctx=100):
-    return ls.ChatService(pool, ls.PromptRenderer(None), "fake-model", n_ctx, ls.Config())
+def chat_service(pool, n_ctx=100, **cfg):
+    """A ChatService over fake workers; mode "fastest" (one candidate) unless cfg says."""
+    cfg = {"mode": "fastest", **cfg}
+    return ls.ChatService(pool, ls.PromptRenderer(None), "fake-model", n_ctx, ls.Config(**cfg))
 
 
-def request(stream=False, text="hi there"):
+def request(stream=False, text="hi there", **extra):
     return ls.parse_chat_request({"messages": [{"role": "user", "content": text}],
-                                  "stream": stream})
+                                  "stream": stream, **extra})
 
 
 def test_whole_reply_retried_on_another_worker_after_midway_death(monkeypatch):
@@ -262,7 +265,7 @@ def test_whole_reply_retried_on_another_worker_after_midway_death(monkeypatch):
     async def go():
         a, b = FakeWorker(1, die_after=1), FakeWorker(2)
         pool = await started_pool([a, b])
-        reply, gen = await chat_service(pool).complete(request())
+        reply, gen, _ = await chat_service(pool).complete(request())
         assert reply["choices"][0]["message"]["content"] == "Hello"
         assert gen.attempts == 2 and gen.worker == "worker-2"
         await pool.stop()
@@ -275,7 +278,7 @@ def test_stream_not_retried_once_content_was_sent(monkeypatch):
     async def go():
         pool = await started_pool([FakeWorker(1, die_after=1), FakeWorker(2)])
         gen = ls.Generation()
-        stream = await chat_service(pool).open_stream(request(stream=True), gen)
+        stream, _ = await chat_service(pool).open_stream(request(stream=True), gen)
         events = [e async for e in stream]
         assert b'"content":"Hel"' in events[1]
         assert b'"worker_failed"' in events[-2] and events[-1] == ls.SSE_DONE
@@ -321,7 +324,7 @@ def test_retries_run_out_into_worker_error(monkeypatch):
         workers = [FakeWorker(1, die_after=0), FakeWorker(2, die_after=0)]
         pool = await started_pool(workers)
         svc = chat_service(pool)
-        svc.cfg = ls.Config(max_retries=1)
+        svc.cfg = ls.Config(max_retries=1, mode="fastest")
         with pytest.raises(ls.WorkerError):
             await svc.complete(request())
         await pool.stop()
@@ -420,4 +423,135 @@ def test_worker_client_drops_a_kept_alive_connection_the_server_closed():
                 await asyncio.sleep(0.05)
         assert len(served) == 3
         server.close()
+    run(go())
+
+
+# -- consensus over fake workers -------------------------------------------------------------------
+
+def voters(*answers, gated=()):
+    """Fake workers, one per answer text; those whose index is in `gated` wait on a gate."""
+    workers = [FakeWorker(i + 1, tokens=(text,)) for i, text in enumerate(answers)]
+    for i in gated:
+        workers[i].gate = asyncio.Event()
+    return workers
+
+
+def test_majority_vote_picks_the_agreed_answer_and_reports_it():
+    async def go():
+        pool = await started_pool(voters("The answer is 41.", "So the answer is 42.",
+                                         "The answer is 42."))
+        svc = chat_service(pool, mode="vote", adaptive=False)
+        reply, gen, swarm = await svc.complete(request(text="6 x 7?", swarm={"votes": 3}))
+        assert "42" in reply["choices"][0]["message"]["content"]
+        assert reply["swarm"] is swarm and swarm["strategy"] == "majority"
+        assert swarm["k"] == 3 and swarm["samples"] == 3 and sorted(swarm["votes"]) == [1, 2]
+        assert swarm["confidence"] == pytest.approx(2 / 3, abs=1e-3)
+        assert sum(c["winner"] for c in swarm["candidates"]) == 1
+        assert swarm["winner"] in ("worker-2", "worker-3")
+        await pool.stop()
+    run(go())
+
+
+def test_early_finish_cancels_the_straggler():
+    async def go():
+        workers = voters("Answer: 7", "Answer: 7", "Answer: 7", gated=(2,))
+        pool = await started_pool(workers)
+        svc = chat_service(pool, mode="vote", adaptive=False)
+        svc.cfg = ls.Config(mode="vote", adaptive=False)
+        plan = ls.VotePlan(mode="vote", k=3, adaptive=False, temperature=0.7, affinity=False)
+        req = request(text="3 + 4?")
+        ballot = await svc.vote(req, plan, "3 + 4?", 0)
+        assert len(ballot.entries) == 2 and ballot.cancelled == 1
+        assert ballot.describe()["confidence"] == 1.0
+        await asyncio.sleep(0.01)
+        assert [d["state"] for d in pool.describe()] == ["idle"] * 3   # the straggler let go
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("answers,samples", [
+    (("Answer: 5", "Answer: 5", "Answer: 9"), 2),      # the first two agree: stop at 2
+    (("Answer: 5", "Answer: 9", "Answer: 5"), 3),      # they disagree: one more
+])
+def test_adaptive_vote_adds_candidates_only_while_they_disagree(answers, samples):
+    async def go():
+        pool = await started_pool(voters(*answers))
+        svc = chat_service(pool, mode="vote", adaptive=True)
+        _, _, swarm = await svc.complete(request(swarm={"votes": 3}))
+        assert swarm["samples"] == samples
+        await pool.stop()
+    run(go())
+
+
+def test_a_failing_worker_is_dropped_from_the_vote(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
+
+    async def go():
+        workers = voters("Answer: 3", "Answer: 3", "Answer: 3")
+        workers[0].die_after = 0
+        pool = await started_pool(workers)
+        svc = chat_service(pool, mode="vote", adaptive=False, max_retries=0)
+        reply, _, swarm = await svc.complete(request(swarm={"votes": 3}))
+        assert swarm["failed"] == 1 and len(swarm["candidates"]) == 2
+        assert reply["choices"][0]["message"]["content"] == "Answer: 3"
+        await pool.stop()
+    run(go())
+
+
+def test_temperature_zero_sends_one_request_unless_forced():
+    async def go():
+        pool = await started_pool(voters("a", "a", "a"))
+        svc = chat_service(pool, mode="vote")
+        _, _, swarm = await svc.complete(request(temperature=0, swarm={"votes": 3}))
+        assert swarm["strategy"] == "single" and swarm["k"] == 1
+        _, _, swarm = await svc.complete(request(temperature=0,
+                                                 swarm={"votes": 3, "force_vote": True}))
+        assert swarm["k"] == 3 and swarm["strategy"] != "single"
+        await pool.stop()
+    run(go())
+
+
+def test_streamed_vote_sends_keepalives_then_the_winner(monkeypatch):
+    monkeypatch.setattr(ls, "KEEPALIVE_EVERY", 0.02)
+
+    async def go():
+        workers = voters("The answer is 8 apples.", "The answer is 8 apples.", gated=(0, 1))
+        pool = await started_pool(workers)
+        svc = chat_service(pool, mode="vote", adaptive=False)
+        gen = ls.Generation()
+        stream, plan = await svc.open_stream(request(stream=True, swarm={"votes": 2},
+                                                     stream_options={"include_usage": True}), gen)
+        assert plan.k == 2
+        events = []
+        async for event in stream:
+            events.append(event)
+            if event.startswith(b": ") and len(events) == 3:
+                for w in workers:
+                    w.gate.set()
+        assert events[1].startswith(b": voting")
+        chunks = [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text == "The answer is 8 apples."
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+        assert chunks[-1]["swarm"]["strategy"] == "majority" and "swarm" not in chunks[-2]
+        assert events[-1] == ls.SSE_DONE and gen.text == text
+        await pool.stop()
+    run(go())
+
+
+def test_next_turn_goes_to_the_worker_that_served_the_last():
+    async def go():
+        pool = await started_pool(voters("x", "y", "z"))
+        svc = chat_service(pool)                         # one candidate: the affinity is visible
+        first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        async with pool.lease(), pool.lease():          # only worker-3 is free for turn 1
+            _, gen1, _ = await svc.complete(ls.parse_chat_request({"messages": first}))
+        assert gen1.worker == "worker-3"
+        turn2 = first + [{"role": "assistant", "content": "z"}, {"role": "user", "content": "more"}]
+        _, gen2, _ = await svc.complete(ls.parse_chat_request({"messages": turn2}))
+        assert gen2.worker == "worker-3"
+        _, gen3, _ = await svc.complete(ls.parse_chat_request(
+            {"messages": turn2, "swarm": {"affinity": False}}))
+        assert gen3.worker == "worker-1"                 # without affinity: the first idle one
+        await pool.stop()
     run(go())

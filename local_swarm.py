@@ -13,7 +13,7 @@ to 127.0.0.1, each serving one request at a time, and exposes /v1/models, /v1/ch
 
 Sections, in dependency order (grep for "# ====" for a table of contents):
     constants, errors, config, HTTP/SSE protocol, HTTP server, hardware and build, models,
-    workers, worker pool, chat API, server wiring, CLI.
+    workers, worker pool, voting, chat API, server wiring, CLI.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import mmap
 import os
 import platform
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -3170,6 +3172,338 @@ class WorkerPool:
                  "port": s.worker.port, "restarts": s.restarts, "served": s.served}
                 for s in self.slots]
 
+
+
+# =====================================================================================================
+# Voting
+# =====================================================================================================
+# Pure functions over finished candidates: no I/O, no clock, no asyncio. The caller collects a
+# Candidate as each worker finishes (failed workers are simply absent), asks decided() after each
+# arrival, or adaptive_more() in adaptive mode, and tally() at the end. A caller that stops early on
+# decided() tallies with strategy="majority", since the short-answer test may read a partial set
+# differently.
+#
+# Strategies. Short answers and tool calls vote by exact majority on a normalized key; long text and
+# code take the most central candidate, the one with the highest mean similarity to all candidates
+# (a minimum-Bayes-risk choice: the reply that loses least against what the samples agree on).
+# One candidate is "single", confidence 1.
+#
+# Keys (candidate_key). Tool calls: "calls:" + the sorted calls joined by newlines. Text: the final
+# number if the text ends with one ("+1,000.50" -> "1000.5"); else "code:" + the last fenced code
+# block with whitespace collapsed; else the text case-folded, punctuation dropped, whitespace
+# collapsed. Folded text holds no ":" and code keys start "code:", so no text key is a calls key.
+#
+# Support. A candidate's score is its share of support in 0..1. Majority: its group's size / k.
+# Central: its mean similarity to all k candidates, itself included; that is the soft form of the
+# same share (were similarity 1 for equal keys and 0 otherwise, the two would agree). Confidence
+# is the winner's score.
+#
+# Ties. Candidates are ranked by, in order: larger group (majority only); higher mean similarity to
+# all candidates (compared to SCORE_TIE_DIGITS places); a finish_reason in COMPLETE_FINISHES before
+# any other ("length" was cut off); lower latency; lower index. The winner is the first. Majority
+# groups are listed in the order of their best member, which puts the biggest first.
+#
+# Stopping. decided(): the leader's count > every other key's count + remaining (an unseen key
+# counts 0). adaptive_more(): Adaptive-Consistency's Beta rule, stop once P(leader is the true
+# majority) >= threshold, else ask for the fewest samples that could get there, within budget.
+
+STRATEGIES = ("majority", "central", "single")
+SHORT_ANSWER_WORDS = 20          # about one sentence; longer samples rarely agree word for word, so
+                                 # exact keys would only split the vote
+SHINGLE_WORDS = 3                # word 3-grams carry local order; unigrams alone cannot tell
+                                 # "a - b" from "b - a"
+SCORE_TIE_DIGITS = 9             # sums of the same similarities in another order differ in the last
+                                 # bits; means this close are a tie, settled by the next rule
+ADAPTIVE_THRESHOLD = 0.95        # Adaptive-Consistency's default: stop at 95 % belief in the leader
+COMPLETE_FINISHES = frozenset({"stop", "tool_calls"})   # the reply ended on its own
+
+# A number not glued to a word, date, time or larger number: "x-5", "2024-01-05", "10:30" and
+# "v1.2" end in no final number. Thousands take commas only in groups of three ("1,000", not "1,2").
+_NUMBER = (r"(?<![\w.,/:\-])(?P<sign>[-+\u2212]?)[$\u20ac\u00a3]?"
+           r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?)")
+NUMBER_RE = re.compile(_NUMBER)
+# The number at the very end, allowing one unit word ("42 apples", "15%") and closing punctuation,
+# bold or LaTeX dollars. No backticks or brackets: "```" and "print(42)" do not end in a number.
+FINAL_NUMBER_RE = re.compile(_NUMBER + r"(?:\s*(?:%|[^\W\d_]+))?[\s.!*$\"']*\Z")
+# What announces a final answer; is_short trusts an announced number in a text of any length.
+ANSWER_MARKER_RE = re.compile(r"(?:####|=|\banswer(?:\s+(?:is|was))?\s*:?)[\s*$]*\Z", re.IGNORECASE)
+BOXED_RE = re.compile(r"\\boxed\s*\{([^{}]*)\}")
+# A fenced block (``` or ~~~, any info string); one left open at the end (cut off by "length") runs
+# to the end of the text.
+FENCE_RE = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})[^\n]*\n(?P<body>.*?)"
+                      r"(?:(?P<close>^[ \t]*(?P=fence)[ \t]*$)|\Z)", re.MULTILINE | re.DOTALL)
+PUNCT_RE = re.compile(r"[^\w\s]")
+TOKEN_RE = re.compile(r"\w+|[^\w\s]")   # words, and each punctuation mark (it matters in code)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One finished reply. `calls` holds canonical tool-call strings; a candidate with calls votes
+    by them, not by its text."""
+
+    worker: str             # worker id, e.g. "worker-2" (later also peers)
+    text: str
+    finish_reason: str      # "stop" | "length" | ...
+    latency: float          # seconds from request start to this candidate's end
+    tokens: int             # completion tokens
+    calls: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Vote:
+    """The outcome of tally(). `winner` indexes the candidates as passed in; `scores` holds each
+    candidate's share of support (see the section comment); `groups` lists candidate indices per
+    distinct key, biggest first, and `keys` each candidate's key (both () for "central")."""
+
+    strategy: str
+    winner: int
+    confidence: float
+    scores: tuple[float, ...]
+    groups: tuple[tuple[int, ...], ...]
+    keys: tuple[str, ...]
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+def _normal_decimal(digits: str) -> str:
+    whole, _, frac = digits.partition(".")
+    whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
+    return f"{whole}.{frac}" if frac else whole
+
+
+def _normal_number(match: re.Match) -> str:
+    """The matched number without commas, "+", leading or trailing zeros; "-0" reads "0"."""
+    value = "/".join(_normal_decimal(p) for p in match["num"].replace(",", "").split("/"))
+    negative = match["sign"] in ("-", "\u2212") and value.strip("0./") != ""
+    return "-" + value if negative else value
+
+
+def _last_fence(text: str) -> re.Match | None:
+    """The match of the last fenced code block; None if the text has none."""
+    last = None
+    for last in FENCE_RE.finditer(text):
+        pass
+    return last
+
+
+def last_code_block(text: str) -> str | None:
+    """The content of the last fenced code block; None if the text has none."""
+    fence = _last_fence(text)
+    return fence["body"] if fence else None
+
+
+def _last_boxed(text: str) -> str | None:
+    """The normalized number in the last \\boxed{...}; None if there is none or it holds more."""
+    boxes = BOXED_RE.findall(text)
+    number = NUMBER_RE.fullmatch(boxes[-1].strip()) if boxes else None
+    return _normal_number(number) if number else None
+
+
+def final_number(text: str) -> tuple[str, bool] | None:
+    """(normalized number, announced) for a text that ends with a number or holds a \\boxed{}
+    number; announced is True for \\boxed, "####", "=" or "answer is". None: no final number."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed, True
+    fence = _last_fence(text)
+    if fence is not None and fence["close"] is None:
+        return None               # cut off inside a code block: the number there is code
+    match = FINAL_NUMBER_RE.search(text)
+    if match is None:
+        return None
+    return _normal_number(match), ANSWER_MARKER_RE.search(text, 0, match.start()) is not None
+
+
+def answer_key(text: str) -> str:
+    """The key under which a text reply votes: its final number, else "code:" + its last code
+    block with whitespace collapsed, else the text folded (case, punctuation, whitespace)."""
+    number = final_number(text)
+    if number is not None:
+        return number[0]
+    code = last_code_block(text)
+    if code is not None:
+        return "code:" + " ".join(code.split())
+    return " ".join(PUNCT_RE.sub(" ", text.casefold()).split())
+
+
+def candidate_key(candidate: Candidate) -> str:
+    """"calls:" + the sorted calls joined by newlines for a candidate with calls (order-free: the
+    same calls in another order are the same action), else answer_key(text)."""
+    if candidate.calls:
+        return "calls:" + "\n".join(sorted(candidate.calls))
+    return answer_key(candidate.text)
+
+
+# -- strategy --------------------------------------------------------------------------------------
+
+def is_short(text: str) -> bool:
+    """True when the text votes well by exact key: it announces a final number (a long derivation
+    ending "the answer is 42" is a short answer), or it has no code block and at most
+    SHORT_ANSWER_WORDS words. False for long text and for code."""
+    number = final_number(text)
+    if number is not None and number[1]:
+        return True
+    return last_code_block(text) is None and len(text.split()) <= SHORT_ANSWER_WORDS
+
+
+def choose_strategy(candidates: Sequence[Candidate]) -> str:
+    """"single" for one candidate; "majority" when any candidate calls tools (calls cannot be
+    averaged with prose) or more than half are short; else "central". Raises ValueError if empty."""
+    if not candidates:
+        raise ValueError("no candidates to vote on")
+    if len(candidates) == 1:
+        return "single"
+    if any(c.calls for c in candidates):
+        return "majority"
+    short = sum(is_short(c.text) for c in candidates)
+    return "majority" if 2 * short > len(candidates) else "central"
+
+
+# -- similarity ------------------------------------------------------------------------------------
+
+def _bag(text: str) -> Counter:
+    """Counts of the text's case-folded tokens and of its SHINGLE_WORDS-token shingles."""
+    tokens = TOKEN_RE.findall(text.casefold())
+    bag = Counter(zip(tokens))
+    bag.update(zip(*(tokens[i:] for i in range(SHINGLE_WORDS))))
+    return bag
+
+
+def _weighted_jaccard(a: Counter, b: Counter) -> float:
+    """Sum of the smaller counts over sum of the larger ones; 1.0 for two empty bags."""
+    union = sum((a | b).values())
+    return sum((a & b).values()) / union if union else 1.0
+
+
+def similarity(a: str, b: str) -> float:
+    """Weighted Jaccard similarity in 0..1 of the two texts' bags of tokens and token 3-shingles:
+    1.0 for identical texts (and for two texts without tokens), 0.0 for texts with no token in
+    common, symmetric. Shingles reward shared order, unigrams shared vocabulary (so a short answer
+    with a stray "." still scores); counts make a repeated line count twice."""
+    # Chosen over embeddings or edit distance: O(n) per pair with no model to load, exact and
+    # deterministic; five 2,000-token replies (10 pairs) take milliseconds.
+    return _weighted_jaccard(_bag(a), _bag(b))
+
+
+def mean_similarities(texts: Sequence[str]) -> list[float]:
+    """Per text, its mean similarity to all texts, itself included (so 1.0 when all are equal)."""
+    bags = [_bag(t) for t in texts]
+    sums = [1.0] * len(bags)
+    for i in range(len(bags)):
+        for j in range(i + 1, len(bags)):
+            s = _weighted_jaccard(bags[i], bags[j])
+            sums[i] += s
+            sums[j] += s
+    return [s / len(bags) for s in sums]
+
+
+# -- tally -----------------------------------------------------------------------------------------
+
+def _ranking(candidates: Sequence[Candidate], sizes: Sequence[int],
+             means: Sequence[float]) -> list[int]:
+    """Candidate indices, best first, under the tie rule of the section comment."""
+    def rank(i: int) -> tuple:
+        c = candidates[i]
+        return (-sizes[i], -round(means[i], SCORE_TIE_DIGITS),
+                c.finish_reason not in COMPLETE_FINISHES, c.latency, i)
+    return sorted(range(len(candidates)), key=rank)
+
+
+def _groups(keys: Sequence[str], order: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Indices per distinct key (ascending), groups in the order of their best-ranked member."""
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    first = {}
+    for position, i in enumerate(order):
+        first.setdefault(keys[i], position)
+    return tuple(tuple(members[key]) for key in sorted(members, key=first.__getitem__))
+
+
+def _vote_text(candidate: Candidate) -> str:
+    # a tool-calling reply is compared by what it does, not by the prose around the calls
+    return candidate_key(candidate) if candidate.calls else candidate.text
+
+
+def _majority(candidates: Sequence[Candidate], means: Sequence[float]) -> Vote:
+    keys = [candidate_key(c) for c in candidates]
+    counts = Counter(keys)
+    sizes = [counts[key] for key in keys]
+    order = _ranking(candidates, sizes, means)
+    scores = tuple(size / len(candidates) for size in sizes)
+    return Vote("majority", order[0], scores[order[0]], scores, _groups(keys, order), tuple(keys))
+
+
+def _central(candidates: Sequence[Candidate], means: Sequence[float]) -> Vote:
+    winner = _ranking(candidates, [1] * len(candidates), means)[0]
+    return Vote("central", winner, means[winner], tuple(means), (), ())
+
+
+def tally(candidates: Sequence[Candidate], strategy: str | None = None) -> Vote:
+    """The vote over candidates; strategy None picks one with choose_strategy. One candidate is
+    always "single" (confidence 1.0). Raises ValueError for no candidates, an unknown strategy,
+    or "single" asked of several."""
+    chosen = strategy or choose_strategy(candidates)
+    if chosen not in STRATEGIES:
+        raise ValueError(f"unknown voting strategy {chosen!r}; expected one of {STRATEGIES}")
+    if not candidates:
+        raise ValueError("no candidates to vote on")
+    if len(candidates) == 1:
+        return Vote("single", 0, 1.0, (1.0,), ((0,),), (candidate_key(candidates[0]),))
+    if chosen == "single":
+        raise ValueError(f"strategy 'single' needs one candidate, got {len(candidates)}")
+    means = mean_similarities([_vote_text(c) for c in candidates])
+    return _central(candidates, means) if chosen == "central" else _majority(candidates, means)
+
+
+# -- stopping --------------------------------------------------------------------------------------
+
+def _top_two(keys: Sequence[str]) -> tuple[int, int]:
+    """Counts of the most and second most common keys; 0 where there is no such key."""
+    counts = [n for _, n in Counter(keys).most_common(2)] + [0, 0]
+    return counts[0], counts[1]
+
+
+def decided(keys: Sequence[str], remaining: int) -> bool:
+    """True when the leading key cannot be overtaken or tied by the `remaining` outstanding
+    candidates: leader's count > every other key's count + remaining, a key not yet seen counting
+    0. False for no keys, and for a tie with nothing remaining (tally's tie rule settles that).
+    Raises ValueError for a negative `remaining`."""
+    if remaining < 0:
+        raise ValueError(f"remaining must be >= 0, got {remaining}")
+    leader, runner_up = _top_two(keys)
+    return leader > 0 and leader > runner_up + remaining
+
+
+def _beta_above_half(a: int, b: int) -> float:
+    """P(X > 1/2) for X ~ Beta(a, b), integers a, b >= 1: by the Beta-binomial identity, the
+    chance that fewer than a of a + b - 1 fair coin flips come up heads. Exact in integers."""
+    n = a + b - 1
+    return sum(math.comb(n, j) for j in range(a)) / 2 ** n
+
+
+def leader_probability(keys: Sequence[str]) -> float:
+    """Posterior probability that the leading key is the true majority answer, as in
+    Adaptive-Consistency's Beta stopping rule: P(p > 1/2) for p ~ Beta(v1 + 1, v2 + 1), with v1 and
+    v2 the counts of the two most common keys (0 where absent). 0.5 for no keys or a tie."""
+    leader, runner_up = _top_two(keys)
+    return _beta_above_half(leader + 1, runner_up + 1)
+
+
+def adaptive_more(keys: Sequence[str], budget: int, threshold: float = ADAPTIVE_THRESHOLD) -> int:
+    """How many more samples to request, never past `budget` in all. 0 (stop) once
+    leader_probability(keys) >= threshold or the budget is spent; else the fewest samples that
+    could end the vote (were they all to join the leader, the probability would reach threshold),
+    or all the budget left if even that many could not.
+    Raises ValueError unless 0.5 < threshold < 1."""
+    if not 0.5 < threshold < 1:
+        raise ValueError(f"threshold must be in (0.5, 1), got {threshold}")
+    room = max(0, budget - len(keys))
+    leader, runner_up = _top_two(keys)
+    for more in range(room + 1):      # ends early: the probability rises to 1 as `more` grows
+        if _beta_above_half(leader + more + 1, runner_up + 1) >= threshold:
+            return more
+    return room
 
 
 # =====================================================================================================

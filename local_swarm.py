@@ -3840,6 +3840,7 @@ class Ballot:
     cancelled: int = 0
     entries: list[tuple[Candidate, Generation]] = field(default_factory=list)
     vote: Vote | None = None
+    strategy: str | None = None       # set when the vote finished early (a decided majority)
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -4031,7 +4032,7 @@ class ChatService:
             await asyncio.gather(*pending, return_exceptions=True)
         if not ballot.entries:
             raise WorkerError(f"all {ballot.launched} candidates failed")
-        ballot.vote = tally(ballot.candidates)
+        ballot.vote = tally(ballot.candidates, ballot.strategy)
         self._remember(req, plan, [c.worker for c in ballot.candidates])
         return ballot
 
@@ -4046,11 +4047,12 @@ class ChatService:
                 return
             pending.difference_update(done)
             self._collect(ballot, done)
-            keys = [answer_key_of(c) for c in ballot.candidates]
+            keys = [candidate_key(c) for c in ballot.candidates]
             outstanding = len(pending) + ballot.plan.k - ballot.launched
             if keys and choose_strategy(ballot.candidates) == "majority" \
                     and decided(keys, outstanding):
-                return                                     # early finish
+                ballot.strategy = "majority"               # early finish: the leader is safe
+                return
             if not pending and ballot.plan.adaptive and keys:
                 launch(adaptive_more(keys, ballot.plan.k))
 
@@ -4119,7 +4121,8 @@ class ChatService:
             async for text in deltas:
                 yield frame.content(text)
             self._remember(req, plan, [gen.worker])
-            yield from_frames(frame, req, gen, single_swarm(plan, gen))
+            for event in closing_events(frame, req, gen, single_swarm(plan, gen)):
+                yield event
         except WorkerError as exc:
             log.error("stream broken after output began: %s", exc)
             yield sse_json(HTTPError(502, f"the worker failed mid-stream: {exc}", "server_error",
@@ -4154,7 +4157,8 @@ class ChatService:
         _adopt(gen, winner)
         for piece in _PIECES.findall(winner.text):
             yield frame.content(piece)
-        yield from_frames(frame, req, winner, ballot.describe())
+        for event in closing_events(frame, req, winner, ballot.describe()):
+            yield event
         yield SSE_DONE
 
     def reply_model(self, req: ChatRequest) -> str:
@@ -4168,12 +4172,13 @@ def _adopt(gen: Generation, winner: Generation) -> None:
         setattr(gen, name, getattr(winner, name))
 
 
-def from_frames(frame: "ChunkFrame", req: ChatRequest, gen: Generation, swarm: dict) -> bytes:
+def closing_events(frame: "ChunkFrame", req: ChatRequest, gen: Generation, swarm: dict
+                   ) -> list[bytes]:
     """The closing events: the finish chunk, then the usage chunk when asked for; the `swarm`
     object rides on the last of them."""
     if not req.include_usage:
-        return frame.finish(gen.finish_reason, swarm)
-    return frame.finish(gen.finish_reason) + frame.usage(gen.usage(), swarm)
+        return [frame.finish(gen.finish_reason, swarm)]
+    return [frame.finish(gen.finish_reason), frame.usage(gen.usage(), swarm)]
 
 
 def single_swarm(plan: VotePlan, gen: Generation) -> dict[str, Any]:

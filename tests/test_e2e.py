@@ -90,7 +90,7 @@ def test_raw_stream_framing(swarm):
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["transfer-encoding"] == "chunked"
         body = r.read().decode()
-    events = [e for e in body.split("\n\n") if e]
+    events = [e for e in body.split("\n\n") if e and not e.startswith(":")]   # ":" = keep-alive
     assert events[-1] == "data: [DONE]"
     for event in events[:-1]:
         assert event.startswith("data: ")
@@ -170,7 +170,8 @@ def test_context_overflow_is_400_before_generation(swarm):
     assert info.value.code == "context_length_exceeded"
     assert "2048" in info.value.message and "tokens" in info.value.message
     assert worker_chat_calls(swarm) == chats_before       # refused on the count: no generation
-    assert sdk(swarm).chat.completions.create(model="x", messages=HELLO, max_tokens=2).choices
+    assert sdk(swarm).chat.completions.create(model="x", messages=HELLO, max_tokens=2,
+                                              temperature=0).choices      # one candidate
     assert worker_chat_calls(swarm) == chats_before + 1   # (the log really records chats)
 
 
@@ -279,3 +280,44 @@ def test_api_key_required_except_health():
             model="local-swarm", messages=HELLO, max_tokens=2).choices
     finally:
         s.stop()
+
+
+# -- consensus ------------------------------------------------------------------------------------
+
+def test_default_request_is_voted_and_reports_the_vote(swarm):
+    r = httpx.post(swarm.url + "/v1/chat/completions", timeout=120, json={
+        "messages": [{"role": "user", "content": "What is 2 + 2? Reply with the number."}],
+        "max_tokens": 8})
+    assert r.status_code == 200
+    body = r.json()
+    vote = body["swarm"]
+    assert vote["mode"] == "vote" and vote["k"] == 2 and vote["samples"] >= 2
+    assert vote["strategy"] in ("majority", "central")
+    assert len(vote["candidates"]) == vote["samples"] - vote["failed"] - vote["cancelled"]
+    assert {c["worker"] for c in vote["candidates"]} <= {"worker-1", "worker-2"}
+    assert 0 < vote["confidence"] <= 1 and sum(c["winner"] for c in vote["candidates"]) == 1
+    winner = next(c for c in vote["candidates"] if c["winner"])
+    assert winner["worker"] == vote["winner"] == r.headers["x-swarm-winner"]
+    assert r.headers["x-swarm-k"] == "2" and r.headers["x-swarm-strategy"] == vote["strategy"]
+    assert body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] == winner["tokens"]
+
+
+def test_streamed_vote_carries_the_swarm_object_on_its_last_chunk(swarm):
+    with httpx.stream("POST", swarm.url + "/v1/chat/completions", timeout=120, json={
+            "messages": HELLO, "max_tokens": 8, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        assert r.headers["x-swarm-mode"] == "vote" and r.headers["x-swarm-k"] == "2"
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    chunks = [json.loads(line[6:]) for line in lines]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+    assert chunks[-1]["swarm"]["k"] == 2 and "swarm" not in chunks[-2]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text.strip()
+
+
+def test_fastest_mode_and_temperature_zero_answer_from_one_worker(swarm):
+    for extra in ({"swarm": {"mode": "fastest"}}, {"temperature": 0}):
+        body = httpx.post(swarm.url + "/v1/chat/completions", timeout=120, json={
+            "messages": HELLO, "max_tokens": 4, **extra}).json()
+        assert body["swarm"]["k"] == 1 and body["swarm"]["strategy"] == "single"

@@ -14,18 +14,16 @@ Usage: python bench/latency.py [--model smollm2-135m] [--rounds 5] [--instances 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import start_swarm  # noqa: E402  (the tests' launcher: `python local_swarm.py`)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import base_parser, med, running_swarm  # noqa: E402
 
 CLIENT = httpx.Client(timeout=600)
 QUESTION = [{"role": "user", "content": "In one sentence, what is this document about?"}]
@@ -86,21 +84,12 @@ def second_turn(swarm, affinity: bool, tag: str, words: int) -> float:
     return seconds
 
 
-def med(xs):
-    return statistics.median(xs)
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--instances", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = base_parser(__doc__, rounds=3)
     ap.add_argument("--prompt-words", type=int, default=1300,
                     help="size of the long system prompt (1300 words: about 3,000 tokens)")
     args = ap.parse_args()
-    swarm = start_swarm("--model", args.model, "--instances", str(args.instances), "--threads", "1",
-                        "--ctx", "8192")
-    try:
+    with running_swarm(args, "--ctx", "8192") as swarm:
         prompt = {"messages": [{"role": "user", "content": "Name three colours of the rainbow."}],
                   "max_tokens": 48, "temperature": 0.7}
         voted, single = [], []
@@ -118,11 +107,6 @@ def main() -> int:
               f"token: with affinity "
               f"{med(warm) * 1000:.0f} ms, without {med(cold) * 1000:.0f} ms, "
               f"speed-up {med(cold) / med(warm):.1f}x (target >= 3x)")
-    except Exception:
-        print("".join(swarm.output[-40:]), file=sys.stderr)
-        raise
-    finally:
-        swarm.stop()
     return 0
 
 

@@ -17,9 +17,7 @@ Usage: python bench/overhead.py [--model smollm2-135m] [--rounds 8] [--max-token
 """
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,8 +25,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import start_swarm  # noqa: E402  (the tests' launcher: `python local_swarm.py`)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import base_parser, med, running_swarm  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon."}]
 CLIENT = httpx.Client(timeout=300)      # keep-alive on both paths: connection set-up is not measured
@@ -96,23 +94,14 @@ def pss(pid: int) -> int:
     return psutil.Process(pid).memory_full_info().pss
 
 
-def med(xs):
-    return statistics.median(xs)
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--instances", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=8)
+    ap = base_parser(__doc__, rounds=8)
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--ttft-rounds", type=int, default=40, help="alternated 3-token requests "
                     "for the time-to-first-token comparison")
     args = ap.parse_args()
 
-    swarm = start_swarm("--model", args.model, "--instances", str(args.instances), "--threads", "1",
-                        "--ctx", "2048")
-    try:
+    with running_swarm(args, "--ctx", "2048") as swarm:
         details = swarm.health()["details"]
         worker_url = f"http://127.0.0.1:{details[0]['port']}"
         daemon = psutil.Process(swarm.proc.pid)
@@ -166,11 +155,6 @@ def main() -> int:
         print(f"memory (PSS)           daemon {pss(swarm.proc.pid) / 2**20:.0f} MiB, one worker "
               f"{one_worker / 2**20:.0f} MiB (RSS), swarm total {total_pss / 2**20:.0f} MiB = "
               f"{total_pss / one_worker:.2f} x one worker for {len(pids)} workers")
-    except Exception:
-        print("".join(swarm.output[-40:]), file=sys.stderr)     # the daemon's side of a failure
-        raise
-    finally:
-        swarm.stop()
     return 0
 
 

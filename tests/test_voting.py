@@ -156,7 +156,7 @@ def test_similarity_identity_is_one(text):
     assert ls.similarity(text, text) == 1.0
 
 
-@pytest.mark.parametrize("a,b", itertools.combinations(SIM_TEXTS, 2))
+@pytest.mark.parametrize("a,b", list(itertools.combinations(SIM_TEXTS, 2)))
 def test_similarity_is_symmetric_and_in_range(a, b):
     assert ls.similarity(a, b) == ls.similarity(b, a)
     assert 0.0 <= ls.similarity(a, b) < 1.0

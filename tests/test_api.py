@@ -54,8 +54,15 @@ def test_bad_fields_name_the_param(extra, param):
     ({"role": "developer", "content": "rules"}, {"role": "system", "content": "rules"}),
     ({"role": "tool", "content": "42", "tool_call_id": "call_1"},
      {"role": "tool", "content": "42", "tool_call_id": "call_1"}),
-    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]},
-     {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function"}]}),
+    ({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function",
+         "function": {"name": "read", "arguments": '{"path": "a"}'}}]},
+     {"role": "assistant", "content": "", "tool_calls": [
+         {"id": "c", "type": "function", "function": {"name": "read", "arguments": {"path": "a"}}}]}),
+    ({"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "ls", "arguments": ""}}]},
+     {"role": "assistant", "content": "", "tool_calls": [
+         {"id": "call_0", "type": "function", "function": {"name": "ls", "arguments": {}}}]}),
 ])
 def test_messages_normalised_for_templates(msg, expected):
     assert ls.normalize_message(msg, 0) == expected
@@ -139,3 +146,69 @@ def test_health_is_public_and_no_key_means_open():
     ls.check_api_key(Req("/health"), "k1")
     ls.check_api_key(Req("/v1/health"), "k1")
     ls.check_api_key(Req("/v1/models"), None)
+
+
+# -- tools, tool_choice, response_format --------------------------------------------------------------
+
+TOOL = {"type": "function", "function": {"name": "read", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}
+
+
+@pytest.mark.parametrize("extra,choice,only,parallel", [
+    ({}, "none", None, True),
+    ({"tools": [TOOL]}, "auto", None, True),
+    ({"tools": [TOOL], "tool_choice": "none"}, "none", None, True),
+    ({"tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": False},
+     "required", None, False),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "read"}}},
+     "function", "read", True),
+])
+def test_tool_choice_parsed(extra, choice, only, parallel):
+    use = ls.parse_chat_request(body(**extra)).tool_use
+    assert (use.choice, use.only, use.parallel) == (choice, only, parallel)
+    assert use.active == (choice != "none") and use.forced == (choice in ("required", "function"))
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "write"}}},
+     "tool_choice"),
+    ({"tools": [TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"tools": [{"type": "function", "function": {"name": "x", "parameters": []}}]}, "tools"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+     "response_format.json_schema"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "x"}]}]},
+     "messages[0].tool_calls[0]"),
+])
+def test_bad_tool_fields_are_400(extra, param):
+    with pytest.raises(ls.HTTPError) as info:
+        ls.parse_chat_request(body(**extra))
+    assert info.value.status == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize("fmt,schema", [
+    (None, None), ({"type": "text"}, None), ({"type": "json_object"}, {}),
+    ({"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}},
+     {"type": "object"}),
+])
+def test_response_format_parsed(fmt, schema):
+    extra = {} if fmt is None else {"response_format": fmt}
+    assert ls.parse_chat_request(body(**extra)).response_schema == schema
+
+
+def test_tools_become_an_instruction_for_templates_without_tools():
+    history = [{"role": "system", "content": "Be brief."},
+               {"role": "user", "content": "read a"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"id": "c", "type": "function", "function": {"name": "read",
+                                                               "arguments": {"path": "a"}}}]},
+               {"role": "tool", "content": "42", "tool_call_id": "c"}]
+    out = ls.messages_with_tool_text(history, [TOOL])
+    assert out[0]["role"] == "system" and out[0]["content"].startswith("Be brief.\n\n# Tools")
+    assert json.dumps(TOOL) in out[0]["content"] and "<tool_call>" in out[0]["content"]
+    assert out[2] == {"role": "assistant", "content":
+                      '<tool_call>\n{"name": "read", "arguments": {"path": "a"}}\n</tool_call>'}
+    assert out[3] == {"role": "user", "content": "<tool_response>\n42\n</tool_response>"}
+    assert history[3]["role"] == "tool"                       # the request is not changed

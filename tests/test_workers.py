@@ -42,6 +42,7 @@ class FakeWorker:
         self.gate = None                    # an asyncio.Event a stream waits on, when set
         self.mute = False                   # alive but not answering pings
         self.refuse = None                  # an HTTP status to answer chats with, when set
+        self.completion = ()                # what a raw completion (/v1/completions) yields
 
     @property
     def pid(self):
@@ -69,8 +70,14 @@ class FakeWorker:
             raise ls.WorkerError("dead")
         return len(text.split())
 
-    async def stream_chat(self, body, timeout):
+    async def stream_chat(self, body, timeout, route="/v1/chat/completions"):
         self.chats = getattr(self, "chats", 0) + 1
+        self.requests = getattr(self, "requests", []) + [(route, body)]
+        if route == "/v1/completions":
+            for tok in self.completion:
+                yield {"choices": [{"text": tok, "finish_reason": None}]}
+            yield {"choices": [{"text": "", "finish_reason": "stop"}]}
+            return
         if self.refuse is not None:
             raise ls.WorkerError(f"{self.name} answered {self.refuse}: template error",
                                  status=self.refuse)
@@ -553,5 +560,138 @@ def test_next_turn_goes_to_the_worker_that_served_the_last():
         _, gen3, _ = await svc.complete(ls.parse_chat_request(
             {"messages": turn2, "swarm": {"affinity": False}}))
         assert gen3.worker == "worker-1"                 # without affinity: the first idle one
+        await pool.stop()
+    run(go())
+
+
+# -- chat service over fake workers: tool calls ------------------------------------------------------
+
+QWEN_LIKE = ("{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}"
+             "{% endfor %}</tools> <tool_call><|im_end|>\n{% endif %}"
+             "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+             "{% endfor %}<|im_start|>assistant\n")
+READ_TOOL = {"type": "function", "function": {
+    "name": "read_file", "description": "Read a file",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
+                   "required": ["path"]}}}
+CALL_TEXT = '<tool_call>\n{"name": "read_file", "arguments": {"path": "a.txt"}}\n</tool_call>'
+
+
+def tool_service(pool, **cfg):
+    cfg = {"mode": "fastest", **cfg}
+    return ls.ChatService(pool, ls.PromptRenderer(QWEN_LIKE), "fake-model", 10_000,
+                          ls.Config(**cfg))
+
+
+def tool_request(stream=False, **extra):
+    return request(stream=stream, text="read a.txt", tools=[READ_TOOL], **extra)
+
+
+def chunks_of(text, size=3):
+    return tuple(text[i:i + size] for i in range(0, len(text), size))
+
+
+def sse_payloads(events):
+    return [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+
+
+def test_a_call_the_model_starts_is_finished_under_the_grammar_and_returned_as_tool_calls():
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of("Let me look.\n" + CALL_TEXT.replace(
+            "read_file", "read_package_json")))
+        w.completion = chunks_of(CALL_TEXT)
+        pool = await started_pool([w])
+        reply, gen, _ = await tool_service(pool).complete(tool_request())
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Let me look."
+        [call] = choice["message"]["tool_calls"]
+        assert call["type"] == "function" and call["id"].startswith("call_") and len(call["id"]) > 5
+        assert call["function"] == {"name": "read_file", "arguments": '{"path": "a.txt"}'}
+        (chat_route, chat_body), (route, body) = w.requests
+        assert chat_route == "/v1/chat/completions" and chat_body["tools"] == [READ_TOOL]
+        assert route == "/v1/completions" and "read_file" in body["grammar"]
+        assert body["prompt"].endswith("<|im_start|>assistant\nLet me look.\n")
+        await pool.stop()
+    run(go())
+
+
+def test_prose_with_parentheses_is_no_call_and_needs_no_second_request():
+    text = "Call read_file(path) to see it; f(x) = 2x.\n{\"city\": \"Paris\"}"
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(text))
+        pool = await started_pool([w])
+        reply, _, _ = await tool_service(pool).complete(tool_request())
+        message = reply["choices"][0]["message"]
+        assert message == {"role": "assistant", "content": text}
+        assert reply["choices"][0]["finish_reason"] == "stop" and len(w.requests) == 1
+        await pool.stop()
+    run(go())
+
+
+def test_streamed_call_is_deltas_in_the_shape_clients_validate():
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(CALL_TEXT))
+        w.completion = chunks_of(CALL_TEXT)
+        pool = await started_pool([w])
+        gen = ls.Generation()
+        stream, _ = await tool_service(pool).open_stream(
+            tool_request(stream=True, stream_options={"include_usage": True}), gen)
+        chunks = sse_payloads([e async for e in stream])
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert not any(d.get("content") for d in deltas)          # no call text as content
+        calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+        first = calls[0][0]
+        assert first["index"] == 0 and first["id"].startswith("call_")
+        assert first["type"] == "function" and first["function"]["name"] == "read_file"
+        assert all(set(c[0]) == {"index", "function"} for c in calls[1:])
+        args = "".join(c[0]["function"]["arguments"] for c in calls)
+        assert json.loads(args) == {"path": "a.txt"}
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finishes[-1] == "tool_calls" and chunks[-1]["choices"] == []
+        assert "usage" in chunks[-1] and "swarm" in chunks[-1]
+        await pool.stop()
+    run(go())
+
+
+def test_tool_choice_none_sends_no_tools_and_parses_nothing():
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(CALL_TEXT))
+        pool = await started_pool([w])
+        reply, _, _ = await tool_service(pool).complete(tool_request(tool_choice="none"))
+        assert reply["choices"][0]["message"] == {"role": "assistant", "content": CALL_TEXT}
+        [(_, body)] = w.requests
+        assert "tools" not in body and "grammar" not in body
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "read_file"}}])
+def test_required_and_named_choices_constrain_the_whole_reply(choice):
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(CALL_TEXT))
+        pool = await started_pool([w])
+        reply, _, _ = await tool_service(pool).complete(tool_request(tool_choice=choice))
+        assert reply["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "read_file"
+        [(route, body)] = w.requests
+        assert route == "/v1/chat/completions" and "read_file" in body["grammar"]
+        await pool.stop()
+    run(go())
+
+
+def test_a_vote_over_calls_takes_the_majority_call():
+    other = CALL_TEXT.replace("a.txt", "b.txt")
+    async def go():
+        workers = [FakeWorker(1, tokens=chunks_of(other)), FakeWorker(2, tokens=(CALL_TEXT,)),
+                   FakeWorker(3, tokens=(CALL_TEXT,))]
+        for w in workers:
+            w.completion = w.tokens
+        pool = await started_pool(workers)
+        svc = tool_service(pool, mode="vote", votes=3, adaptive=False)
+        reply, _, swarm = await svc.complete(tool_request())
+        call = reply["choices"][0]["message"]["tool_calls"][0]
+        assert json.loads(call["function"]["arguments"]) == {"path": "a.txt"}
+        assert swarm["strategy"] == "majority" and swarm["votes"][0] == 2
         await pool.stop()
     run(go())

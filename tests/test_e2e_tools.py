@@ -1,0 +1,150 @@
+"""End to end: tool calls, tool_choice and response_format from real llama.cpp workers on
+Qwen2.5-Coder-0.5B-Instruct (its template renders tools; its calls come back as text that the
+swarm parses, and as grammar-constrained text where a call is required or the model starts one)."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "description": "The city, e.g. Paris"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city"]}}}
+READ = {"type": "function", "function": {
+    "name": "read_file", "description": "Read a file of the project and return its text",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
+                   "required": ["path"], "additionalProperties": False}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+
+
+def post(swarm, **body) -> dict:
+    reply = httpx.post(swarm.url + "/v1/chat/completions", timeout=300,
+                       json={"model": "local-swarm", "temperature": 0, **body})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def only_call(reply: dict) -> tuple[str, dict]:
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert isinstance(call["function"]["arguments"], str)
+    return call["function"]["name"], json.loads(call["function"]["arguments"])
+
+
+def test_auto_call_is_parsed_into_tool_calls(qwen_swarm):
+    name, args = only_call(post(qwen_swarm, messages=ASK_WEATHER, tools=[WEATHER, READ]))
+    assert name == "get_weather" and args["city"].lower() == "paris"
+
+
+def test_a_question_needing_no_tool_gets_text(qwen_swarm):
+    reply = post(qwen_swarm, messages=[{"role": "user", "content":
+                                        "Write a Python one-liner that reverses a string s."}],
+                 tools=[WEATHER], max_tokens=80)
+    message = reply["choices"][0]["message"]
+    assert "tool_calls" not in message and message["content"]
+    assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_required_forces_a_valid_call_even_for_small_talk(qwen_swarm):
+    name, args = only_call(post(qwen_swarm, tools=[READ], tool_choice="required",
+                                messages=[{"role": "user", "content": "Hello! How are you?"}]))
+    assert name == "read_file" and set(args) == {"path"} and isinstance(args["path"], str)
+
+
+def test_named_choice_calls_that_function(qwen_swarm):
+    name, args = only_call(post(qwen_swarm, messages=ASK_WEATHER, tools=[WEATHER, READ],
+                                tool_choice={"type": "function",
+                                             "function": {"name": "read_file"}}))
+    assert name == "read_file" and isinstance(args["path"], str)
+
+
+def test_tool_choice_none_never_calls(qwen_swarm):
+    reply = post(qwen_swarm, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="none",
+                 max_tokens=60)
+    assert "tool_calls" not in reply["choices"][0]["message"]
+    assert reply["choices"][0]["finish_reason"] != "tool_calls"
+
+
+def test_parallel_tool_calls_false_gives_one_call(qwen_swarm):
+    reply = post(qwen_swarm, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+                 messages=[{"role": "user", "content": "Weather in Paris, Rome and Oslo?"}])
+    assert len(reply["choices"][0]["message"]["tool_calls"]) == 1
+
+
+def test_streamed_call_deltas_field_by_field(qwen_swarm):
+    body = {"model": "local-swarm", "temperature": 0, "stream": True, "messages": ASK_WEATHER,
+            "tools": [WEATHER], "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", qwen_swarm.url + "/v1/chat/completions", json=body,
+                      timeout=300) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[0]["role"] == "assistant"
+    calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert calls and all(isinstance(c, list) and len(c) == 1 for c in calls)
+    first = calls[0][0]
+    assert first["index"] == 0 and first["id"].startswith("call_") and first["type"] == "function"
+    assert first["function"]["name"] == "get_weather" and first["function"]["arguments"] == ""
+    for later in calls[1:]:
+        assert later[0]["index"] == 0 and set(later[0]) == {"index", "function"}
+        assert set(later[0]["function"]) == {"arguments"}
+    args = json.loads("".join(c[0]["function"]["arguments"] for c in calls))
+    assert args["city"].lower() == "paris"
+    assert not any("tool_call>" in (d.get("content") or "") for d in deltas)
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finish[-1] == "tool_calls" and all(f is None for f in finish[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_openai_sdk_round_trips_a_call_and_its_result(qwen_swarm):
+    client = openai.OpenAI(base_url=qwen_swarm.url + "/v1", api_key="unused", max_retries=0,
+                           timeout=300)
+    messages = list(ASK_WEATHER)
+    first = client.chat.completions.create(model="local-swarm", messages=messages,
+                                           tools=[WEATHER], temperature=0)
+    assert first.choices[0].finish_reason == "tool_calls"
+    call = first.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id,
+                     "content": json.dumps({"city": "Paris", "temperature_c": 31,
+                                            "sky": "sunny"})})
+    second = client.chat.completions.create(model="local-swarm", messages=messages,
+                                            tools=[WEATHER], temperature=0, max_tokens=80)
+    assert second.choices[0].finish_reason == "stop"
+    assert "31" in second.choices[0].message.content
+
+
+def test_voted_calls_report_a_majority(qwen_swarm):
+    reply = post(qwen_swarm, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required",
+                 temperature=0.7, swarm={"votes": 2})
+    name, _ = only_call(reply)
+    swarm = reply["swarm"]
+    assert name == "get_weather" and swarm["strategy"] == "majority"
+    assert swarm["samples"] == 2 and len(swarm["candidates"]) == 2
+
+
+@pytest.mark.parametrize("fmt", [
+    {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": "person", "schema": {
+        "type": "object", "properties": {"name": {"type": "string"},
+                                         "age": {"type": "integer"}},
+        "required": ["name", "age"]}}},
+])
+def test_response_format_gives_json(qwen_swarm, fmt):
+    reply = post(qwen_swarm, response_format=fmt, max_tokens=120, messages=[
+        {"role": "user", "content": "Invent a person. Reply in JSON with name and age."}])
+    value = json.loads(reply["choices"][0]["message"]["content"])
+    assert isinstance(value, dict)
+    if fmt["type"] == "json_schema":
+        assert isinstance(value["name"], str) and isinstance(value["age"], int)

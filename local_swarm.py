@@ -3532,6 +3532,374 @@ def adaptive_more(keys: Sequence[str], budget: int, threshold: float = ADAPTIVE_
 
 
 # ---- grammars (GBNF for llama.cpp) ------------------------------------------------------------------
+# Rules: pure functions from the offered schemas to GBNF text (llama.cpp's grammar dialect), sent as
+# the `grammar` field of a worker request. The text is deterministic (same input, same text: `root`
+# first, then the other rules sorted by name) and has no left recursion, so llama.cpp compiles it.
+# What the grammars accept:
+# - JSON as json.dumps writes it, give or take whitespace: at most one `ws` in each gap JSON allows
+#   (after `{` `[` `,` `:`, before `,` `}` `]`), and a `ws` is nothing, one space, or a newline and
+#   up to 20 spaces or tabs, so a model cannot loop on whitespace. Nothing before or after the value.
+# - Objects with properties: the required keys first, in `properties` order (then any required key
+#   that `properties` does not describe, with any value), then each optional key present or absent,
+#   in `properties` order. No other key, whatever additionalProperties says: a fixed key order keeps
+#   the grammar linear, and extra keys are what small models invent. An object schema without
+#   properties or required keys: any object (values fitting additionalProperties when it is a schema).
+# - Strings: any JSON string (escapes included); numbers as JSON writes them, with at most 16 digits
+#   in the integer part and in the fraction, 3 in the exponent.
+# - Honoured: type (or a list of types), enum, const, properties, required, additionalProperties as
+#   above, items, minItems/maxItems and minLength/maxLength up to MAX_GRAMMAR_ITEMS, anyOf and oneOf
+#   (both as "any of"), allOf (merged), $ref to "#", "#/definitions/..." or "#/$defs/...". Ignored:
+#   formats, patterns, numeric ranges, uniqueItems, tuple `items`. Anything else: any JSON value.
+
+from collections.abc import Mapping    # with the imports at the top once this section is merged
+
+MAX_GRAMMAR_CALLS = 8        # tool calls in one parallel reply; editors never need more per turn
+MAX_GRAMMAR_ITEMS = 32       # larger length bounds are not enforced: each unit of bound is a rule
+MAX_GRAMMAR_DEPTH = 24       # deeper schemas end in "any value" (bounds our recursion, not JSON's)
+GBNF_PRIMITIVES = {          # added to a grammar when first referenced
+    "ws": r'| " " | "\n" [ \t]{0,20}',
+    "value": "object | array | string | number | boolean | null",
+    "object": r'"{" ws ( string ws ":" ws value ( ws "," ws string ws ":" ws value )* ws )? "}"',
+    "array": r'"[" ws ( value ( ws "," ws value )* ws )? "]"',
+    "string": r'"\"" char* "\""',
+    "char": r'[^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )',
+    "number": r'integer ( "." [0-9]{1,16} )? ( [eE] [-+]? [0-9]{1,3} )?',
+    "integer": r'"-"? ( "0" | [1-9] [0-9]{0,15} )',
+    "boolean": '"true" | "false"',
+    "null": '"null"',
+}
+GBNF_LITERALS_RE = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|\{[\d,]*\}')   # and {m,n}
+GBNF_NAME_RE = re.compile(r"[a-zA-Z0-9-]+")
+GBNF_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+OBJECT_KEYWORDS = {"properties", "required", "additionalProperties"}   # imply type "object"
+SCHEMA_TYPES = {"number": "number", "integer": "integer", "boolean": "boolean", "null": "null"}
+
+
+def gbnf_literal(text: str) -> str:
+    """`text` as a GBNF string literal: quoted, with quotes, backslashes and controls escaped."""
+    return '"' + "".join(GBNF_ESCAPES.get(c) or (f"\\x{ord(c):02X}" if ord(c) < 32 or c == "\x7f"
+                                                else c) for c in text) + '"'
+
+
+def json_literal(value: Any) -> str:
+    """The GBNF literal matching exactly json.dumps(value) (non-ASCII characters kept as they are)."""
+    return gbnf_literal(json.dumps(value, ensure_ascii=False))
+
+
+def gbnf_rule_name(text: str) -> str:
+    """`text` made a GBNF rule name: lower case, runs of other characters as one "-"; "x" if empty."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def gbnf_references(body: str) -> list[str]:
+    """Rule names a rule body refers to (words outside literals, character classes and {m,n})."""
+    return GBNF_NAME_RE.findall(GBNF_LITERALS_RE.sub(" ", body))
+
+
+def _quantifier(low: int, high: int | None) -> str:
+    """GBNF repetition suffix for low..high times (high None: no bound)."""
+    if high is None:
+        return {0: "*", 1: "+"}.get(low, f"{{{low},}}")
+    if (low, high) == (0, 1):
+        return "?"
+    return f"{{{low}}}" if low == high else f"{{{low},{high}}}"
+
+
+def _series(item: str, sep: str, low: int, high: int | None) -> str:
+    """`item` low..high times (low >= 1; high None: no bound), separated by `sep`."""
+    if high == 1:
+        return item
+    return f"{item} ( {sep} {item} ){_quantifier(low - 1, None if high is None else high - 1)}"
+
+
+def _bracketed(opening: str, item: str, low: int, high: int | None, closing: str) -> str:
+    """A JSON array or object body: `item` low..high times between the brackets, comma-separated."""
+    if high == 0:
+        return f"{opening} ws {closing}"
+    inner = _series(item, 'ws "," ws', max(low, 1), high)
+    return f"{opening} ws {inner} ws {closing}" if low else f"{opening} ws ( {inner} ws )? {closing}"
+
+
+def _length_bounds(schema: dict, low_key: str, high_key: str) -> tuple[int, int | None]:
+    """(low, high) of a length keyword pair; a bound that is not an int within MAX_GRAMMAR_ITEMS
+    (or a high below low) counts as absent: (0, None) means unbounded."""
+    def bound(key: str) -> int | None:
+        value = schema.get(key)
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_GRAMMAR_ITEMS
+        return value if ok else None
+    low = bound(low_key) or 0
+    high = bound(high_key)
+    return low, (high if high is not None and high >= low else None)
+
+
+def _merged(schemas: Sequence[Any]) -> dict:
+    """allOf's parts as one schema: properties merged, required keys joined, other keywords the
+    last part's. Parts that are not objects are skipped."""
+    merged: dict = {}
+    for part in (p for p in schemas if isinstance(p, dict)):
+        joined = {"properties": {**merged.get("properties", {}), **(part.get("properties") or {})},
+                  "required": [*merged.get("required", []), *(part.get("required") or [])]}
+        merged.update(part, **{key: value for key, value in joined.items() if value})
+    return merged
+
+
+class _Rules:
+    """A GBNF grammar under construction: rule name -> body (None while reserved). Primitive rules
+    join the grammar when a body first refers to them."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, str | None] = {}
+
+    def unique(self, hint: str) -> str:
+        """Reserve and return a free rule name: `hint`, else hint-2, hint-3, ..."""
+        name, number = hint, 1
+        while name in self.bodies:
+            number += 1
+            name = f"{hint}-{number}"
+        self.bodies[name] = None
+        return name
+
+    def put(self, name: str, body: str) -> str:
+        """Define rule `name` (and the primitives its body uses); returns the name."""
+        self.bodies[name] = body
+        for ref in gbnf_references(body):
+            if ref in GBNF_PRIMITIVES and ref not in self.bodies:
+                self.put(ref, GBNF_PRIMITIVES[ref])
+        return name
+
+    def named(self, hint: str, expr: str) -> str:
+        """`expr` if it is already one rule name, else the name of a new rule with body `expr`."""
+        return expr if GBNF_NAME_RE.fullmatch(expr) else self.put(self.unique(hint), expr)
+
+    def text(self) -> str:
+        """The grammar: `root` first, then the other rules sorted by name, one per line."""
+        names = ["root"] + sorted(name for name in self.bodies if name != "root")
+        return "".join(f"{name} ::= {self.bodies[name]}\n" for name in names)
+
+
+class _SchemaConverter:
+    """Turns one JSON schema (whose $defs and definitions its $refs point into) into GBNF rules.
+    Rule names it creates start with `prefix`."""
+
+    def __init__(self, rules: _Rules, root: dict, prefix: str) -> None:
+        self.rules, self.root, self.prefix = rules, root, prefix
+        self.refs: dict[str, str] = {}       # $ref -> its rule
+        self.leading: set[str] = set()       # $refs entered since the last literal: re-entering one
+        self.depth = 0                       # would make a left-recursive (uncompilable) grammar
+
+    def expr(self, schema: Any, hint: str) -> str:
+        """A GBNF expression (one item of a sequence) for the JSON values that fit `schema`;
+        rules it needs are named from `hint`."""
+        if not isinstance(schema, dict) or self.depth >= MAX_GRAMMAR_DEPTH:
+            return "value"
+        self.depth += 1
+        try:
+            return self._dispatch(schema, hint)
+        finally:
+            self.depth -= 1
+
+    def _dispatch(self, schema: dict, hint: str) -> str:
+        """expr() for a schema object: the first keyword that decides the shape wins."""
+        if "$ref" in schema:
+            return self._ref(schema["$ref"])
+        if "const" in schema:
+            return json_literal(schema["const"])
+        if "enum" in schema:
+            return self._enum(schema["enum"])
+        for keyword in ("anyOf", "oneOf"):
+            if isinstance(schema.get(keyword), list):
+                rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
+                return self._any_of([{**rest, **b} if isinstance(b, dict) else True
+                                     for b in schema[keyword]], hint)
+        if isinstance(schema.get("allOf"), list):
+            rest = {k: v for k, v in schema.items() if k != "allOf"}
+            return self.expr(_merged([rest, *schema["allOf"]]), hint)
+        return self._typed(schema, hint)
+
+    def _typed(self, schema: dict, hint: str) -> str:
+        """expr() by `type` (or by properties/items when there is no type)."""
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            return self._any_of([{**schema, "type": k} for k in kind], hint)
+        if kind == "object" or (kind is None and OBJECT_KEYWORDS & schema.keys()):
+            return self._object(schema, hint)
+        if kind == "array" or (kind is None and "items" in schema):
+            return self._array(schema, hint)
+        if kind == "string":
+            return self._string(schema)
+        return SCHEMA_TYPES.get(kind, "value") if isinstance(kind, str) else "value"
+
+    def _any_of(self, schemas: list, hint: str) -> str:
+        """One of the expressions of `schemas` (duplicates dropped); any value when empty."""
+        exprs = list(dict.fromkeys(self.expr(s, f"{hint}-{i}") for i, s in enumerate(schemas)))
+        if len(exprs) <= 1:
+            return exprs[0] if exprs else "value"
+        return "( " + " | ".join(exprs) + " )"
+
+    def _enum(self, values: Any) -> str:
+        """One of the literal JSON values; any value when `values` is not a non-empty list."""
+        if not isinstance(values, list) or not values:
+            return "value"
+        literals = list(dict.fromkeys(json_literal(v) for v in values))
+        return literals[0] if len(literals) == 1 else "( " + " | ".join(literals) + " )"
+
+    def _ref(self, ref: Any) -> str:
+        """The rule of a $ref's target (made on first use, so recursive schemas work); any value
+        when the target is unknown, or when it would be entered again before any literal."""
+        target = self._target(ref)
+        if target is None or ref in self.leading:
+            return "value"
+        if ref not in self.refs:
+            name = self.refs[ref] = self.rules.unique(
+                f"{self.prefix}-ref-{gbnf_rule_name(ref.rsplit('/', 1)[-1])}")
+            self.leading.add(ref)
+            try:
+                self.rules.put(name, self.expr(target, name))
+            finally:
+                self.leading.discard(ref)
+        return self.refs[ref]
+
+    def _target(self, ref: Any) -> dict | None:
+        """The schema a local $ref names ("#", "#/definitions/X", "#/$defs/X"), else None."""
+        if ref == "#":
+            return self.root
+        for section in ("definitions", "$defs"):
+            start = f"#/{section}/"
+            if isinstance(ref, str) and ref.startswith(start):
+                defs = self.root.get(section)
+                target = defs.get(ref[len(start):]) if isinstance(defs, dict) else None
+                return target if isinstance(target, dict) else None
+        return None
+
+    @contextlib.contextmanager
+    def _inside(self) -> Iterator[None]:
+        """Within a container, after its opening literal: no $ref is leading any more."""
+        saved, self.leading = self.leading, set()
+        try:
+            yield
+        finally:
+            self.leading = saved
+
+    def _object(self, schema: dict, hint: str) -> str:
+        """An object: required keys, then optional ones (see the section's rules)."""
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        required = schema.get("required") if isinstance(schema.get("required"), list) else []
+        required = list(dict.fromkeys(k for k in required if isinstance(k, str)))
+        if not props and not required:
+            return self._map(schema.get("additionalProperties"), hint)
+        keys = [k for k in props if k in required] + [k for k in required if k not in props]
+        with self._inside():
+            pairs = [self._pair(k, props.get(k, True), hint) for k in keys]
+            optional = [self._pair(k, props[k], hint) for k in props if k not in required]
+        if not pairs:
+            return self._optional_only(optional, hint)
+        tail = self._optional_tails(optional, hint)
+        return '"{" ws ' + ' ws "," ws '.join(pairs) + (f" {tail[0]}" if tail else "") + ' ws "}"'
+
+    def _pair(self, key: str, schema: Any, hint: str) -> str:
+        """`"key" ws ":" ws value` for one property."""
+        sub = f"{hint}-{gbnf_rule_name(key)}"
+        return f'{json_literal(key)} ws ":" ws {self.rules.named(sub, self.expr(schema, sub))}'
+
+    def _optional_tails(self, pairs: list[str], hint: str) -> list[str]:
+        """Rules tail-i ::= ( ws "," ws pair-i )? tail-(i+1): the optional keys from i on, each
+        present or absent, in order. Returns their names (empty when there are no pairs)."""
+        tails: list[str] = []
+        for pair in reversed(pairs):
+            after = f" {tails[0]}" if tails else ""
+            tails.insert(0, self.rules.put(self.rules.unique(f"{hint}-rest"),
+                                           f'( ws "," ws {pair} )?{after}'))
+        return tails
+
+    def _optional_only(self, pairs: list[str], hint: str) -> str:
+        """An object whose keys are all optional: empty, or a first present key then the rest."""
+        tails = self._optional_tails(pairs[1:], hint) + [""]
+        firsts = " | ".join(f"{pair} {tail}".rstrip() for pair, tail in zip(pairs, tails))
+        return f'"{{" ws ( ( {firsts} ) ws )? "}}"'
+
+    def _map(self, values: Any, hint: str) -> str:
+        """An object with any keys: `"{" ws "}"` when additionalProperties is false, values of its
+        schema when it is one, any object otherwise."""
+        if values is False:
+            return '"{" ws "}"'
+        if not isinstance(values, dict) or not values:
+            return "object"
+        with self._inside():
+            value = self.rules.named(f"{hint}-value", self.expr(values, f"{hint}-value"))
+        return _bracketed('"{"', f'string ws ":" ws {value}', 0, None, '"}"')
+
+    def _array(self, schema: dict, hint: str) -> str:
+        """An array of `items` (any values without it), within minItems..maxItems when small."""
+        with self._inside():
+            item = self.rules.named(f"{hint}-item", self.expr(schema.get("items", True), f"{hint}-item"))
+        return _bracketed('"["', item, *_length_bounds(schema, "minItems", "maxItems"), '"]"')
+
+    def _string(self, schema: dict) -> str:
+        """A JSON string, within minLength..maxLength characters when small (an escape counts as
+        one character)."""
+        low, high = _length_bounds(schema, "minLength", "maxLength")
+        if (low, high) == (0, None):
+            return "string"
+        return r'"\"" ' + (f"char{_quantifier(low, high)} " if high != 0 else "") + r'"\""'
+
+
+def _schema_rule(rules: _Rules, schema: dict | None, name: str) -> str:
+    """Define rule `name` as the JSON values fitting `schema`; returns the name. None, {} or a
+    schema that is not an object: any JSON object."""
+    ok = isinstance(schema, dict) and schema
+    body = _SchemaConverter(rules, schema, name).expr(schema, name) if ok else "object"
+    return rules.put(name, body)
+
+
+def schema_grammar(schema: dict | None) -> str:
+    """GBNF whose root is one JSON value fitting `schema`; None or {} = any JSON object (response_format
+    json_object). See the section's rules for exactly what it accepts."""
+    rules = _Rules()
+    _schema_rule(rules, schema, "root")
+    return rules.text()
+
+
+def _call_format(rules: _Rules, family: str, most: int) -> str:
+    """Define `root` as 1..most calls in the family's syntax; returns the arguments key."""
+    if family == "llama3":            # bare JSON objects, one per line
+        rules.put("root", _series("call", r'"\n"', 1, most))
+        return "parameters"
+    if family == "mistral":           # one JSON list after the marker
+        rules.put("root", '"[TOOL_CALLS]" ' + _bracketed('"["', "call", 1, most, '"]"'))
+        return "arguments"
+    rules.put("root", _series("block", r'"\n"', 1, most))      # Hermes: qwen, chatml, the rest
+    rules.put("block", r'"<tool_call>\n" call "\n</tool_call>"')
+    return "arguments"
+
+
+def _call_rule(rules: _Rules, index: int, name: str, schema: dict | None, key: str) -> str:
+    """Define call-<index>: {"name": <name>, "<key>": <arguments fitting schema>}; returns it."""
+    args = _schema_rule(rules, schema, f"args-{index}")
+    body = " ws ".join(['"{"', json_literal("name"), '":"', json_literal(name), '","',
+                        json_literal(key), '":"', args, '"}"'])
+    return rules.put(f"call-{index}", body)
+
+
+def call_grammar(tools: Mapping[str, dict], family: str, parallel: bool = True,
+                 only: str | None = None) -> str:
+    """GBNF whose root is the tool-call block(s) of the model family:
+      "qwen", "chatml", "" and any other family (Hermes style):
+         <tool_call>\\n{"name": "<tool>", "arguments": {...}}\\n</tool_call>, blocks separated by "\\n";
+      "llama3": {"name": "<tool>", "parameters": {...}}, several separated by "\\n";
+      "mistral": [TOOL_CALLS][{"name": "<tool>", "arguments": {...}}, ...].
+    1..MAX_GRAMMAR_CALLS calls when `parallel`, exactly one otherwise. `tools` maps each name to its
+    parameters schema ({} or None: any object); each name goes only with its own arguments. `only`
+    restricts the grammar to that tool. Raises ValueError when no tool is left to call."""
+    if only is not None and only not in tools:
+        raise ValueError(f"tool {only!r} is not among the tools offered")
+    names = [only] if only is not None else list(tools)
+    if not names:
+        raise ValueError("no tools to call")
+    rules = _Rules()
+    key = _call_format(rules, family, MAX_GRAMMAR_CALLS if parallel else 1)
+    calls = [_call_rule(rules, i, name, tools[name], key) for i, name in enumerate(names)]
+    rules.put("call", " | ".join(calls))
+    return rules.text()
 
 
 # =====================================================================================================

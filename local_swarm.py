@@ -41,7 +41,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
 try:
     import psutil
@@ -3551,7 +3551,6 @@ def adaptive_more(keys: Sequence[str], budget: int, threshold: float = ADAPTIVE_
 #   (both as "any of"), allOf (merged), $ref to "#", "#/definitions/..." or "#/$defs/...". Ignored:
 #   formats, patterns, numeric ranges, uniqueItems, tuple `items`. Anything else: any JSON value.
 
-from collections.abc import Mapping    # with the imports at the top once this section is merged
 
 MAX_GRAMMAR_CALLS = 8        # tool calls in one parallel reply; editors never need more per turn
 MAX_GRAMMAR_ITEMS = 32       # larger length bounds are not enforced: each unit of bound is a rule

@@ -3519,9 +3519,11 @@ def adaptive_more(keys: Sequence[str], budget: int, threshold: float = ADAPTIVE_
 # [TOOL_CALLS], Llama 3 <|python_tag|>), a fenced block, or a JSON object or list that opens with a
 # key ('{"' or '[{"'). Each JSON value is cut out with raw_decode at that exact offset. Markers are
 # read leniently (extra keys, missing arguments mean {}); fences and bare JSON strictly (only the
-# keys name and arguments or parameters). A fence in another language (```python) is code: nothing
-# inside it is a call. Calls that follow one another (whitespace or ';' between) form one span;
-# a JSON list is all calls or none. A span that holds any invalid call stays text, whole.
+# keys name, arguments or parameters, and type "function"). A fence in another language (```python)
+# is code: nothing inside it is a call. Calls that follow one another (whitespace or ';' between)
+# form one span; a JSON list is all calls or none. A span that holds any invalid call stays text,
+# whole. Nothing nested inside another JSON value is a call, nor inside one that breaks off: the
+# search resumes where the value ended or broke, so a reply stuck repeating '{"a":' costs one pass.
 
 CALL_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
 CALL_FENCE_LANGS = frozenset({"", "json", "tool_call"})      # fences whose body may be calls
@@ -3530,6 +3532,11 @@ BARE_CALL_KEYS = ARGUMENT_KEYS | {"name", "type"}            # all a bare or fen
 # What a streamed call looks like at a line start or inside a call fence ("" = optional whitespace).
 CALL_SHAPES = (("{", "", '"name"'), ("[", "", "{", "", '"name"'),
                ("{", "", '"type"', "", ":", "", '"function"'))
+MAX_ARGUMENT_DEPTH = 64   # nesting of a call's arguments; deeper is a degenerate reply, and
+                          # canonical() and the schema check recurse
+DECODE_WINDOW = 4096   # characters decoded first at each start: a JSON error counts lines from the
+                       # start of what it was given, so failing on the whole reply at every '{"'
+                       # of a looping reply would cost its length squared
 SCAN_HOLD_LIMIT = 64   # characters of a possible call start held back from the client: a fence line
                        # and '{"name"' fit; more would hide a reply that merely starts oddly
 
@@ -3548,6 +3555,7 @@ def _reject_constant(name: str) -> None:
 
 
 _JSON = json.JSONDecoder(parse_constant=_reject_constant)    # NaN and Infinity are not JSON
+_NOT_JSON = object()                                         # _decode's "no value here"
 
 
 def _normalize(value: Any) -> Any:
@@ -3748,11 +3756,9 @@ def _mistral_span(text: str, match: re.Match, tools: Mapping[str, dict]) -> tupl
     if named is None:
         end, calls = _call_unit(text, pos, tools, strict=False)
         return (end, calls) if calls else (match.end(), [])
-    decoded = _decode(text, named.end())
-    if decoded is None:
-        return match.end(), []
-    call = _tool_call({"name": named.group(1), "arguments": decoded[0]}, tools, strict=False)
-    return (decoded[1], [call]) if call else (match.end(), [])
+    arguments, end = _decode(text, named.end())
+    call = _tool_call({"name": named.group(1), "arguments": arguments}, tools, strict=False)
+    return (end, [call]) if call else (match.end(), [])
 
 
 def _python_tag_span(text: str, match: re.Match, tools: Mapping[str, dict]) -> tuple[int, list[ToolCall]]:
@@ -3801,22 +3807,36 @@ def _call_run(text: str, pos: int, tools: Mapping[str, dict],
 def _call_unit(text: str, pos: int, tools: Mapping[str, dict],
                strict: bool) -> tuple[int, list[ToolCall]]:
     """The calls in the JSON object or list of objects at `pos` and where it ends; [] (with the
-    value's end, or pos when no JSON starts there) unless every item is a valid call."""
-    decoded = _decode(text, pos)
-    if decoded is None:
-        return pos, []
-    value, end = decoded
+    value's end, or where it broke) unless every item is a valid call."""
+    value, end = _decode(text, pos)
     items = value if isinstance(value, list) else [value]
     calls = [call for item in items if (call := _tool_call(item, tools, strict)) is not None]
     return end, calls if items and len(calls) == len(items) else []
 
 
-def _decode(text: str, pos: int) -> tuple[Any, int] | None:
-    """(the JSON value at pos, where it ends); None when no JSON value starts exactly there."""
+def _decode(text: str, pos: int) -> tuple[Any, int]:
+    """(the JSON value at pos, where it ends); (_NOT_JSON, where it broke) when no JSON value
+    starts exactly there. Decodes a DECODE_WINDOW slice first, the whole rest only when the value
+    may run past it."""
+    piece = text[pos:pos + DECODE_WINDOW]
+    value, end, cut = _decode_piece(piece)
+    if cut and len(piece) < len(text) - pos:
+        value, end, _ = _decode_piece(text[pos:])
+    return value, pos + end
+
+
+def _decode_piece(piece: str) -> tuple[Any, int, bool]:
+    """(the JSON value at the start of piece, its end, False); or (_NOT_JSON, where it broke,
+    whether the break may be the end of the piece cutting a longer value short)."""
     try:
-        return _JSON.raw_decode(text, pos)
-    except (ValueError, RecursionError):    # RecursionError: nesting deeper than the C stack allows
-        return None
+        value, end = _JSON.raw_decode(piece)
+        return value, end, False
+    except json.JSONDecodeError as exc:   # a token cut short reports its start: at most 6 back
+        return _NOT_JSON, exc.pos, exc.pos >= len(piece) - 8 or exc.msg.startswith("Unterminated")
+    except ValueError:                    # NaN, or an integer longer than int() accepts
+        return _NOT_JSON, 0, False
+    except RecursionError:                # nesting past the interpreter's limit
+        return _NOT_JSON, len(piece), True
 
 
 def _tool_call(item: Any, tools: Mapping[str, dict], strict: bool) -> ToolCall | None:
@@ -3844,13 +3864,25 @@ def _bare_shape(item: dict) -> bool:
 
 
 def _arguments(value: Any) -> dict[str, Any] | None:
-    """A call's arguments: an object, or a string holding one ("" means {}); None otherwise."""
-    if isinstance(value, str):
-        decoded = _decode(value, _WS_RE.match(value).end()) if value.strip() else ({}, len(value))
-        if decoded is None or value[decoded[1]:].strip():
-            return None
-        value = decoded[0]
-    return value if isinstance(value, dict) else None
+    """A call's arguments: an object, or a string holding one ("" means {}); None otherwise, or when
+    they nest past MAX_ARGUMENT_DEPTH."""
+    if isinstance(value, str) and value.strip():
+        decoded, end = _decode(value, _WS_RE.match(value).end())
+        value = None if value[end:].strip() else decoded
+    elif isinstance(value, str):
+        value = {}
+    return value if isinstance(value, dict) and not _too_deep(value) else None
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether lists and dicts nest past MAX_ARGUMENT_DEPTH (counted level by level, no recursion)."""
+    level = [value]
+    for _ in range(MAX_ARGUMENT_DEPTH):
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return True
 
 
 # ---- spotting a call while a reply streams ----
@@ -3944,7 +3976,7 @@ class CallScanner:
         opened = _any_verdict(_prefix_verdict(self._text, pos, (fence,)) for fence in ("```", "~~~"))
         newline = self._text.find("\n", pos)
         if not opened or newline < 0:
-            return opened
+            return None if opened else opened     # a fence line counts once it is whole
         head = self._text[pos:newline]
         fence = head[:len(head) - len(head.lstrip(head[0]))]
         info = head[len(fence):].split()

@@ -3648,7 +3648,8 @@ def _check_type(schema: dict, value: Any, path: str) -> str | None:
     """A type name this check does not know accepts anything."""
     wanted = schema.get("type")
     names = [wanted] if isinstance(wanted, str) else wanted if isinstance(wanted, list) else []
-    if not names or any(name not in _JSON_TYPES or _JSON_TYPES[name](value) for name in names):
+    if not names or any(not isinstance(name, str) or name not in _JSON_TYPES
+                        or _JSON_TYPES[name](value) for name in names):
         return None
     return f"{path}: expected {' or '.join(names)}, got {_type_name(value)}"
 
@@ -3670,7 +3671,7 @@ def _check_object(schema: dict, value: Any, path: str) -> str | None:
         return None
     required = schema.get("required")
     for key in required if isinstance(required, list) else []:
-        if key not in value:
+        if isinstance(key, str) and key not in value:
             return f"{path}: missing required {key!r}"
     props = schema.get("properties")
     props = props if isinstance(props, dict) else {}

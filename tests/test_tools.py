@@ -213,7 +213,7 @@ OBJ = {"type": "object", "properties": {"n": {"type": "integer"}, "tags": {
     ({"type": "object"}, [], False),
     ({"type": ["string", "null"]}, None, True),
     ({"type": ["string", "null"]}, 1, False),
-    ({"type": "whatever"}, 1, True),            # an unknown type name accepts
+    ({"type": "whatever"}, 0, True),            # an unknown type name accepts
     ({"enum": ["a", "b"]}, "b", True),
     ({"enum": ["a", "b"]}, "c", False),
     ({"enum": [1, 2]}, 2.0, True),
@@ -246,6 +246,9 @@ OBJ = {"type": "object", "properties": {"n": {"type": "integer"}, "tags": {
     ({"allOf": [{"type": "number"}, {"enum": [1, 2]}]}, 3, False),
     ({"type": "string", "minLength": 5, "$ref": "#/x", "format": "uri"}, "a", True),  # ignored
     ({"required": ["a"]}, "not an object", True),   # object keywords apply to objects only
+    ({"required": [["a"], 1]}, {}, True),           # malformed schemas: ignored, never raise
+    ({"type": [{}, "string"]}, 1, True),
+    ({"type": 5, "properties": [], "items": 3, "anyOf": {}, "enum": "ab"}, "a", True),
     ({"items": {"type": "string"}}, "not a list", True),
 ])
 def test_check_arguments(schema, value, ok):

@@ -41,7 +41,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import (Any, AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping,
+                    Sequence)
 
 try:
     import psutil
@@ -3529,6 +3530,489 @@ def adaptive_more(keys: Sequence[str], budget: int, threshold: float = ADAPTIVE_
 # family's documented syntax (json.JSONDecoder on the exact span), never a loose pattern.
 
 # ---- parsing, validation, canonical form ------------------------------------------------------------
+# A reply's calls are found at these starts only: a family's marker (Qwen/Hermes <tool_call>, Mistral
+# [TOOL_CALLS], Llama 3 <|python_tag|>), a fenced block, or a JSON object or list that opens with a
+# key ('{"' or '[{"'). Each JSON value is cut out with raw_decode at that exact offset. Markers are
+# read leniently (extra keys, missing arguments mean {}); fences and bare JSON strictly (only the
+# keys name, arguments or parameters, and type "function"). A fence in another language (```python)
+# is code: nothing inside it is a call. Calls that follow one another (whitespace or ';' between)
+# form one span; a JSON list is all calls or none. A span that holds any invalid call stays text,
+# whole. Nothing nested inside another JSON value is a call, nor inside one that breaks off: the
+# search resumes where the value ended or broke, so a reply stuck repeating '{"a":' costs one pass.
+
+CALL_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
+CALL_FENCE_LANGS = frozenset({"", "json", "tool_call"})      # fences whose body may be calls
+ARGUMENT_KEYS = frozenset({"arguments", "parameters"})       # Llama 3 writes "parameters"
+BARE_CALL_KEYS = ARGUMENT_KEYS | {"name", "type"}            # all a bare or fenced call may hold
+# What a streamed call looks like at a line start or inside a call fence ("" = optional whitespace).
+CALL_SHAPES = (("{", "", '"name"'), ("[", "", "{", "", '"name"'),
+               ("{", "", '"type"', "", ":", "", '"function"'))
+MAX_ARGUMENT_DEPTH = 64   # nesting of a call's arguments; deeper is a degenerate reply, and
+                          # canonical() and the schema check recurse
+DECODE_WINDOW = 4096   # characters decoded first at each start: a JSON error counts lines from the
+                       # start of what it was given, so failing on the whole reply at every '{"'
+                       # of a looping reply would cost its length squared
+SCAN_HOLD_LIMIT = 64   # characters of a possible call start held back from the client: a fence line
+                       # and '{"name"' fit; more would hide a reply that merely starts oddly
+
+_CALL_START_RE = re.compile(
+    r"(?P<hermes><tool_call>)|(?P<mistral>\[TOOL_CALLS\])|(?P<python_tag><\|python_tag\|>)"
+    r"|(?P<fence>^[ \t]*(?:`{3,}|~{3,}))|(?P<bare>\[\s*\{\s*\"|\{\s*\")", re.MULTILINE)
+_HERMES_CLOSE_RE = re.compile(r"\s*</tool_call>")
+_MISTRAL_NAME_RE = re.compile(r"([\w.\-]{1,64})(?:\[CALL_ID\]\w+)?\[ARGS\]")  # [TOOL_CALLS]f[ARGS]{..}
+_WS_RE = re.compile(r"\s*")
+_CALL_SEP_RE = re.compile(r"\s*(?:;\s*)?")
+_SCAN_RE = re.compile(r"(?P<line>^[ \t]*)|[<\[]", re.MULTILINE)   # where the scanner looks
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)    # NaN and Infinity are not JSON
+_NOT_JSON = object()                                         # _decode's "no value here"
+
+
+def _normalize(value: Any) -> Any:
+    """`value` with integral floats as ints (2.0 -> 2), inside lists and dicts too."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _normalize(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_normalize(item) for item in value]
+    return value
+
+
+def _json_key(value: Any) -> str:
+    """A text equal for equal JSON values (1 and 1.0 alike, true and 1 not)."""
+    return json.dumps(_normalize(value), sort_keys=True, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One accepted call. Compare calls by canonical(): the dataclass's == sees 1 == True, and hash()
+    fails on the arguments dict."""
+
+    name: str
+    arguments: dict[str, Any]
+
+    def canonical(self) -> str:
+        """Compact JSON of {"name", "arguments"}, keys sorted, integral floats as ints; strings kept."""
+        call = {"name": self.name, "arguments": _normalize(self.arguments)}
+        return json.dumps(call, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    def arguments_json(self) -> str:
+        """The arguments as compact JSON, as parsed (OpenAI's `function.arguments`)."""
+        return json.dumps(self.arguments, separators=(",", ":"), ensure_ascii=False)
+
+
+def tool_specs(tools: Sequence[dict]) -> dict[str, dict]:
+    """OpenAI `tools` list -> {function name: parameters JSON schema ({} when absent)}. Only
+    type "function" entries (type may be missing); entries without a string name are left out."""
+    specs: dict[str, dict] = {}
+    for tool in tools:
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            continue
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name:
+            params = function.get("parameters")
+            specs[name] = params if isinstance(params, dict) else {}
+    return specs
+
+
+# ---- JSON schema check (the subset tool schemas use) ----
+
+_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "integer": lambda v: ((isinstance(v, int) and not isinstance(v, bool))
+                          or (isinstance(v, float) and v.is_integer())),
+    "boolean": lambda v: isinstance(v, bool),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+    "null": lambda v: v is None,
+}
+
+
+def _type_name(value: Any) -> str:
+    """The JSON type of a decoded value, for messages."""
+    for name in ("boolean", "integer", "number", "string", "array", "object", "null"):
+        if _JSON_TYPES[name](value):
+            return name
+    return type(value).__name__
+
+
+def check_arguments(schema: Any, value: Any, path: str = "arguments") -> str | None:
+    """None when `value` fits the JSON schema, else a short reason naming the path. Checks type,
+    enum, const, required, properties, additionalProperties, items, anyOf/oneOf/allOf; other
+    keywords are ignored. {} and true accept anything, false nothing."""
+    if schema is False:
+        return f"{path}: no value is allowed here"
+    if not isinstance(schema, dict):
+        return None
+    for check in (_check_type, _check_enum, _check_object, _check_array, _check_branches):
+        reason = check(schema, value, path)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _check_type(schema: dict, value: Any, path: str) -> str | None:
+    """A type name this check does not know accepts anything."""
+    wanted = schema.get("type")
+    names = [wanted] if isinstance(wanted, str) else wanted if isinstance(wanted, list) else []
+    if not names or any(not isinstance(name, str) or name not in _JSON_TYPES
+                        or _JSON_TYPES[name](value) for name in names):
+        return None
+    return f"{path}: expected {' or '.join(names)}, got {_type_name(value)}"
+
+
+def _check_enum(schema: dict, value: Any, path: str) -> str | None:
+    if "enum" not in schema and "const" not in schema:
+        return None
+    key = _json_key(value)
+    options = schema.get("enum")
+    if isinstance(options, list) and all(_json_key(option) != key for option in options):
+        return f"{path}: {key} is not one of {_json_key(options)}"
+    if "const" in schema and _json_key(schema["const"]) != key:
+        return f"{path}: must be {_json_key(schema['const'])}"
+    return None
+
+
+def _check_object(schema: dict, value: Any, path: str) -> str | None:
+    if not isinstance(value, dict):
+        return None
+    required = schema.get("required")
+    for key in required if isinstance(required, list) else []:
+        if isinstance(key, str) and key not in value:
+            return f"{path}: missing required {key!r}"
+    props = schema.get("properties")
+    props = props if isinstance(props, dict) else {}
+    extra = schema.get("additionalProperties", True)
+    for key, item in value.items():
+        sub = props.get(key, extra if "patternProperties" not in schema else True)
+        reason = (f"{path}: unexpected {key!r}" if sub is False
+                  else check_arguments(sub, item, f"{path}.{key}"))
+        if reason is not None:
+            return reason
+    return None
+
+
+def _check_array(schema: dict, value: Any, path: str) -> str | None:
+    items = schema.get("items")
+    if not isinstance(value, list) or items is None:
+        return None
+    subs = items if isinstance(items, list) else [items] * len(value)   # a list: one schema a place
+    for index, (sub, item) in enumerate(zip(subs, value)):
+        reason = check_arguments(sub, item, f"{path}[{index}]")
+        if reason is not None:
+            return reason
+    return None
+
+
+def _check_branches(schema: dict, value: Any, path: str) -> str | None:
+    """anyOf and oneOf: some branch fits (oneOf is read as anyOf); allOf: every branch fits."""
+    for key in ("anyOf", "oneOf"):
+        branches = schema.get(key)
+        if isinstance(branches, list) and branches and all(
+                check_arguments(branch, value, path) is not None for branch in branches):
+            return f"{path}: fits none of {key}"
+    branches = schema.get("allOf")
+    for branch in branches if isinstance(branches, list) else []:
+        reason = check_arguments(branch, value, path)
+        if reason is not None:
+            return reason
+    return None
+
+
+# ---- finding calls in a finished reply ----
+
+def parse_tool_calls(text: str, tools: Mapping[str, dict],
+                     parallel: bool = True) -> tuple[str, list[ToolCall]]:
+    """The calls in a model's reply: (the text with every accepted call's markup cut out, stripped;
+    the accepted calls in order). `tools` is tool_specs(...). A candidate that names a tool not in
+    `tools` or whose arguments fail check_arguments stays in the text untouched. parallel=False
+    keeps only the first call; the markup of the later accepted calls is still cut out."""
+    pieces: list[str] = []
+    calls: list[ToolCall] = []
+    shown = 0
+    for start, end, found in _call_spans(text, tools):
+        pieces.append(text[shown:start])
+        calls.extend(found)
+        shown = end
+    pieces.append(text[shown:])
+    return "".join(pieces).strip(), calls if parallel else calls[:1]
+
+
+def _call_spans(text: str, tools: Mapping[str, dict]) -> Iterator[tuple[int, int, list[ToolCall]]]:
+    """(start, end, calls) of each accepted span, in order."""
+    pos = 0
+    while tools and (match := _CALL_START_RE.search(text, pos)):
+        end, calls = _SPAN_READERS[match.lastgroup or ""](text, match, tools)
+        if calls:
+            yield match.start(), end, calls
+        pos = max(end, match.start() + 1)
+
+
+def _hermes_span(text: str, match: re.Match, tools: Mapping[str, dict]) -> tuple[int, list[ToolCall]]:
+    """<tool_call> JSON </tool_call>; the closing tag is optional."""
+    end, calls = _call_run(text, _WS_RE.match(text, match.end()).end(), tools, strict=False)
+    if not calls:
+        return match.end(), []
+    close = _HERMES_CLOSE_RE.match(text, end)
+    return (close.end() if close else end), calls
+
+
+def _mistral_span(text: str, match: re.Match, tools: Mapping[str, dict]) -> tuple[int, list[ToolCall]]:
+    """[TOOL_CALLS] then a JSON list (or object) of calls, or the newer name[ARGS]{...}."""
+    pos = _WS_RE.match(text, match.end()).end()
+    named = _MISTRAL_NAME_RE.match(text, pos)
+    if named is None:
+        end, calls = _call_unit(text, pos, tools, strict=False)
+        return (end, calls) if calls else (match.end(), [])
+    arguments, end = _decode(text, named.end())
+    call = _tool_call({"name": named.group(1), "arguments": arguments}, tools, strict=False)
+    return (end, [call]) if call else (match.end(), [])
+
+
+def _python_tag_span(text: str, match: re.Match, tools: Mapping[str, dict]) -> tuple[int, list[ToolCall]]:
+    """<|python_tag|> then JSON calls separated by ';' or whitespace (Llama 3.x)."""
+    end, calls = _call_run(text, _WS_RE.match(text, match.end()).end(), tools, strict=False)
+    return (end, calls) if calls else (match.end(), [])
+
+
+def _fence_span(text: str, match: re.Match, tools: Mapping[str, dict]) -> tuple[int, list[ToolCall]]:
+    """A fenced block: (its end, its calls). No calls, and the block skipped whole, when it is in
+    another language or its body is anything but calls."""
+    block = FENCE_RE.match(text, match.start())
+    if block is None:
+        return match.end(), []
+    info = text[block.end("fence"):block.start("body")].split()
+    if (info[0].lower() if info else "") not in CALL_FENCE_LANGS:
+        return block.end(), []
+    body = block.group("body")
+    end, calls = _call_run(body, _WS_RE.match(body).end(), tools, strict=True)
+    return block.end(), calls if not body[end:].strip() else []
+
+
+def _bare_span(text: str, match: re.Match, tools: Mapping[str, dict]) -> tuple[int, list[ToolCall]]:
+    """JSON calls right at the match; a JSON value that is not calls is skipped whole."""
+    return _call_run(text, match.start(), tools, strict=True)
+
+
+_SPAN_READERS: dict[str, Callable[[str, re.Match, Mapping[str, dict]], tuple[int, list[ToolCall]]]] = {
+    "hermes": _hermes_span, "mistral": _mistral_span, "python_tag": _python_tag_span,
+    "fence": _fence_span, "bare": _bare_span}
+
+
+def _call_run(text: str, pos: int, tools: Mapping[str, dict],
+              strict: bool) -> tuple[int, list[ToolCall]]:
+    """The calls in JSON values that follow one another from `pos` (whitespace or ';' between) and
+    where the last one ends. When the first value is no call: (its end, or pos if it is not JSON; [])."""
+    end, calls = _call_unit(text, pos, tools, strict)
+    while calls:
+        next_end, more = _call_unit(text, _CALL_SEP_RE.match(text, end).end(), tools, strict)
+        if not more:
+            break
+        end, calls = next_end, calls + more
+    return end, calls
+
+
+def _call_unit(text: str, pos: int, tools: Mapping[str, dict],
+               strict: bool) -> tuple[int, list[ToolCall]]:
+    """The calls in the JSON object or list of objects at `pos` and where it ends; [] (with the
+    value's end, or where it broke) unless every item is a valid call."""
+    value, end = _decode(text, pos)
+    items = value if isinstance(value, list) else [value]
+    calls = [call for item in items if (call := _tool_call(item, tools, strict)) is not None]
+    return end, calls if items and len(calls) == len(items) else []
+
+
+def _decode(text: str, pos: int) -> tuple[Any, int]:
+    """(the JSON value at pos, where it ends); (_NOT_JSON, where it broke) when no JSON value
+    starts exactly there. Decodes a DECODE_WINDOW slice first, the whole rest only when the value
+    may run past it."""
+    piece = text[pos:pos + DECODE_WINDOW]
+    value, end, cut = _decode_piece(piece)
+    if cut and len(piece) < len(text) - pos:
+        value, end, _ = _decode_piece(text[pos:])
+    return value, pos + end
+
+
+def _decode_piece(piece: str) -> tuple[Any, int, bool]:
+    """(the JSON value at the start of piece, its end, False); or (_NOT_JSON, where it broke,
+    whether the break may be the end of the piece cutting a longer value short)."""
+    try:
+        value, end = _JSON.raw_decode(piece)
+        return value, end, False
+    except json.JSONDecodeError as exc:   # a token cut short reports its start: at most 6 back
+        return _NOT_JSON, exc.pos, exc.pos >= len(piece) - 8 or exc.msg.startswith("Unterminated")
+    except ValueError:                    # NaN, or an integer longer than int() accepts
+        return _NOT_JSON, 0, False
+    except RecursionError:                # nesting past the interpreter's limit
+        return _NOT_JSON, len(piece), True
+
+
+def _tool_call(item: Any, tools: Mapping[str, dict], strict: bool) -> ToolCall | None:
+    """The valid call a decoded JSON item spells; None when it spells none. Strict: only the keys
+    name and arguments (or parameters), both present. The OpenAI shape {"type": "function",
+    "function": {...}} is unwrapped first."""
+    if isinstance(item, dict) and item.get("type") == "function" and isinstance(item.get("function"), dict):
+        item = item["function"] if item.keys() <= {"type", "function", "id"} else None
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str) or item["name"] not in tools:
+        return None
+    keys = ARGUMENT_KEYS & item.keys()
+    if len(keys) > 1 or (strict and not _bare_shape(item)):
+        return None
+    arguments = _arguments(item[keys.pop()]) if keys else {}
+    if arguments is None or check_arguments(tools[item["name"]], arguments) is not None:
+        return None
+    return ToolCall(item["name"], arguments)
+
+
+def _bare_shape(item: dict) -> bool:
+    """Whether an object outside any marker holds a call's keys only: name, arguments or parameters,
+    and optionally type "function" (Llama 3.2 writes it)."""
+    return (item.keys() <= BARE_CALL_KEYS and bool(ARGUMENT_KEYS & item.keys())
+            and item.get("type", "function") == "function")
+
+
+def _arguments(value: Any) -> dict[str, Any] | None:
+    """A call's arguments: an object, or a string holding one ("" means {}); None otherwise, or when
+    they nest past MAX_ARGUMENT_DEPTH."""
+    if isinstance(value, str) and value.strip():
+        decoded, end = _decode(value, _WS_RE.match(value).end())
+        value = None if value[end:].strip() else decoded
+    elif isinstance(value, str):
+        value = {}
+    return value if isinstance(value, dict) and not _too_deep(value) else None
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether lists and dicts nest past MAX_ARGUMENT_DEPTH (counted level by level, no recursion)."""
+    level = [value]
+    for _ in range(MAX_ARGUMENT_DEPTH):
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return True
+
+
+# ---- spotting a call while a reply streams ----
+
+def _prefix_verdict(text: str, pos: int, parts: Sequence[str]) -> bool | None:
+    """True when text[pos:] starts with `parts` in order ("" is optional whitespace); None while it
+    is a proper prefix of such a text; False when it can no longer become one."""
+    for part in parts:
+        if not part:
+            pos = _WS_RE.match(text, pos).end()
+            continue
+        got = text[pos:pos + len(part)]
+        if not part.startswith(got):
+            return False
+        if len(got) < len(part):
+            return None
+        pos += len(part)
+    return True
+
+
+def _any_verdict(verdicts: Iterable[bool | None]) -> bool | None:
+    """True if any is True, else None if any is None (undecided), else False."""
+    verdicts = list(verdicts)
+    return True if True in verdicts else None if None in verdicts else False
+
+
+class CallScanner:
+    """Fed a reply's text deltas as they arrive; says which text is safe to show now and where a
+    tool call starts. A start is a marker anywhere (CALL_MARKERS), or at a line start a JSON shape
+    from CALL_SHAPES, bare or as the first thing in a ```/```json fence. Names are not checked (a
+    call to an invented tool is still a call). Fences in other languages are code: nothing inside
+    them starts a call. A possible start is held back until decided, at most SCAN_HOLD_LIMIT
+    characters; past that it is prose."""
+
+    def __init__(self, tool_names: Collection[str]) -> None:
+        self.tool_names = frozenset(tool_names)   # for callers; detection does not need them
+        self.start: int | None = None   # offset of the call's first character, once detected
+        self._text = ""
+        self._shown = 0                 # text[:_shown] has been returned
+        self._cursor = 0                # no call starts before this offset (except at `start`)
+        self._fence = ""                # the fence of the code block we are in; "" outside one
+
+    def feed(self, delta: str) -> str:
+        """The text that surely is prose, to show now; "" once a call has started."""
+        if self.start is not None:
+            return ""
+        self._text += delta
+        return self._show(self._scan())
+
+    def flush(self) -> str:
+        """At the end of the reply: the text still held back; "" when a call started."""
+        return "" if self.start is not None else self._show(len(self._text))
+
+    def _show(self, end: int) -> str:
+        shown = self._text[self._shown:end]
+        self._shown = max(self._shown, end)
+        return shown
+
+    def _scan(self) -> int:
+        """Rule out call starts from the cursor on; returns the offset up to which the text is
+        prose (the call's start once one is found)."""
+        while self.start is None:
+            if self._fence and not self._leave_code():
+                return len(self._text)
+            match = _SCAN_RE.search(self._text, self._cursor)
+            if match is None:
+                self._cursor = len(self._text)
+                return self._cursor
+            line = match.group("line") is not None
+            pos = match.end() if line else match.start()
+            verdict = self._verdict(pos, line)
+            if verdict is None and len(self._text) - pos <= SCAN_HOLD_LIMIT:
+                return pos
+            if verdict:
+                self.start = pos
+            else:
+                self._cursor = max(self._cursor, pos + 1)
+        return self.start
+
+    def _verdict(self, pos: int, line_start: bool) -> bool | None:
+        """Whether a call starts at pos (True), may start there (None) or does not (False)."""
+        verdicts = [_prefix_verdict(self._text, pos, (marker,)) for marker in CALL_MARKERS]
+        if line_start:
+            verdicts += [_prefix_verdict(self._text, pos, shape) for shape in CALL_SHAPES]
+            verdicts.append(self._fence_verdict(pos))
+        return _any_verdict(verdicts)
+
+    def _fence_verdict(self, pos: int) -> bool | None:
+        """Whether a fence opening at pos holds a call. A fence that does not is code: the cursor
+        moves into it and scanning waits for its closing line."""
+        opened = _any_verdict(_prefix_verdict(self._text, pos, (fence,)) for fence in ("```", "~~~"))
+        newline = self._text.find("\n", pos)
+        if not opened or newline < 0:
+            return None if opened else opened     # a fence line counts once it is whole
+        head = self._text[pos:newline]
+        fence = head[:len(head) - len(head.lstrip(head[0]))]
+        info = head[len(fence):].split()
+        body = _WS_RE.match(self._text, newline + 1).end()
+        verdict = _any_verdict(_prefix_verdict(self._text, body, shape) for shape in CALL_SHAPES)
+        if (info[0].lower() if info else "") not in CALL_FENCE_LANGS or verdict is False:
+            self._fence, self._cursor = fence, newline + 1
+            return False
+        return verdict
+
+    def _leave_code(self) -> bool:
+        """True once past the code block's closing fence line; False while inside (the cursor
+        waits at the start of the last line, which may yet close it)."""
+        closing = re.compile(rf"^[ \t]*{re.escape(self._fence)}[ \t]*\n", re.MULTILINE)
+        found = closing.search(self._text, self._cursor)
+        if found is None:
+            self._cursor = max(self._cursor, self._text.rfind("\n") + 1)
+            return False
+        self._fence, self._cursor = "", found.end()
+        return True
 
 
 # ---- grammars (GBNF for llama.cpp) ------------------------------------------------------------------

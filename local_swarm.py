@@ -3552,8 +3552,10 @@ MAX_ARGUMENT_DEPTH = 64   # nesting of a call's arguments; deeper is a degenerat
 DECODE_WINDOW = 4096   # characters decoded first at each start: a JSON error counts lines from the
                        # start of what it was given, so failing on the whole reply at every '{"'
                        # of a looping reply would cost its length squared
-SCAN_HOLD_LIMIT = 64   # characters of a possible call start held back from the client: a fence line
-                       # and '{"name"' fit; more would hide a reply that merely starts oddly
+SCAN_HOLD_LIMIT = 128  # characters of a possible call start held back from the client: a fence line
+                       # and '{"name": "<tool>", "arguments"' fit; more would hide a reply that
+                       # merely starts oddly
+MAX_SCANNED_NAME = 64  # a longer "name" value is not a tool's name
 
 _CALL_START_RE = re.compile(
     r"(?P<hermes><tool_call>)|(?P<mistral>\[TOOL_CALLS\])|(?P<python_tag><\|python_tag\|>)"
@@ -3919,6 +3921,36 @@ def _prefix_verdict(text: str, pos: int, parts: Sequence[str]) -> bool | None:
     return True
 
 
+def _shape_verdict(text: str, pos: int) -> bool | None:
+    """_prefix_verdict over CALL_SHAPES, where a '{"name"' shape must go on as a call does,
+    '"name": "<short string>", "arguments"' (or "parameters"): a JSON object that merely begins
+    with a name (package.json) is not a call."""
+    verdicts = []
+    for shape in CALL_SHAPES:
+        verdict = _prefix_verdict(text, pos, shape)
+        if verdict and shape[-1] == '"name"':
+            verdict = _name_then_arguments(text, text.index('"name"', pos) + len('"name"'))
+        verdicts.append(verdict)
+    return _any_verdict(verdicts)
+
+
+def _name_then_arguments(text: str, pos: int) -> bool | None:
+    """Whether text[pos:] (just after '"name"') reads ': "<name>", "arguments"' (True), may
+    still (None) or cannot (False)."""
+    verdict = _prefix_verdict(text, pos, ("", ":", "", '"'))
+    if not verdict:
+        return verdict
+    pos = _WS_RE.match(text, pos).end() + 1
+    pos = _WS_RE.match(text, pos).end() + 1
+    close = re.compile(r'(?:[^"\\\n]|\\.)*"').match(text, pos)
+    if close is None:
+        return None if len(text) - pos <= MAX_SCANNED_NAME and "\n" not in text[pos:] else False
+    if close.end() - pos > MAX_SCANNED_NAME + 1:
+        return False
+    return _any_verdict(_prefix_verdict(text, close.end(), ("", ",", "", f'"{key}"'))
+                        for key in ARGUMENT_KEYS)
+
+
 def _any_verdict(verdicts: Iterable[bool | None]) -> bool | None:
     """True if any is True, else None if any is None (undecided), else False."""
     verdicts = list(verdicts)
@@ -3982,7 +4014,7 @@ class CallScanner:
         """Whether a call starts at pos (True), may start there (None) or does not (False)."""
         verdicts = [_prefix_verdict(self._text, pos, (marker,)) for marker in CALL_MARKERS]
         if line_start:
-            verdicts += [_prefix_verdict(self._text, pos, shape) for shape in CALL_SHAPES]
+            verdicts.append(_shape_verdict(self._text, pos))
             verdicts.append(self._fence_verdict(pos))
         return _any_verdict(verdicts)
 
@@ -3997,7 +4029,7 @@ class CallScanner:
         fence = head[:len(head) - len(head.lstrip(head[0]))]
         info = head[len(fence):].split()
         body = _WS_RE.match(self._text, newline + 1).end()
-        verdict = _any_verdict(_prefix_verdict(self._text, body, shape) for shape in CALL_SHAPES)
+        verdict = _shape_verdict(self._text, body)
         if (info[0].lower() if info else "") not in CALL_FENCE_LANGS or verdict is False:
             self._fence, self._cursor = fence, newline + 1
             return False

@@ -393,6 +393,8 @@ def test_scanner_code_fence_is_not_held():
     assert scanner.feed('"name": 1}\n{"name"') == '"name": 1}\n{"name"'   # inside code: all prose
     assert scanner.feed("\n```\n{") == "\n```\n"                            # closed: scanning again
     assert scanner.feed('"name"') == ""
+    assert scanner.start is None                       # held: a call needs its arguments key
+    assert scanner.feed(': "read", "arguments"') == ""
     assert scanner.start == len('```python\nx = {"name": 1}\n{"name"\n```\n')
 
 
@@ -430,3 +432,18 @@ def test_parse_call_longer_than_decode_window(pad):
     for reply in (text, f"<tool_call>\n{text}\n</tool_call>", f"```json\n{text}\n```"):
         content, calls = ls.parse_tool_calls(reply, TOOLS)
         assert (content, [c.canonical() for c in calls]) == ("", [call.canonical()])
+
+
+@pytest.mark.parametrize("text,start", [
+    ('{"name": "my-package", "version": "1.0.0"}\n', None),          # package.json is no call
+    ('```json\n{\n  "name": "my-package",\n  "private": true\n}\n```\n', None),
+    ('{"name": "read_package_json", "arguments": {}}', 0),           # an invented tool still is
+    ('{"name": "get", "parameters": {"a": 1}}', 0),
+    ('{"name": "' + "x" * 80 + '", "arguments": {}}', None),          # no tool has such a name
+])
+def test_scanner_needs_a_name_then_arguments(text, start):
+    for step in (1, 7, len(text)):
+        scanner = ls.CallScanner(TOOLS)
+        shown = "".join(scanner.feed(text[i:i + step]) for i in range(0, len(text), step))
+        assert scanner.start == start
+        assert shown + scanner.flush() == (text if start is None else text[:start])

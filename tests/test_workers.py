@@ -569,7 +569,7 @@ def test_next_turn_goes_to_the_worker_that_served_the_last():
 QWEN_LIKE = ("{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}"
              "{% endfor %}</tools> <tool_call><|im_end|>\n{% endif %}"
              "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-             "{% endfor %}<|im_start|>assistant\n")
+             "{% endfor %}{{ '<|im_start|>assistant\\n' }}")
 READ_TOOL = {"type": "function", "function": {
     "name": "read_file", "description": "Read a file",
     "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
@@ -607,7 +607,8 @@ def test_a_call_the_model_starts_is_finished_under_the_grammar_and_returned_as_t
         assert choice["message"]["content"] == "Let me look."
         [call] = choice["message"]["tool_calls"]
         assert call["type"] == "function" and call["id"].startswith("call_") and len(call["id"]) > 5
-        assert call["function"] == {"name": "read_file", "arguments": '{"path": "a.txt"}'}
+        assert call["function"]["name"] == "read_file"
+        assert json.loads(call["function"]["arguments"]) == {"path": "a.txt"}
         (chat_route, chat_body), (route, body) = w.requests
         assert chat_route == "/v1/chat/completions" and chat_body["tools"] == [READ_TOOL]
         assert route == "/v1/completions" and "read_file" in body["grammar"]

@@ -4761,12 +4761,30 @@ For each function call, return a json object with function name and arguments wi
 </tool_call>"""
 
 
-def hermes_call_text(call: dict[str, Any]) -> str:
-    """An earlier call ({function: {name, arguments}}) in the Hermes <tool_call> form."""
+def call_text(call: dict[str, Any], family: str) -> str:
+    """An earlier call ({function: {name, arguments}}) as the model family writes one: Llama 3
+    bare JSON with "parameters", Mistral [TOOL_CALLS][...], else Hermes <tool_call> (Qwen)."""
     function = call["function"]
-    return ("<tool_call>\n" + json.dumps({"name": function["name"],
-                                            "arguments": function["arguments"]},
-                                           ensure_ascii=False) + "\n</tool_call>")
+    if family == "llama3":
+        return json.dumps({"name": function["name"], "parameters": function["arguments"]},
+                          ensure_ascii=False)
+    body = json.dumps({"name": function["name"], "arguments": function["arguments"]},
+                      ensure_ascii=False)
+    return f"[TOOL_CALLS][{body}]" if family == "mistral" else f"<tool_call>\n{body}\n</tool_call>"
+
+
+def calls_as_text(messages: Sequence[dict[str, Any]], family: str) -> list[dict[str, Any]]:
+    """The messages with earlier calls written into their assistant message's content, as the
+    template itself would render them. The worker's request schema wants arguments as a string,
+    which a template's `tojson` would quote a second time: text avoids both."""
+    out = []
+    for msg in messages:
+        if msg.get("tool_calls"):
+            msg = dict(msg)
+            text = "\n".join(call_text(c, family) for c in msg.pop("tool_calls"))
+            msg["content"] = (msg["content"] + "\n" + text).lstrip("\n")
+        out.append(msg)
+    return out
 
 
 def messages_with_tool_text(messages: Sequence[dict[str, Any]], tools: Sequence[dict]
@@ -4775,7 +4793,7 @@ def messages_with_tool_text(messages: Sequence[dict[str, Any]], tools: Sequence[
     the system message, earlier calls as <tool_call> text in their assistant messages, and tool
     results as <tool_response> user messages (templates that know only system/user/assistant
     render all of it)."""
-    out = [dict(m) for m in messages]
+    out = calls_as_text(messages, "")
     if tools:
         instruction = TOOL_INSTRUCTION.format(tools="\n".join(
             json.dumps(t, ensure_ascii=False) for t in tools))
@@ -4783,14 +4801,10 @@ def messages_with_tool_text(messages: Sequence[dict[str, Any]], tools: Sequence[
             out[0]["content"] = out[0]["content"] + "\n\n" + instruction
         else:
             out.insert(0, {"role": "system", "content": instruction})
-    for msg in out:
-        if msg.get("tool_calls"):
-            text = "\n".join(hermes_call_text(c) for c in msg.pop("tool_calls"))
-            msg["content"] = (msg["content"] + "\n" + text).lstrip("\n")
-        elif msg["role"] == "tool":
-            content = msg["content"]
-            msg.clear()
-            msg.update(role="user", content=f"<tool_response>\n{content}\n</tool_response>")
+    for i, msg in enumerate(out):
+        if msg["role"] == "tool":
+            out[i] = {"role": "user", "content": f"<tool_response>\n{msg['content']}\n"
+                                                 "</tool_response>"}
     return out
 
 
@@ -4989,8 +5003,10 @@ class ChatService:
         allowed; for a template that does not render tools, the tools as an instruction."""
         tools = list(req.tools) if req.tool_use.active else []
         has_calls = any(m.get("tool_calls") or m["role"] == "tool" for m in req.messages)
-        if self.renderer.knows_tools or not (tools or has_calls):
-            return list(req.messages), tools
+        if not (tools or has_calls):
+            return list(req.messages), []
+        if self.renderer.knows_tools:
+            return calls_as_text(req.messages, self.call_family()), tools
         return messages_with_tool_text(req.messages, tools), []
 
     def render_prompt(self, req: ChatRequest) -> str:

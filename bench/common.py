@@ -1,16 +1,26 @@
-"""What the benches share: the swarm they start (as a user would, via the tests' launcher), their
-common flags, and the median."""
+"""What the benches share: the swarm they start (as a user would, via the tests' launcher, or from
+a command line by its ready line), their common flags, the samples a reply spent, and the median."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import re
+import signal
 import statistics
+import subprocess
 import sys
+import threading
+from collections import deque
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import SwarmProcess, start_swarm  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+READY_LINE = re.compile(r"ready on (http://[\d.]+:\d+)/v1")
+START_TIMEOUT_S = 1800          # a first start may build llama.cpp and download the model
+STOP_TIMEOUT_S = 30
+
+if TYPE_CHECKING:
+    from conftest import SwarmProcess
 
 
 def base_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
@@ -26,6 +36,8 @@ def base_parser(doc: str, rounds: int) -> argparse.ArgumentParser:
 def running_swarm(args: argparse.Namespace, *flags: str) -> Iterator[SwarmProcess]:
     """`python local_swarm.py --model M --instances N --threads 1 FLAGS`; on a failure the daemon's
     last log lines are printed, and the swarm is always stopped."""
+    sys.path.insert(0, str(ROOT / "tests"))     # only benches that use it need pytest and psutil
+    from conftest import start_swarm
     swarm = start_swarm("--model", args.model, "--instances", str(args.instances), "--threads", "1",
                         *flags)
     try:
@@ -39,3 +51,60 @@ def running_swarm(args: argparse.Namespace, *flags: str) -> Iterator[SwarmProces
 
 def med(xs) -> float:
     return statistics.median(xs)
+
+
+def samples_spent(reply: dict) -> int:
+    """`swarm.samples` (candidates launched, adaptive and early finish included), else `swarm.k`,
+    else the number of `swarm.candidates`, else 1 (a plain single answer)."""
+    swarm = reply.get("swarm")
+    if isinstance(swarm, dict):
+        for key in ("samples", "k"):
+            if isinstance(swarm.get(key), int) and not isinstance(swarm.get(key), bool):
+                return swarm[key]
+        if isinstance(swarm.get("candidates"), list):
+            return len(swarm["candidates"])
+    return 1
+
+
+@contextlib.contextmanager
+def started_swarm(command: list[str], timeout: float = START_TIMEOUT_S) -> Iterator[str]:
+    """Run `command` (a daemon), yield the base URL of its "ready on URL/v1" line, SIGTERM it
+    after. Raises RuntimeError when it exits or prints no ready line within `timeout` s."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    tail: deque[str] = deque(maxlen=40)     # the daemon's last lines, for a failed start
+    urls: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:              # keeps reading so the daemon never blocks on a full pipe
+        for line in proc.stdout:
+            tail.append(line)
+            if not urls:                         # show the start (a first one builds llama.cpp)
+                print(line, end="", file=sys.stderr, flush=True)
+            if not urls and (m := READY_LINE.search(line)):
+                urls.append(m.group(1))
+                ready.set()
+        ready.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        ready.wait(timeout)
+        if not urls:
+            raise RuntimeError("the swarm did not start:\n" + "".join(tail))
+        yield urls[0]
+    finally:
+        _stop(proc)
+        reader.join(5)              # EOF once the daemon (and its workers) are gone
+        if not reader.is_alive():
+            proc.stdout.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

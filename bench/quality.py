@@ -25,27 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
-from collections import deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_tasks as qt  # noqa: E402
+from common import ROOT, samples_spent, started_swarm  # noqa: E402,F401
 
-ROOT = Path(__file__).resolve().parent.parent
-READY_LINE = re.compile(r"ready on (http://[\d.]+:\d+)/v1")
-START_TIMEOUT_S = 1800          # a first start may build llama.cpp and download the model
-STOP_TIMEOUT_S = 30
 MAX_TOKENS = {"arithmetic": 400, "python": 512}
 
 
@@ -96,19 +87,6 @@ def request_body(arm: Arm, task: Any, args: argparse.Namespace) -> dict:
     if arm.seeded:
         body["seed"] = args.seed + TASK_NUMBER[task.id]
     return body
-
-
-def samples_spent(reply: dict) -> int:
-    """`swarm.samples` (candidates launched, adaptive and early finish included), else `swarm.k`,
-    else the number of `swarm.candidates`, else 1 (a plain single answer)."""
-    swarm = reply.get("swarm")
-    if isinstance(swarm, dict):
-        for key in ("samples", "k"):
-            if isinstance(swarm.get(key), int) and not isinstance(swarm.get(key), bool):
-                return swarm[key]
-        if isinstance(swarm.get("candidates"), list):
-            return len(swarm["candidates"])
-    return 1
 
 
 def reply_text(reply: dict) -> str:
@@ -194,53 +172,6 @@ def comparison(summaries: dict[str, dict]) -> str:
 
     return (f"k=5 minus one sample: {diff('vote5', 'sample')}; "
             f"k=5 minus greedy: {diff('vote5', 'greedy')}")
-
-
-# ============================================================================ swarm
-
-
-@contextmanager
-def started_swarm(command: list[str], timeout: float = START_TIMEOUT_S) -> Iterator[str]:
-    """Run `command` (a daemon), yield the base URL of its "ready on URL/v1" line, SIGTERM it
-    after. Raises RuntimeError when it exits or prints no ready line within `timeout` s."""
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    tail: deque[str] = deque(maxlen=40)     # the daemon's last lines, for a failed start
-    urls: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:              # keeps reading so the daemon never blocks on a full pipe
-        for line in proc.stdout:
-            tail.append(line)
-            if not urls:                         # show the start (a first one builds llama.cpp)
-                print(line, end="", file=sys.stderr, flush=True)
-            if not urls and (m := READY_LINE.search(line)):
-                urls.append(m.group(1))
-                ready.set()
-        ready.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        ready.wait(timeout)
-        if not urls:
-            raise RuntimeError("the swarm did not start:\n" + "".join(tail))
-        yield urls[0]
-    finally:
-        _stop(proc)
-        reader.join(5)              # EOF once the daemon (and its workers) are gone
-        if not reader.is_alive():
-            proc.stdout.close()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # ============================================================================ CLI

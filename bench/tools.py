@@ -1,0 +1,383 @@
+#!/usr/bin/env python3
+"""Does the swarm call tools right? Accuracy per arm on tool-use tasks with known outcomes.
+
+The tasks (bench/tools_tasks.py) offer 1 to 6 tools and expect either one call (name and
+arguments, each argument compared its own way) or a text answer; some are multi-turn, carrying an
+earlier call and its result. Each arm sends every task once to a running swarm's
+/v1/chat/completions with the task's `tools` and "tool_choice": "auto", as one request body:
+
+  greedy   temperature 0,                   "swarm": {"votes": 1}
+  sample   temperature omitted, seed/task,  "swarm": {"votes": 1}   (one sample at the vote T)
+  vote3    temperature omitted,             "swarm": {"votes": 3}
+  vote5    temperature omitted,             "swarm": {"votes": 5}
+
+With the temperature omitted the swarm samples at its own vote temperature (--temperature sends
+one instead). A reply is correct when no call was expected and it has no tool_calls, or when its
+first tool call (`choices[0].message.tool_calls[0]`) has the expected name and arguments. A reply
+whose tool_calls have the wrong shape (null, no id, arguments not a JSON-object string,
+finish_reason not "tool_calls") is printed and counted in the `shape` column, whatever its score.
+With --stream the replies are streamed and the `tool_calls` deltas reassembled by index (the first
+delta of a call carries its id, type and function.name; later ones argument fragments).
+
+Per arm it prints accuracy, the accuracy on calls (name and arguments) and on the call name alone
+(over the tasks that expect a call), the accuracy on tasks that expect text, shape errors, the
+mean samples spent per task (`swarm.samples`, else `swarm.k`, else 1) and the mean wall time per
+request. A request that fails counts as wrong, is reported in `errors`, and is left out of the
+samples mean.
+
+Usage:
+  python bench/tools.py --url http://127.0.0.1:8000 [--arms greedy,vote5] [--limit 5] [--stream]
+  python bench/tools.py --start          # start `python local_swarm.py --model ...` itself
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tools_tasks as tt  # noqa: E402
+from common import ROOT, samples_spent, started_swarm  # noqa: E402
+
+MAX_TOKENS = 384                # a call, or a short answer; write_file content is the longest
+MAX_STREAM_EVENTS = 10_000      # MAX_TOKENS tokens send a few hundred events; more is a runaway
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    label: str
+    votes: int
+    greedy: bool                # temperature 0 (else omitted, or --temperature)
+    seeded: bool                # a seed per task
+
+
+ARMS = {a.name: a for a in (
+    Arm("greedy", "greedy, 1 worker", 1, greedy=True, seeded=False),
+    Arm("sample", "1 sample at T", 1, greedy=False, seeded=True),
+    Arm("vote3", "vote k=3 at T", 3, greedy=False, seeded=False),
+    Arm("vote5", "vote k=5 at T", 5, greedy=False, seeded=False),
+)}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One task under one arm. samples None: the request failed, so nothing is known."""
+
+    id: str
+    kind: str                   # "call" or "no_call"
+    multi_turn: bool
+    correct: bool
+    name_ok: bool | None        # the first call names the expected tool (None: no call expected)
+    called: str | None          # the first call's name (None: no call)
+    detail: str
+    shape: str | None           # the reply's tool_calls shape problems (None: none)
+    samples: int | None
+    wall_s: float
+    error: str | None
+    reply: str                  # content, then the tool calls as JSON
+
+
+# ============================================================================ requests
+
+
+TASK_NUMBER = {t.id: i for i, t in enumerate(tt.TASKS)}     # seeds do not move with --limit
+
+
+def request_body(arm: Arm, task: tt.ToolTask, args: argparse.Namespace) -> dict:
+    body: dict[str, Any] = {"model": "local-swarm", "messages": tt.messages_for(task),
+                            "tools": tt.tools_for(task), "tool_choice": "auto",
+                            "max_tokens": MAX_TOKENS, "swarm": {"votes": arm.votes}}
+    if arm.greedy:
+        body["temperature"] = 0.0
+    elif args.temperature is not None:
+        body["temperature"] = args.temperature
+    if arm.seeded:
+        body["seed"] = args.seed + TASK_NUMBER[task.id]
+    if args.stream:
+        body["stream"] = True
+    return body
+
+
+def post_whole(client: httpx.Client, url: str, body: dict) -> tuple[dict, list[str]]:
+    """The reply of a non-streamed request, and no stream problems. Raises ValueError."""
+    r = client.post(url + "/v1/chat/completions", json=body)
+    if r.status_code != 200:
+        raise ValueError(f"HTTP {r.status_code}: {r.text[:200]}")
+    return r.json(), []
+
+
+def post_streamed(client: httpx.Client, url: str, body: dict) -> tuple[dict, list[str]]:
+    """The reassembled reply of a streamed request, and the stream's shape problems.
+    Raises ValueError for an HTTP error, an error event or an unreadable event."""
+    with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            raise ValueError(f"HTTP {r.status_code}: {r.text[:200]}")
+        chunks, done = parse_sse(r.iter_lines())
+    reply, problems = reassemble(chunks)
+    return reply, problems + ([] if done else ["the stream ended without data: [DONE]"])
+
+
+def reply_summary(reply: dict) -> str:
+    try:
+        message = tt.reply_message(reply)
+    except ValueError:
+        return ""
+    content = message.get("content")
+    text = content if isinstance(content, str) else ""
+    if message.get("tool_calls") is not None:
+        text += "\ntool_calls: " + json.dumps(message["tool_calls"])
+    return text[:2000]
+
+
+def run_task(client: httpx.Client, url: str, arm: Arm, task: tt.ToolTask,
+             args: argparse.Namespace) -> Outcome:
+    body = request_body(arm, task, args)
+    post = post_streamed if args.stream else post_whole
+    t0 = time.perf_counter()
+    try:
+        reply, stream_problems = post(client, url, body)
+        wall = time.perf_counter() - t0
+        verdict = tt.check(task, reply)
+    except (httpx.HTTPError, ValueError) as exc:     # json errors are ValueErrors
+        return Outcome(task.id, task.kind, task.multi_turn, False, None if task.expect is None
+                       else False, None, "request failed", None, None, time.perf_counter() - t0,
+                       str(exc)[:300], "")
+    shape = "; ".join(stream_problems + ([verdict.shape] if verdict.shape else [])) or None
+    name_ok = None if task.expect is None else verdict.called == task.expect.name
+    return Outcome(task.id, task.kind, task.multi_turn, verdict.correct, name_ok, verdict.called,
+                   verdict.detail, shape, samples_spent(reply), wall, None, reply_summary(reply))
+
+
+def run_arm(client: httpx.Client, url: str, arm: Arm, tasks: list[tt.ToolTask],
+            args: argparse.Namespace) -> list[Outcome]:
+    outcomes = []
+    for task in tasks:
+        outcome = run_task(client, url, arm, task, args)
+        outcomes.append(outcome)
+        if args.verbose:
+            mark = "ok " if outcome.correct else "BAD"
+            print(f"  {arm.name:7} {mark} {task.id:16} {(outcome.error or outcome.detail)[:80]}",
+                  flush=True)
+        if outcome.shape:
+            print(f"  {arm.name:7} shape error {task.id}: {outcome.shape[:200]}", flush=True)
+    return outcomes
+
+
+# ============================================================================ streams
+# Pure functions over the SSE lines and the chat.completion.chunk events.
+
+
+def parse_sse(lines: Iterable[str]) -> tuple[list[dict], bool]:
+    """The events of an SSE body's `data:` lines, and whether `data: [DONE]` ended it.
+    Raises ValueError for an event that is not a JSON object, an error event, or too many."""
+    chunks: list[dict] = []
+    for line in lines:
+        if not line.startswith("data:"):
+            continue                            # blank separators, comments, event: lines
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return chunks, True
+        chunk = json.loads(data)
+        if not isinstance(chunk, dict):
+            raise ValueError(f"an event that is not an object: {data[:100]}")
+        if "error" in chunk:
+            raise ValueError(f"error event: {json.dumps(chunk['error'])[:200]}")
+        chunks.append(chunk)
+        if len(chunks) > MAX_STREAM_EVENTS:
+            raise ValueError(f"more than {MAX_STREAM_EVENTS} events")
+    return chunks, False
+
+
+def _merge_call(calls: dict[int, dict], piece: Any, problems: list[str]) -> None:
+    """Fold one `tool_calls` delta into `calls` (by index). The first delta of an index opens
+    the call with its id, type and name; any delta may add an arguments fragment."""
+    index = piece.get("index") if isinstance(piece, dict) else None
+    if not isinstance(index, int) or isinstance(index, bool):
+        problems.append("a tool_calls delta without an integer index")
+        return
+    fn = piece.get("function") if isinstance(piece.get("function"), dict) else {}
+    if index not in calls:
+        calls[index] = {"id": piece.get("id"), "type": piece.get("type"),
+                        "function": {"name": fn.get("name"), "arguments": ""}}
+    else:
+        call = calls[index]
+        for key, holder, new in (("id", call, piece.get("id")), ("type", call, piece.get("type")),
+                                 ("name", call["function"], fn.get("name"))):
+            if new is None or new == holder[key]:
+                continue                        # absent, or repeated as it was
+            problems.append(f"tool_calls[{index}] {key} " + (
+                "not in its first delta" if holder[key] is None else f"changed to {new!r}"))
+            holder[key] = new
+    fragment = fn.get("arguments")
+    if isinstance(fragment, str):
+        calls[index]["function"]["arguments"] += fragment
+    elif fragment is not None:
+        problems.append(f"tool_calls[{index}] has an arguments fragment that is not a string")
+
+
+def reassemble(chunks: list[dict]) -> tuple[dict, list[str]]:
+    """A reply in the shape of a non-streamed one (choices[0].message with content and
+    tool_calls, finish_reason: the last one sent, swarm: the last chunk's) and the problems
+    seen while folding the deltas."""
+    content: list[str] = []
+    calls: dict[int, dict] = {}
+    problems: list[str] = []
+    finish, swarm = None, None
+    for chunk in chunks:
+        if isinstance(chunk.get("swarm"), dict):
+            swarm = chunk["swarm"]
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            if isinstance(delta.get("content"), str):
+                content.append(delta["content"])
+            for piece in delta.get("tool_calls") or []:
+                _merge_call(calls, piece, problems)
+            if choice.get("finish_reason") is not None:
+                finish = choice["finish_reason"]
+    text = "".join(content)
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    reply: dict[str, Any] = {"choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+    if swarm is not None:
+        reply["swarm"] = swarm
+    return reply, problems
+
+
+# ============================================================================ figures
+
+
+def _share(items: list[Outcome], ok) -> float | None:
+    return 100.0 * sum(bool(ok(o)) for o in items) / len(items) if items else None
+
+
+def summarize(outcomes: list[Outcome]) -> dict:
+    calls = [o for o in outcomes if o.kind == "call"]
+    answered = [o.samples for o in outcomes if o.samples is not None]
+    return {
+        "tasks": len(outcomes),
+        "correct": sum(o.correct for o in outcomes),
+        "accuracy": _share(outcomes, lambda o: o.correct),
+        "call": _share(calls, lambda o: o.correct),
+        "call_name": _share(calls, lambda o: o.name_ok),
+        "no_call": _share([o for o in outcomes if o.kind == "no_call"], lambda o: o.correct),
+        "multi_turn": _share([o for o in outcomes if o.multi_turn], lambda o: o.correct),
+        "shape_errors": sum(o.shape is not None for o in outcomes),
+        "mean_samples": sum(answered) / len(answered) if answered else None,
+        "mean_wall_s": sum(o.wall_s for o in outcomes) / len(outcomes) if outcomes else None,
+        "errors": sum(o.error is not None for o in outcomes),
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def print_table(summaries: dict[str, dict]) -> None:
+    print(f"{'arm':8} {'label':18} {'correct':>7} {'accuracy':>8} {'call':>7} {'name':>7} "
+          f"{'no-call':>7} {'multi':>7} {'shape':>5} {'samples':>7} {'wall/task':>9} "
+          f"{'errors':>6}")
+    for name, s in summaries.items():
+        samples = "-" if s["mean_samples"] is None else f"{s['mean_samples']:.2f}"
+        wall = "-" if s["mean_wall_s"] is None else f"{s['mean_wall_s']:.2f} s"
+        print(f"{name:8} {ARMS[name].label:18} {s['correct']:>3d}/{s['tasks']:<3d} "
+              f"{_pct(s['accuracy']):>8} {_pct(s['call']):>7} {_pct(s['call_name']):>7} "
+              f"{_pct(s['no_call']):>7} {_pct(s['multi_turn']):>7} {s['shape_errors']:5d} "
+              f"{samples:>7} {wall:>9} {s['errors']:6d}")
+
+
+def comparison(summaries: dict[str, dict]) -> str:
+    def diff(a: str, b: str) -> str:
+        if a not in summaries or b not in summaries:
+            return "n/a"
+        return f"{summaries[a]['accuracy'] - summaries[b]['accuracy']:+.1f} points"
+
+    return (f"k=5 minus one sample: {diff('vote5', 'sample')}; "
+            f"k=5 minus greedy: {diff('vote5', 'greedy')}")
+
+
+# ============================================================================ CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running swarm, e.g. http://127.0.0.1:8000")
+    where.add_argument("--start", action="store_true", help="start a swarm, stop it at the end")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="the model --start serves")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N tasks of each group (call or text, one turn or multi-turn)")
+    p.add_argument("--temperature", type=float, default=None, help="T of the sampled arms "
+                   "(default: omitted, so the swarm samples at its vote temperature)")
+    p.add_argument("--seed", type=int, default=1234, help="the sample arm's seed for task number "
+                   "i (in the whole task list) is SEED + i")
+    p.add_argument("--stream", action="store_true", help="stream the replies and reassemble them")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--out", default="tools_results.json", help="JSON file of per-task outcomes")
+    p.add_argument("--verbose", action="store_true", help="print each task's outcome")
+    args = p.parse_args(argv)
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown or not args.arms:
+        p.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
+    return args
+
+
+def select_tasks(limit: int | None) -> list[tt.ToolTask]:
+    """The first `limit` tasks of each group: (call or text) x (one turn or multi-turn)."""
+    groups = {(t.kind, t.multi_turn) for t in tt.TASKS}
+    chosen = {t.id for group in groups
+              for t in [t for t in tt.TASKS if (t.kind, t.multi_turn) == group][:limit]}
+    return [t for t in tt.TASKS if t.id in chosen]
+
+
+def run(url: str, args: argparse.Namespace) -> dict[str, dict]:
+    tasks = select_tasks(args.limit)
+    url = url.rstrip("/")
+    results: dict[str, Any] = {"url": url, "temperature": args.temperature, "seed": args.seed,
+                               "stream": args.stream, "limit": args.limit,
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "arms": {}}
+    summaries = {}
+    print(f"{len(tasks)} tasks ({sum(t.kind == 'call' for t in tasks)} expect a call, "
+          f"{sum(t.kind == 'no_call' for t in tasks)} a text answer; "
+          f"{sum(t.multi_turn for t in tasks)} multi-turn) against {url}"
+          f"{' (streamed)' if args.stream else ''}", flush=True)
+    with httpx.Client(timeout=args.timeout) as client:
+        for name in args.arms:
+            t0 = time.perf_counter()
+            outcomes = run_arm(client, url, ARMS[name], tasks, args)
+            summaries[name] = summarize(outcomes)
+            results["arms"][name] = {"arm": asdict(ARMS[name]), "summary": summaries[name],
+                                     "tasks": [asdict(o) for o in outcomes]}
+            print(f"arm {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    print_table(summaries)
+    print(comparison(summaries))
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"per-task outcomes: {args.out}")
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.url:
+        run(args.url, args)
+        return 0
+    command = [sys.executable, str(ROOT / "local_swarm.py"), "--model", args.model, "--port", "0"]
+    with started_swarm(command) as url:
+        run(url, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2823,13 +2823,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _set_parent_death_signal() -> None:
-    """In the child before exec (Linux): get SIGKILL when the daemon dies, even by SIGKILL."""
-    import ctypes
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 async def launch_process(argv: Sequence[str], env: dict[str, str], log_path: Path
                          ) -> asyncio.subprocess.Process:
     """Start a child whose stdout/stderr go to log_path and whose stdin is our lifeline."""
@@ -2838,7 +2831,7 @@ async def launch_process(argv: Sequence[str], env: dict[str, str], log_path: Pat
         return await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
             env=env, start_new_session=True,
-            preexec_fn=_set_parent_death_signal if sys.platform.startswith("linux") else None)
+            preexec_fn=parent_death_signal())   # SIGKILL when the daemon dies (Linux)
 
 
 Launcher = Callable[[Sequence[str], dict[str, str], Path], Awaitable[asyncio.subprocess.Process]]

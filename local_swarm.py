@@ -35,6 +35,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections import Counter
@@ -86,6 +87,9 @@ BUILD_STEP_TAIL_LINES = 50              # log lines searched for the latest [n/t
 MAX_LOG_TAIL_BYTES = 64 * 1024          # bounded read of the log's end (compiler lines are long)
 MAX_LOG_LINE_CHARS = 400                # a quoted log line is cut here
 BUILD_STEP_RE = re.compile(r"\[(\d+)/(\d+)\]")
+BUILD_STOP_GRACE = 3.0                  # seconds a cancelled build step's group gets after SIGTERM
+BUILD_STOP_POLL = 0.05                  # seconds between "is the group gone yet" checks
+PR_SET_PDEATHSIG = 1                    # prctl option (Linux): signal a child when its parent dies
 C_COMPILERS = ("cc", "gcc", "clang")
 CXX_COMPILERS = ("c++", "g++", "clang++")
 TOOLCHAIN_INSTALL = {
@@ -1570,10 +1574,107 @@ def _toolchain_hint(os_name: str, log_text: str,
     return f"It looks like {' and '.join(missing)} is missing. Install: {install}"
 
 
+# Build steps and the processes they start. Subprocesses never outlive the daemon: each step (pip,
+# which runs cmake, ninja and the compiler as its children) leads a process group of its own (a new
+# session on POSIX, CREATE_NEW_PROCESS_GROUP on Windows), and every way out of the step (success,
+# failure, an exception, Ctrl-C, SIGTERM) ends that whole group and reaps pip. On Linux pip also
+# gets PR_SET_PDEATHSIG, so even SIGKILL of the daemon takes pip down; pip's own children (cmake,
+# ninja, cc) are covered only by the group kill, which a SIGKILLed daemon cannot send. (A signal
+# landing inside Popen, before we hold the process, is likewise covered by PR_SET_PDEATHSIG only.)
+
+def parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGKILL when the thread that started it dies (Linux);
+    None elsewhere or when libc cannot be loaded. libc is loaded here, in the parent, so the child
+    makes one foreign call between fork and exec and loads nothing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes   # Linux only, hence imported here
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
+def _group_options() -> dict[str, Any]:
+    """Popen arguments that start a build step as the leader of a new process group."""
+    if os.name != "posix":
+        return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+    return {"start_new_session": True, "preexec_fn": parent_death_signal()}
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send sig to process group pgid (0 only checks it). Returns False when the group is gone."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace: float = BUILD_STOP_GRACE) -> None:
+    """End proc and everything in its process group, then reap proc. POSIX: SIGTERM to the group,
+    up to `grace` seconds for it to empty (pip goes at once; cmake, ninja or cc may linger), then
+    SIGKILL to whatever is left, also when a second Ctrl-C cuts the grace short. A step that
+    finished leaves an empty group, so this returns at once. Windows: taskkill ends the tree."""
+    if os.name != "posix":
+        _stop_tree_windows(proc)
+        return
+    alive = True
+    try:
+        alive = _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while alive and time.monotonic() < deadline:
+            time.sleep(BUILD_STOP_POLL)
+            proc.poll()                    # reap pip once it exits: a zombie keeps the group alive
+            alive = _signal_group(proc.pid, 0)
+    finally:
+        if alive:
+            _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _stop_tree_windows(proc: subprocess.Popen[bytes]) -> None:
+    """Windows: `taskkill /T /F` ends proc and the processes it started; proc.kill() as a fallback."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True,
+                           timeout=PROBE_TIMEOUT, check=False)
+        proc.kill()
+    proc.wait()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While building, SIGTERM raises SystemExit(143) in the main thread, as Ctrl-C raises
+    KeyboardInterrupt, so the build's cleanup ends its process groups before the daemon exits (the
+    default action would end the daemon at once and leave them running). Only the first SIGTERM
+    raises: a second must not cut that cleanup short. The previous handler comes back on the way
+    out, before serve() lets the event loop handle signals. Off the main thread nothing changes
+    (only the main thread may set handlers, and only it runs them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def _run_logged(job: _BuildJob, label: str, argv: Sequence[str],
                 env: dict[str, str] | None = None) -> None:
     """Run one build step with all its output appended to the build log, printing a progress line
     every job.progress_every seconds (with the compiler's [n/total] step when the log shows one).
+    However the step ends, nothing it started is left running (see _stop_group).
     Raises BuildError with the log's tail and a toolchain hint when the step fails."""
     started = time.monotonic()
     with open(job.log_path, "ab") as log_file:
@@ -1581,28 +1682,26 @@ def _run_logged(job: _BuildJob, label: str, argv: Sequence[str],
         log_file.flush()
         try:
             proc = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env)
+                                    stdin=subprocess.DEVNULL, env=env, **_group_options())
         except OSError as exc:
             raise BuildError(f"{label}: cannot run {argv[0]}: {exc}") from exc
-        returncode = _wait_reporting(job, label, proc, started)
+        try:
+            returncode = _wait_reporting(job, label, proc, started)
+        finally:
+            _stop_group(proc)
     if returncode != 0:
         raise BuildError(_failure_message(job, label, returncode))
 
 
 def _wait_reporting(job: _BuildJob, label: str, proc: subprocess.Popen[bytes], started: float) -> int:
-    """Wait for proc, reporting elapsed time periodically; kills it if we are interrupted."""
-    try:
-        while True:
-            try:
-                return proc.wait(timeout=job.progress_every)
-            except subprocess.TimeoutExpired:
-                step = _last_build_step(_log_tail(job.log_path, lines=BUILD_STEP_TAIL_LINES))
-                elapsed = f"  {label}: {time.monotonic() - started:.0f} s"
-                job.progress(elapsed + (f", step {step}" if step else ""))
-    except BaseException:
-        proc.kill()   # Ctrl-C or an error here must not leave a compiler running
-        proc.wait()
-        raise
+    """Wait for proc, reporting elapsed time periodically. Returns its exit status."""
+    while True:
+        try:
+            return proc.wait(timeout=job.progress_every)
+        except subprocess.TimeoutExpired:
+            step = _last_build_step(_log_tail(job.log_path, lines=BUILD_STEP_TAIL_LINES))
+            elapsed = f"  {label}: {time.monotonic() - started:.0f} s"
+            job.progress(elapsed + (f", step {step}" if step else ""))
 
 
 def _failure_message(job: _BuildJob, label: str, returncode: int) -> str:
@@ -1711,7 +1810,10 @@ def ensure_build(builds_dir: Path, hw: Hardware, progress: Callable[[str], None]
     version and Python tag, and <dir>/site/llama_cpp/__init__.py must exist. Otherwise the build
     runs under a lock on <dir>.lock (a second daemon waits, then reuses). `pip_options` are added to
     every pip call (tests pass --no-index); `extra_packages` go into the site folder with the server.
-    Raises BuildError (with the log's tail, its path and a toolchain hint) when a step fails."""
+    Raises BuildError (with the log's tail, its path and a toolchain hint) when a step fails. While
+    it builds in the main thread, SIGTERM raises SystemExit(143) (see _sigterm_raises); on that,
+    Ctrl-C or any error the running step's process group is ended and build.json stays absent, so
+    the next start builds again."""
     info = build_info(Path(builds_dir), hw)
     current = _current_build(info, hw)
     if current is not None:
@@ -1719,9 +1821,13 @@ def ensure_build(builds_dir: Path, hw: Hardware, progress: Callable[[str], None]
     job = _BuildJob(info=info, hw=hw, builds_dir=Path(builds_dir), pip=tuple(pip),
                     pip_options=tuple(pip_options), extra_packages=tuple(extra_packages),
                     progress=progress, progress_every=progress_every)
-    with _build_lock(info.dir.with_name(info.dir.name + ".lock"), progress):
-        current = _current_build(info, hw)   # built by another process while we waited
-        return current if current is not None else _build(job)
+    try:
+        with _sigterm_raises(), _build_lock(info.dir.with_name(info.dir.name + ".lock"), progress):
+            current = _current_build(info, hw)   # built by another process while we waited
+            return current if current is not None else _build(job)
+    except (KeyboardInterrupt, SystemExit):
+        progress(f"llama.cpp build {info.key}: stopped; the next start builds it again")
+        raise
 
 
 def site_env(build: BuildInfo, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -2677,7 +2783,6 @@ def _checked_model_path(path: Path) -> Path:
 WORKER_READY_POLL = 0.25          # seconds between readiness probes while a worker loads its model
 WORKER_STOP_GRACE = 3.0           # SIGTERM, then SIGKILL after this; shutdown must finish within 5 s
 WORKER_LOG_TAIL = 20              # lines of a crashed worker's log shown in the daemon's log
-PR_SET_PDEATHSIG = 1              # prctl option: signal the child when its parent thread dies
 
 # Runs llama_cpp.server as __main__ (exactly `python -m llama_cpp.server ARGS`), after starting a
 # thread that ends the process when the daemon's end of the stdin pipe closes (daemon gone, any OS).
@@ -2718,13 +2823,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _set_parent_death_signal() -> None:
-    """In the child before exec (Linux): get SIGKILL when the daemon dies, even by SIGKILL."""
-    import ctypes
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 async def launch_process(argv: Sequence[str], env: dict[str, str], log_path: Path
                          ) -> asyncio.subprocess.Process:
     """Start a child whose stdout/stderr go to log_path and whose stdin is our lifeline."""
@@ -2733,7 +2831,7 @@ async def launch_process(argv: Sequence[str], env: dict[str, str], log_path: Pat
         return await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
             env=env, start_new_session=True,
-            preexec_fn=_set_parent_death_signal if sys.platform.startswith("linux") else None)
+            preexec_fn=parent_death_signal())   # SIGKILL when the daemon dies (Linux)
 
 
 Launcher = Callable[[Sequence[str], dict[str, str], Path], Awaitable[asyncio.subprocess.Process]]

@@ -5,10 +5,12 @@ in-tree PEP 517 backend that prints ninja-like steps and records CMAKE_ARGS), ne
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -17,9 +19,11 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import local_swarm as ls  # noqa: E402
 
 PY = f"cp{sys.version_info.major}{sys.version_info.minor}"
@@ -351,7 +355,20 @@ FAKE_PIP = textwrap.dedent("""\
                               "PARALLEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL")}) + "\\n")
     def after(flag):
         return args[args.index(flag) + 1]
-    if args[0] == "download":
+    if args[0] == os.environ.get("FAKE_PIP_HANG"):
+        # Like a compile cut short: half its output written, a grandchild (cmake, cc) that ignores
+        # SIGTERM, then a hang; pids.json says who is running.
+        import signal, subprocess
+        out = Path(after("-w") if args[0] == "wheel" else after("--target"))
+        (out / "llama_cpp").mkdir(parents=True, exist_ok=True)
+        (out / "llama_cpp" / "__init__.py").write_text("# half")
+        (out / "llama_cpp_python-0.3.36-py3-none-any.whl").write_bytes(b"half")
+        grandchild = subprocess.Popen(["sleep", "300"],
+                                      preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+        (here / "pids.tmp").write_text(json.dumps({"pip": os.getpid(), "grandchild": grandchild.pid}))
+        os.replace(here / "pids.tmp", here / "pids.json")
+        time.sleep(300)
+    elif args[0] == "download":
         Path(after("-d"), "llama_cpp_python-0.3.36.tar.gz").write_bytes(b"sdist")
     elif args[0] == "wheel":
         time.sleep(float(os.environ.get("FAKE_PIP_SLEEP", "0")))
@@ -426,6 +443,129 @@ def test_two_starts_at_once_build_once(tmp_path, fake_pip, monkeypatch):
     assert [call["args"][0] for call in calls()].count("wheel") == 1
     assert len(results) == 2 and results[0] == results[1]
     assert any("waiting" in line for line in lines)
+
+
+# ---- a build cut short leaves no process behind --------------------------------------------------
+
+# A daemon's first start reduced to its build: ensure_build in the main thread with the fake pip.
+BUILD_SCRIPT = textwrap.dedent("""\
+    import json, sys
+    root, builds, pip = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    sys.path.insert(0, root)
+    import local_swarm as ls
+    hw = ls.Hardware(os="linux", arch="x86_64", python_tag=f"cp{sys.version_info.major}"
+                     f"{sys.version_info.minor}", cpu_model="test", cpu_flags=frozenset(),
+                     physical_cores=2, logical_cores=2, ram_total=2**30, ram_available=2**30,
+                     backend="cpu", vram_bytes=0)
+    ls.ensure_build(builds, hw, pip=pip, progress_every=0.1)
+    """)
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def gone(pid: int) -> bool:
+    """True when pid has exited (a zombie waiting for init to reap it has exited too)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def hanging_pip(fake_pip, monkeypatch):
+    """The fake pip, set to hang in a step; yields (pip argv, the step's pids once running).
+    Whatever a failed test leaves running is killed afterwards."""
+    pip, _ = fake_pip
+    pids_file = Path(pip[1]).parent / "pids.json"
+
+    def pids() -> dict[str, int]:
+        return json.loads(pids_file.read_text()) if pids_file.exists() else {}
+
+    yield pip, pids
+    for pid in pids().values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+
+
+def start_build_daemon(tmp_path: Path, pip, hang: str) -> subprocess.Popen:
+    script = tmp_path / "first_start.py"
+    script.write_text(BUILD_SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), str(ROOT), str(tmp_path / "builds"),
+                             json.dumps(list(pip))], env=dict(os.environ, FAKE_PIP_HANG=hang),
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("step", ["wheel", "install"])
+def test_ctrl_c_ends_the_steps_process_group_and_the_next_start_builds(tmp_path, hanging_pip,
+                                                                      monkeypatch, step):
+    pip, pids = hanging_pip
+    hw, builds = hardware(), tmp_path / "builds"
+    info = make_current_build(builds, hw)          # an older build, so site/ already exists
+    record = json.loads((info.dir / "build.json").read_text())
+    (info.dir / "build.json").write_text(json.dumps({**record, "llama_cpp_python": "0.3.1"}))
+    monkeypatch.setenv("FAKE_PIP_HANG", step)
+    pressed = []
+
+    def ctrl_c_once_running(line):
+        if pids() and not pressed:
+            pressed.append(line)
+            raise KeyboardInterrupt
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        ls.ensure_build(builds, hw, progress=ctrl_c_once_running, pip=pip, progress_every=0.1)
+    assert set(pids()) == {"pip", "grandchild"}
+    assert wait_for(lambda: all(gone(pid) for pid in pids().values()), timeout=3)
+    assert signal.getsignal(signal.SIGTERM) is handler       # restored
+    assert not (info.dir / "build.json").exists() and not ls.build_ready(builds, hw)
+    monkeypatch.delenv("FAKE_PIP_HANG")
+    built = ls.ensure_build(builds, hw, progress=lambda line: None, pip=pip)
+    assert ls.build_ready(builds, hw)
+    assert (built.site / "llama_cpp" / "__init__.py").read_text() == ""
+    assert built.wheel.read_bytes() == b"wheel" and not (info.dir / "site.tmp").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM from outside is a POSIX thing")
+def test_sigterm_during_the_first_start_ends_the_build_and_the_next_start_builds(tmp_path,
+                                                                                hanging_pip):
+    pip, pids = hanging_pip
+    daemon = start_build_daemon(tmp_path, pip, hang="wheel")
+    try:
+        assert wait_for(lambda: bool(pids()), timeout=30)
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=10)
+    finally:
+        daemon.kill()
+    assert daemon.returncode == 128 + signal.SIGTERM, err
+    assert "stopped; the next start builds it again" in err
+    assert wait_for(lambda: all(gone(pid) for pid in pids().values()), timeout=3)
+    hw, builds = hardware(), tmp_path / "builds"
+    assert not ls.build_ready(builds, hw)
+    built = ls.ensure_build(builds, hw, progress=lambda line: None, pip=pip)
+    assert ls.build_ready(builds, hw) and built.wheel.read_bytes() == b"wheel"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_sigkill_of_the_daemon_takes_pip_down(tmp_path, hanging_pip):
+    """Nothing can run after SIGKILL: PR_SET_PDEATHSIG ends pip, but its children (here the
+    grandchild) outlive it; the hanging_pip fixture kills that one."""
+    pip, pids = hanging_pip
+    daemon = start_build_daemon(tmp_path, pip, hang="wheel")
+    try:
+        assert wait_for(lambda: bool(pids()), timeout=30)
+        daemon.kill()
+        daemon.communicate(timeout=10)
+    finally:
+        daemon.kill()
+    assert wait_for(lambda: gone(pids()["pip"]), timeout=3)
+    assert not gone(pids()["grandchild"])
 
 
 # ---- a real pip build of a tiny fake sdist -----------------------------------------------------------

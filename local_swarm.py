@@ -3349,6 +3349,7 @@ class Candidate:
     latency: float          # seconds from request start to this candidate's end
     tokens: int             # completion tokens
     calls: tuple[str, ...] = ()
+    constrained: bool = False   # its call was finished under the call grammar
 
 
 @dataclass(frozen=True)
@@ -4921,6 +4922,7 @@ class Generation:
     calls: list[ToolCall] = field(default_factory=list)    # parsed from the text, when offered
     call_ids: list[str] = field(default_factory=list)
     content: str = ""                 # with calls: the prose around them
+    constrained: bool = False         # a call the model started was finished under the grammar
 
     @property
     def text(self) -> str:
@@ -5055,7 +5057,8 @@ class Ballot:
             "votes": [len(group) for group in vote.groups],
             "candidates": [{"worker": c.worker, "latency_ms": round(c.latency * 1000, 1),
                             "tokens": c.tokens, "finish_reason": c.finish_reason,
-                            "score": round(vote.scores[i], 4), "winner": i == vote.winner}
+                            "score": round(vote.scores[i], 4), "winner": i == vote.winner,
+                            "constrained": c.constrained}
                            for i, c in enumerate(self.candidates)]}
 
 
@@ -5151,6 +5154,7 @@ class ChatService:
         call, on the same worker, whose KV cache already holds all of it."""
         prose = gen.text[:start]
         gen.parts[:] = [prose]
+        gen.constrained = True
         use = req.tool_use
         prompt = self.render_prompt(req)
         if self.renderer.bos and prompt.startswith(self.renderer.bos):
@@ -5219,6 +5223,7 @@ class ChatService:
         if (live and gen.parts) or gen.attempts > self.cfg.max_retries:
             raise exc
         gen.parts.clear()
+        gen.constrained = False
         gen.first_token_at = None
         log.warning("%s; retrying on another worker (attempt %d)", exc, gen.attempts + 1)
 
@@ -5297,7 +5302,8 @@ class ChatService:
             pass
         return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
                          latency=time.monotonic() - started, tokens=gen.completion_tokens,
-                         calls=tuple(call.canonical() for call in gen.calls)), gen
+                         calls=tuple(call.canonical() for call in gen.calls),
+                         constrained=gen.constrained), gen
 
     async def vote(self, req: ChatRequest, plan: VotePlan, prompt: str, prompt_tokens: int
                    ) -> Ballot:
@@ -5488,7 +5494,7 @@ def single_swarm(plan: VotePlan, gen: Generation) -> dict[str, Any]:
             "cancelled": 0, "confidence": 1.0, "winner": gen.worker, "votes": [1],
             "candidates": [{"worker": gen.worker, "latency_ms": round(latency, 1),
                             "tokens": gen.completion_tokens, "finish_reason": gen.finish_reason,
-                            "score": 1.0, "winner": True}]}
+                            "score": 1.0, "winner": True, "constrained": gen.constrained}]}
 
 
 async def _const(value: Any) -> Any:

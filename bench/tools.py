@@ -23,7 +23,8 @@ Per arm it prints accuracy, the accuracy on calls (name and arguments) and on th
 (over the tasks that expect a call), the accuracy on tasks that expect text, shape errors, the
 mean samples spent per task (`swarm.samples`, else `swarm.k`, else 1) and the mean wall time per
 request. A request that fails counts as wrong, is reported in `errors`, and is left out of the
-samples mean.
+samples mean. `constrained` counts the candidates whose call the model began on its own and the
+swarm finished under its call grammar (the `constrained` flag in `swarm.candidates`).
 
 Usage:
   python bench/tools.py --url http://127.0.0.1:8000 [--arms greedy,vote5] [--limit 5] [--stream]
@@ -82,6 +83,7 @@ class Outcome:
     wall_s: float
     error: str | None
     reply: str                  # content, then the tool calls as JSON
+    constrained: int = 0        # candidates whose call the swarm finished under its call grammar
 
 
 # ============================================================================ requests
@@ -153,7 +155,16 @@ def run_task(client: httpx.Client, url: str, arm: Arm, task: tt.ToolTask,
     shape = "; ".join(stream_problems + ([verdict.shape] if verdict.shape else [])) or None
     name_ok = None if task.expect is None else verdict.called == task.expect.name
     return Outcome(task.id, task.kind, task.multi_turn, verdict.correct, name_ok, verdict.called,
-                   verdict.detail, shape, samples_spent(reply), wall, None, reply_summary(reply))
+                   verdict.detail, shape, samples_spent(reply), wall, None, reply_summary(reply),
+                   constrained_calls(reply))
+
+
+def constrained_calls(reply: dict) -> int:
+    """How many of the reply's candidates started a call that the swarm finished under its
+    call grammar (the `constrained` flag of each `swarm.candidates` entry)."""
+    swarm = reply.get("swarm") if isinstance(reply, dict) else None
+    candidates = swarm.get("candidates") if isinstance(swarm, dict) else None
+    return sum(bool(c.get("constrained")) for c in candidates or () if isinstance(c, dict))
 
 
 def run_arm(client: httpx.Client, url: str, arm: Arm, tasks: list[tt.ToolTask],
@@ -274,6 +285,7 @@ def summarize(outcomes: list[Outcome]) -> dict:
         "mean_samples": sum(answered) / len(answered) if answered else None,
         "mean_wall_s": sum(o.wall_s for o in outcomes) / len(outcomes) if outcomes else None,
         "errors": sum(o.error is not None for o in outcomes),
+        "constrained": sum(o.constrained for o in outcomes),
     }
 
 
@@ -284,14 +296,14 @@ def _pct(value: float | None) -> str:
 def print_table(summaries: dict[str, dict]) -> None:
     print(f"{'arm':8} {'label':18} {'correct':>7} {'accuracy':>8} {'call':>7} {'name':>7} "
           f"{'no-call':>7} {'multi':>7} {'shape':>5} {'samples':>7} {'wall/task':>9} "
-          f"{'errors':>6}")
+          f"{'errors':>6} {'constrained':>11}")
     for name, s in summaries.items():
         samples = "-" if s["mean_samples"] is None else f"{s['mean_samples']:.2f}"
         wall = "-" if s["mean_wall_s"] is None else f"{s['mean_wall_s']:.2f} s"
         print(f"{name:8} {ARMS[name].label:18} {s['correct']:>3d}/{s['tasks']:<3d} "
               f"{_pct(s['accuracy']):>8} {_pct(s['call']):>7} {_pct(s['call_name']):>7} "
               f"{_pct(s['no_call']):>7} {_pct(s['multi_turn']):>7} {s['shape_errors']:5d} "
-              f"{samples:>7} {wall:>9} {s['errors']:6d}")
+              f"{samples:>7} {wall:>9} {s['errors']:6d} {s['constrained']:11d}")
 
 
 def comparison(summaries: dict[str, dict]) -> str:

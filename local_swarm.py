@@ -245,7 +245,10 @@ class Config:
                                               # "fastest": stream one worker live, no vote
     vote_temperature: float = 0.7             # sampling temperature when a request omits it
     adaptive: bool = True                     # start with few candidates, add while they disagree
-    vote_deadline: float = 300.0              # seconds for all candidates; late ones are dropped
+    vote_deadline: float = 30.0               # once a candidate is in, the others get as long
+                                              # again as it took, and at least this; later ones
+                                              # are dropped (no fixed cap: a long prompt on a
+                                              # slow CPU takes minutes for every candidate)
     affinity: bool = True                     # a conversation's next turn goes to the same workers
     cors_origins: tuple[str, ...] = ("http://localhost", "http://127.0.0.1")
     http: HttpLimits = field(default_factory=HttpLimits)
@@ -2782,6 +2785,7 @@ def _checked_model_path(path: Path) -> Path:
 
 WORKER_READY_POLL = 0.25          # seconds between readiness probes while a worker loads its model
 WORKER_STOP_GRACE = 3.0           # SIGTERM, then SIGKILL after this; shutdown must finish within 5 s
+COUNT_TIMEOUT = 30.0              # a token count on a free worker takes milliseconds
 WORKER_LOG_TAIL = 20              # lines of a crashed worker's log shown in the daemon's log
 
 # Runs llama_cpp.server as __main__ (exactly `python -m llama_cpp.server ARGS`), after starting a
@@ -2984,15 +2988,17 @@ class LlamaCppPythonWorker:
             return False
         return reply.status_code == 200
 
-    async def count_tokens(self, text: str) -> int:
-        """Tokens in text by the worker's own tokenizer (special tokens parsed, BOS added)."""
-        data = await self._post_json("/extras/tokenize/count", {"input": text})
+    async def count_tokens(self, text: str, timeout: float = COUNT_TIMEOUT) -> int:
+        """Tokens in text by the worker's own tokenizer (special tokens parsed, BOS added). The
+        route waits for the worker's model lock, so it also answers "is the worker free"."""
+        data = await self._post_json("/extras/tokenize/count", {"input": text}, timeout)
         return int(data["count"])
 
-    async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post_json(self, path: str, body: dict[str, Any], timeout: float
+                         ) -> dict[str, Any]:
         import httpx
         try:
-            reply = await self.client.post(self.url + path, json=body, timeout=30.0)
+            reply = await self.client.post(self.url + path, json=body, timeout=timeout)
         except httpx.HTTPError as exc:
             raise WorkerError(f"{self.name}: {path}: {exc!r}") from exc
         if reply.status_code != 200:
@@ -3060,6 +3066,7 @@ RESTART_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)   # seconds before restart k 
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60             # bounds of the Retry-After estimate (seconds)
 START_ATTEMPTS = 3                  # failed starts of every worker before start-up gives up
 PROBE_ATTEMPTS = 3                  # pings of a worker whose request failed, before a restart
+DRAIN_TIMEOUT = 900.0               # an abandoned worker still busy after this is restarted
 
 
 @dataclass
@@ -3222,6 +3229,29 @@ class WorkerPool:
             self._tasks.append(asyncio.create_task(self._probe(slot), name="probe"))
             self._tasks = [t for t in self._tasks if not t.done()]
 
+    def _drain(self, slot: WorkerSlot, lease_id: int) -> None:
+        """A lease was abandoned (client gone, straggler cancelled): the worker notices the closed
+        connection only between tokens, and a long prompt it is still evaluating can keep it busy
+        for minutes. Hand it out again once it answers a request that waits for its model lock;
+        probe it if that fails."""
+        if slot.state == "busy" and slot.lease_id == lease_id:
+            slot.state = "draining"
+            self._tasks.append(asyncio.create_task(self._wait_drained(slot), name="drain"))
+            self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def _wait_drained(self, slot: WorkerSlot) -> None:
+        try:
+            await slot.worker.count_tokens("", timeout=DRAIN_TIMEOUT)
+        except WorkerError as exc:
+            log.warning("%s did not come back after an abandoned request: %s", slot.worker.name,
+                        exc)
+            if slot.state == "draining":
+                slot.state = "checking"
+                await self._probe(slot)
+            return
+        if slot.state == "draining" and not slot.worker.exited():
+            self._hand_out(slot)
+
     async def _probe(self, slot: WorkerSlot) -> None:
         for attempt in range(PROBE_ATTEMPTS):       # a stale connection must not cost a restart
             alive = await slot.worker.ping()
@@ -3250,6 +3280,9 @@ class WorkerPool:
             if exc.status is None:                 # no answer at all: is the worker still there?
                 self._quarantine(slot, lease_id)
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            self._drain(slot, lease_id)            # abandoned mid-request: may still be busy
+            raise
         finally:
             self._service_time = 0.8 * self._service_time + 0.2 * (time.monotonic() - started)
             self._release(slot, lease_id)
@@ -3257,7 +3290,7 @@ class WorkerPool:
     # -- reporting ------------------------------------------------------------------------------
 
     def healthy(self) -> int:
-        return sum(s.state in ("idle", "busy") for s in self.slots)
+        return sum(s.state in ("idle", "busy", "draining") for s in self.slots)
 
     def waiting(self) -> int:
         return sum(not f.done() for f in self._waiters)
@@ -5336,13 +5369,17 @@ class ChatService:
 
     async def _collect_until_settled(self, ballot: Ballot, pending: set,
                                      launch: Callable[[int], None]) -> None:
-        deadline = ballot.started + self.cfg.vote_deadline
+        batch_started, deadline = ballot.started, None
         while pending:
-            done, _ = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait(pending, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
             if not done:
-                log.warning("vote deadline: %d candidates dropped", len(pending))
+                log.warning("vote deadline: %d straggling candidates dropped", len(pending))
                 return
+            if deadline is None:
+                took = time.monotonic() - batch_started
+                deadline = time.monotonic() + max(self.cfg.vote_deadline, took)
             pending.difference_update(done)
             self._collect(ballot, done)
             keys = vote_keys(ballot.candidates)
@@ -5353,6 +5390,7 @@ class ChatService:
                 return
             if not pending and ballot.plan.adaptive and keys:
                 launch(adaptive_more(keys, ballot.plan.k))
+                batch_started, deadline = time.monotonic(), None
 
     @staticmethod
     def _collect(ballot: Ballot, done: set) -> None:

@@ -436,6 +436,7 @@ def test_bench_reports_what_the_server_returned(fake_server, tmp_path, capsys, s
                                      "multi-02", "multi-text-01", "multi-text-02"]
 
     expected = {  # arm: correct, accuracy, call, name, no-call, multi, shape, samples, errors
+                  # (then wall/task and constrained, not checked here)
         "greedy": ("8/8", "100.0%", "100.0%", "100.0%", "100.0%", "100.0%", "0", "1.00", "0"),
         "sample": ("4/8", "50.0%", "0.0%", "0.0%", "100.0%", "50.0%", "0", "1.00", "0"),
         "vote3": ("7/8", "87.5%", "75.0%", "75.0%", "100.0%", "100.0%", "0", "3.00", "1"),
@@ -444,7 +445,7 @@ def test_bench_reports_what_the_server_returned(fake_server, tmp_path, capsys, s
     for name, want in expected.items():
         line = next(l for l in printed.splitlines() if l.startswith(name + " ") and "%" in l)
         fields = line.split()
-        assert fields[-11:-3] == list(want[:8]) and fields[-1] == want[8], line
+        assert fields[-12:-4] == list(want[:8]) and fields[-2] == want[8], line
     assert "k=5 minus one sample: +50.0 points; k=5 minus greedy: +0.0 points" in printed
     assert printed.count("shape error") == 4 and "vote5   shape error read-01" in printed
 

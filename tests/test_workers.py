@@ -65,7 +65,9 @@ class FakeWorker:
     async def ping(self):
         return not self.exited() and not self.mute
 
-    async def count_tokens(self, text):
+    async def count_tokens(self, text, timeout=None):
+        if self.gate is not None and text == "":
+            await self.gate.wait()                  # busy: the model lock is held
         if self.exited():
             raise ls.WorkerError("dead")
         return len(text.split())
@@ -471,7 +473,35 @@ def test_early_finish_cancels_the_straggler():
         assert len(ballot.entries) == 2 and ballot.cancelled == 1
         assert ballot.describe()["confidence"] == 1.0
         await asyncio.sleep(0.01)
-        assert [d["state"] for d in pool.describe()] == ["idle"] * 3   # the straggler let go
+        # the straggler's worker may still be evaluating the prompt: it drains before reuse
+        assert [d["state"] for d in pool.describe()] == ["idle", "idle", "draining"]
+        workers[2].gate.set()                    # its model lock comes free
+        await asyncio.sleep(0.01)
+        assert [d["state"] for d in pool.describe()] == ["idle"] * 3
+        await pool.stop()
+    run(go())
+
+
+def test_a_drained_worker_that_never_frees_is_probed_and_restarted(monkeypatch):
+    monkeypatch.setattr(ls, "DRAIN_TIMEOUT", 0.01)
+
+    async def go():
+        w = FakeWorker(1)
+        w.gate = asyncio.Event()
+
+        async def stuck(text, timeout=None):
+            raise ls.WorkerError("worker-1: /extras/tokenize/count: ReadTimeout")
+        pool = await started_pool([w])
+        task = asyncio.create_task(chat_service(pool).complete(request()))
+        await asyncio.sleep(0.01)
+        w.count_tokens, w.mute = stuck, True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if w.starts == 2:
+                break
+        assert w.starts == 2                     # probed, did not answer, restarted
         await pool.stop()
     run(go())
 

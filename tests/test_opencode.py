@@ -12,6 +12,12 @@ or an install that fails, skips the test with a warning. opencode runs with HOME
 in tmp, reads only the config written here, and fetches nothing (no models.dev, no update check, no
 share, no LSP download, no plugins).
 
+What opencode 1.18.33 sends (recorded): stream true, stream_options {include_usage: true},
+max_tokens = the model's limit.output (32000 when unset), tool_choice "auto", no temperature, no
+parallel_tool_calls; 10 tools (bash, edit, glob, grep, read, skill, task, todowrite, webfetch,
+write); a file is read with `read` {filePath (required), offset, limit}. The first request is 7,227
+prompt tokens on Qwen2.5's template; its first turn took ~5 min of prompt processing on 2 busy cores.
+
 Environment: LOCAL_SWARM_OPENCODE_MODEL (default qwen2.5-coder-0.5b; a known id or a .gguf path),
 LOCAL_SWARM_OPENCODE_TIMEOUT (seconds for the whole `opencode run`, default 1200)."""
 from __future__ import annotations

@@ -3333,7 +3333,8 @@ class WorkerPool:
 # same share (were similarity 1 for equal keys and 0 otherwise, the two would agree). Confidence
 # is the winner's score.
 #
-# Ties. Candidates are ranked by, in order: larger group (majority only); higher mean similarity to
+# Ties. Candidates are ranked by, in order: a non-empty reply before an empty one (an agent can do
+# nothing with an empty answer, however many agree on it); larger group (majority only); higher mean similarity to
 # all candidates (compared to SCORE_TIE_DIGITS places); a finish_reason in COMPLETE_FINISHES before
 # any other ("length" was cut off); lower latency; lower index. The winner is the first. Majority
 # groups are listed in the order of their best member, which puts the biggest first.
@@ -3552,7 +3553,8 @@ def _ranking(candidates: Sequence[Candidate], sizes: Sequence[int],
     """Candidate indices, best first, under the tie rule of the section comment."""
     def rank(i: int) -> tuple:
         c = candidates[i]
-        return (-sizes[i], -round(means[i], SCORE_TIE_DIGITS),
+        empty = not (c.calls or c.text.strip())
+        return (empty, -sizes[i], -round(means[i], SCORE_TIE_DIGITS),
                 c.finish_reason not in COMPLETE_FINISHES, c.latency, i)
     return sorted(range(len(candidates)), key=rank)
 

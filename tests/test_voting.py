@@ -414,3 +414,8 @@ def test_adaptive_more_bounds_hold_for_all_small_cases():
 def test_adaptive_more_rejects_bad_threshold(threshold):
     with pytest.raises(ValueError):
         ls.adaptive_more(["a"], 8, threshold)
+
+
+def test_an_empty_reply_never_wins_over_an_answer():
+    vote = ls.tally([cand(""), cand(" "), cand("The answer is 4.")], "majority")
+    assert vote.winner == 2

@@ -4662,6 +4662,8 @@ class SwarmOptions:
     mode: str | None = None
     adaptive: bool | None = None
     force_vote: bool = False          # vote even at temperature 0 (candidates differ by seed only)
+    constrain_calls: bool = True      # finish a call the model starts under the call grammar
+                                      # (False: parse its text as it is; for measuring the gain)
     affinity: bool | None = None
 
 
@@ -4719,6 +4721,8 @@ def _parse_swarm_options(body: dict) -> SwarmOptions:
     return SwarmOptions(votes=_check_number(opts, "votes", 1, MAX_VOTES, integer=True), mode=mode,
                         adaptive=None if adaptive is None else _check_bool(opts, "adaptive"),
                         force_vote=_check_bool(opts, "force_vote"),
+                        constrain_calls=opts.get("constrain_calls") is None
+                        or _check_bool(opts, "constrain_calls"),
                         affinity=None if affinity is None else _check_bool(opts, "affinity"))
 
 
@@ -5177,7 +5181,7 @@ class ChatService:
         """A scanner for calls the model starts on its own ("auto"), when its prompt can be
         continued exactly (rendered by the model's template)."""
         use = req.tool_use
-        if not use.active or use.forced or not self.renderer.exact:
+        if not use.active or use.forced or not self.renderer.exact or not req.swarm.constrain_calls:
             return None
         return CallScanner(use.specs)
 

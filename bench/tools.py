@@ -57,6 +57,7 @@ class Arm:
     votes: int
     greedy: bool                # temperature 0 (else omitted, or --temperature)
     seeded: bool                # a seed per task
+    constrain: bool = True      # False: the swarm parses the model's own call text as it is
 
 
 ARMS = {a.name: a for a in (
@@ -64,7 +65,9 @@ ARMS = {a.name: a for a in (
     Arm("sample", "1 sample at T", 1, greedy=False, seeded=True),
     Arm("vote3", "vote k=3 at T", 3, greedy=False, seeded=False),
     Arm("vote5", "vote k=5 at T", 5, greedy=False, seeded=False),
+    Arm("free", "greedy, unconstrained", 1, greedy=True, seeded=False, constrain=False),
 )}
+DEFAULT_ARMS = ("greedy", "sample", "vote3", "vote5")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ def request_body(arm: Arm, task: tt.ToolTask, args: argparse.Namespace) -> dict:
     body: dict[str, Any] = {"model": "local-swarm", "messages": tt.messages_for(task),
                             "tools": tt.tools_for(task), "tool_choice": "auto",
                             "max_tokens": MAX_TOKENS, "swarm": {"votes": arm.votes}}
+    if not arm.constrain:
+        body["swarm"]["constrain_calls"] = False
     if arm.greedy:
         body["temperature"] = 0.0
     elif args.temperature is not None:
@@ -325,7 +330,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--url", help="a running swarm, e.g. http://127.0.0.1:8000")
     where.add_argument("--start", action="store_true", help="start a swarm, stop it at the end")
     p.add_argument("--model", default="qwen2.5-coder-0.5b", help="the model --start serves")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help=f"comma-separated subset of {list(ARMS)} (default {','.join(DEFAULT_ARMS)}; "
+                   "'free' is greedy with the swarm's call grammar off, to measure what it adds)")
     p.add_argument("--limit", type=int, default=None,
                    help="first N tasks of each group (call or text, one turn or multi-turn)")
     p.add_argument("--temperature", type=float, default=None, help="T of the sampled arms "

@@ -465,7 +465,7 @@ def test_bench_reports_what_the_server_returned(fake_server, tmp_path, capsys, s
     assert all(b["swarm"] == {"votes": 5} for b in by_arm[3])
 
     results = json.loads(out.read_text())
-    assert results["stream"] is stream and list(results["arms"]) == list(tools.ARMS)
+    assert results["stream"] is stream and list(results["arms"]) == list(tools.DEFAULT_ARMS)
     vote3 = {t["id"]: t for t in results["arms"]["vote3"]["tasks"]}
     assert vote3["read-01"]["error"].startswith("HTTP 500") and vote3["read-01"]["samples"] is None
     assert vote3["multi-01"]["correct"] and vote3["multi-01"]["called"] == "read_file"

@@ -726,3 +726,16 @@ def test_a_vote_over_calls_takes_the_majority_call():
         assert swarm["strategy"] == "majority" and swarm["votes"][0] == 2
         await pool.stop()
     run(go())
+
+
+def test_constrain_calls_off_parses_the_models_own_text():
+    invented = CALL_TEXT.replace("read_file", "read_package_json")
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(invented))
+        pool = await started_pool([w])
+        reply, _, _ = await tool_service(pool).complete(
+            tool_request(swarm={"constrain_calls": False}))
+        assert reply["choices"][0]["message"] == {"role": "assistant", "content": invented}
+        assert [route for route, _ in w.requests] == ["/v1/chat/completions"]
+        await pool.stop()
+    run(go())

@@ -18,11 +18,15 @@ parallel_tool_calls; 10 tools (bash, edit, glob, grep, read, skill, task, todowr
 write); a file is read with `read` {filePath (required), offset, limit}. The first request is 7,227
 prompt tokens on Qwen2.5's template; its first turn took ~5 min of prompt processing on 2 busy cores.
 
-Model: Qwen2.5-Coder-1.5B-Instruct. The 0.5B model does make valid `read` calls here (the call
+Model: Qwen2.5-Coder-0.5B-Instruct. It does make valid `read` calls here (the call
 grammar sees to that), but it guesses the path (`/tmp/opencode/answers.txt` for notes/answer.txt)
-and then repeats the call or answers nothing, so the task fails on it.
+and then repeats the call or answers nothing. The 1.5B model came closer (the project's absolute
+path, but `note/answer.txt`) and then tried webfetch. One run serves two tests: the mechanics
+(the request reaches the swarm; the model's calls reach opencode as tool calls that it runs) must
+pass; completing the task is an expected failure until a model does it (xfail, not strict: it
+reports XPASS the day it passes).
 
-Environment: LOCAL_SWARM_OPENCODE_MODEL (default qwen2.5-coder-1.5b; a known id or a .gguf path),
+Environment: LOCAL_SWARM_OPENCODE_MODEL (default qwen2.5-coder-0.5b; a known id or a .gguf path),
 LOCAL_SWARM_OPENCODE_TIMEOUT (seconds for the whole `opencode run`, default 1200)."""
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,7 +48,7 @@ import pytest
 from conftest import start_swarm
 
 OPENCODE_VERSION = "1.18.33"
-MODEL = os.environ.get("LOCAL_SWARM_OPENCODE_MODEL", "qwen2.5-coder-1.5b")
+MODEL = os.environ.get("LOCAL_SWARM_OPENCODE_MODEL", "qwen2.5-coder-0.5b")
 CTX = 12288                 # opencode's system prompt and tools are ~7,200 tokens, plus the turns
 MAX_OUTPUT = 1024           # opencode sends limit.output as max_tokens
 RUN_TIMEOUT = float(os.environ.get("LOCAL_SWARM_OPENCODE_TIMEOUT", "1200"))  # ~1-3 min a turn here
@@ -221,7 +226,19 @@ def report(code, seconds, out, err, swarm_output) -> str:
 
 # -- the test --------------------------------------------------------------------------------------
 
-def test_opencode_reads_a_file_through_a_tool_call(opencode_bin, tmp_path):
+@dataclass
+class OpencodeRun:
+    secret: str
+    code: int
+    events: list
+    swarm_output: list
+    why: str
+
+
+@pytest.fixture(scope="module")
+def opencode_run(opencode_bin, tmp_path_factory) -> OpencodeRun:
+    """One `opencode run` of the task against a fresh swarm (minutes: shared by the tests)."""
+    tmp_path = tmp_path_factory.mktemp("opencode")
     secret = str(100000 + secrets.randbelow(900000))
     project = make_project(tmp_path, secret)
     env = isolated_env(tmp_path / "home")
@@ -236,13 +253,31 @@ def test_opencode_reads_a_file_through_a_tool_call(opencode_bin, tmp_path):
         swarm.stop()
     why = report(code, seconds, out, err, swarm.output)
     print(why)
-    assert chat_lines(swarm.output), "opencode sent no chat request to the swarm" + why
-    evs = events(out)
-    uses = tool_uses(evs)
+    return OpencodeRun(secret, code, events(out), list(swarm.output), why)
+
+
+def test_opencode_gets_the_models_calls_as_tool_calls(opencode_run):
+    """The mechanics: opencode's request reaches the swarm, and the model's calls come back as
+    `tool_calls` deltas that opencode accepts and runs as its tools (whichever tool and path the
+    model chose: that part is the model's, see the next test)."""
+    run = opencode_run
+    assert chat_lines(run.swarm_output), "opencode sent no chat request to the swarm" + run.why
+    uses = tool_uses(run.events)
+    assert uses, "opencode ran no tool call" + run.why
+    assert all(u["state"].get("status") in ("completed", "error") for u in uses), run.why
+    assert all(isinstance(u["state"].get("input"), dict) for u in uses), run.why
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 4 open: opencode gets valid `read` calls from the swarm and runs them, but neither "
+    "Qwen2.5-Coder-0.5B nor 1.5B names the file right (0.5B: /tmp/opencode/answers.txt; 1.5B: "
+    "<project>/note/answer.txt for notes/answer.txt), so the task is not completed"))
+def test_opencode_completes_the_read_a_file_task(opencode_run):
+    run = opencode_run
+    uses = tool_uses(run.events)
     reads = [u for u in uses if u.get("tool") == "read" and u["state"].get("status") == "completed"
-             and secret in str(u["state"].get("output", ""))]
-    assert reads, (f"no completed `read` of notes/answer.txt: the model's tool call did not reach "
-                   f"opencode as a tool call (tool_use events: {uses}; reply text: "
-                   f"{reply_text(evs)!r})" + why)
-    assert secret in reply_text(evs), f"the reply does not say {secret}" + why
-    assert code == 0, why
+             and run.secret in str(u["state"].get("output", ""))]
+    assert reads, (f"no completed `read` of notes/answer.txt (tool_use events: {uses}; reply "
+                   f"text: {reply_text(run.events)!r})" + run.why)
+    assert run.secret in reply_text(run.events), f"the reply does not say {run.secret}" + run.why
+    assert run.code == 0, run.why

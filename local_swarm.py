@@ -13,7 +13,7 @@ to 127.0.0.1, each serving one request at a time, and exposes /v1/models, /v1/ch
 
 Sections, in dependency order (grep for "# ====" for a table of contents):
     constants, errors, config, HTTP/SSE protocol, HTTP server, hardware and build, models,
-    workers, worker pool, voting, chat API, server wiring, CLI.
+    workers, worker pool, voting, tool calls (parsing, grammars), chat API, server wiring, CLI.
 """
 from __future__ import annotations
 

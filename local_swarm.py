@@ -5186,16 +5186,16 @@ class ChatService:
         return CallScanner(use.specs)
 
     async def _constrained_call(self, worker: Any, req: ChatRequest, gen: Generation,
-                                start: int) -> None:
+                                prompt: str, start: int) -> None:
         """The model began a tool call at text offset `start`: finish it under the call grammar,
         so its name is an offered tool and its arguments fit that tool's schema (small models
-        invent names and shapes). A raw completion of the same prompt plus the prose before the
-        call, on the same worker, whose KV cache already holds all of it."""
+        invent names and shapes). A raw completion of the same prompt (`prompt`, as rendered
+        for the request) plus the prose before the call, on the same worker, whose KV cache
+        already holds all of it."""
         prose = gen.text[:start]
         gen.parts[:] = [prose]
         gen.constrained = True
         use = req.tool_use
-        prompt = self.render_prompt(req)
         if self.renderer.bos and prompt.startswith(self.renderer.bos):
             prompt = prompt[len(self.renderer.bos):]    # the completion route adds BOS itself
         body = {k: v for k, v in req.sampling.items() if k in CONTINUATION_SAMPLING}
@@ -5245,7 +5245,7 @@ class ChatService:
                             self._check_fits(gen.prompt_tokens)
                         accepted = True
                         yield ""
-                    async for delta in self._stream_from(worker, req, gen):
+                    async for delta in self._stream_from(worker, req, gen, prompt):
                         yield delta
                     if live and not (req.include_usage or log.isEnabledFor(logging.DEBUG)):
                         return                     # nobody reads usage: spare the worker calls
@@ -5266,7 +5266,7 @@ class ChatService:
         gen.first_token_at = None
         log.warning("%s; retrying on another worker (attempt %d)", exc, gen.attempts + 1)
 
-    async def _stream_from(self, worker: Any, req: ChatRequest, gen: Generation
+    async def _stream_from(self, worker: Any, req: ChatRequest, gen: Generation, prompt: str
                            ) -> AsyncIterator[str]:
         """Yield the text a client may see as it arrives (all of it, unless calls are possible:
         then the prose before a call; a forced call shows nothing), keeping the whole text in
@@ -5290,7 +5290,7 @@ class ChatService:
                 if choice.get("finish_reason") in FINISH_REASONS:
                     gen.finish_reason = choice["finish_reason"]
         if scanner is not None and scanner.start is not None:
-            await self._constrained_call(worker, req, gen, scanner.start)
+            await self._constrained_call(worker, req, gen, prompt, scanner.start)
         elif scanner is not None and (tail := scanner.flush()):
             yield tail
         self._settle_calls(req, gen)

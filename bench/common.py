@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import re
 import signal
 import statistics
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = re.compile(r"ready on (http://[\d.]+:\d+)/v1")
@@ -108,3 +111,38 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def run_arms(url: str, args: argparse.Namespace, header: dict, arms: dict, tasks: list,
+             run_arm: Callable, summarize: Callable) -> tuple[dict[str, dict], dict]:
+    """Run the arms named in args.arms over `tasks`, one after another on one HTTP client
+    (args.timeout per request), printing each arm's time. Returns the summaries per arm and the
+    results to save: `header`, the start time, and per arm its settings, summary and outcomes."""
+    import httpx
+    results: dict = {**header, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "arms": {}}
+    summaries = {}
+    with httpx.Client(timeout=args.timeout) as client:
+        for name in args.arms:
+            t0 = time.perf_counter()
+            outcomes = run_arm(client, url, arms[name], tasks, args)
+            summaries[name] = summarize(outcomes)
+            results["arms"][name] = {"arm": asdict(arms[name]), "summary": summaries[name],
+                                     "tasks": [asdict(o) for o in outcomes]}
+            print(f"arm {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return summaries, results
+
+
+def save_results(results: dict, out: str) -> None:
+    Path(out).write_text(json.dumps(results, indent=1))
+    print(f"per-task outcomes: {out}")
+
+
+def bench_main(args: argparse.Namespace, run: Callable[[str, argparse.Namespace], object]) -> int:
+    """Run the bench against args.url, or against a swarm started for it (args.model)."""
+    if args.url:
+        run(args.url, args)
+        return 0
+    command = [sys.executable, str(ROOT / "local_swarm.py"), "--model", args.model, "--port", "0"]
+    with started_swarm(command) as url:
+        run(url, args)
+    return 0

@@ -36,7 +36,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -44,7 +44,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tools_tasks as tt  # noqa: E402
-from common import ROOT, samples_spent, started_swarm  # noqa: E402
+from common import bench_main, run_arms, samples_spent, save_results  # noqa: E402
 
 MAX_TOKENS = 384                # a call, or a short answer; write_file content is the longest
 MAX_STREAM_EVENTS = 10_000      # MAX_TOKENS tokens send a few hundred events; more is a runaway
@@ -364,38 +364,21 @@ def select_tasks(limit: int | None) -> list[tt.ToolTask]:
 def run(url: str, args: argparse.Namespace) -> dict[str, dict]:
     tasks = select_tasks(args.limit)
     url = url.rstrip("/")
-    results: dict[str, Any] = {"url": url, "temperature": args.temperature, "seed": args.seed,
-                               "stream": args.stream, "limit": args.limit,
-                               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "arms": {}}
-    summaries = {}
+    header = {"url": url, "temperature": args.temperature, "seed": args.seed,
+              "stream": args.stream, "limit": args.limit}
     print(f"{len(tasks)} tasks ({sum(t.kind == 'call' for t in tasks)} expect a call, "
           f"{sum(t.kind == 'no_call' for t in tasks)} a text answer; "
           f"{sum(t.multi_turn for t in tasks)} multi-turn) against {url}"
           f"{' (streamed)' if args.stream else ''}", flush=True)
-    with httpx.Client(timeout=args.timeout) as client:
-        for name in args.arms:
-            t0 = time.perf_counter()
-            outcomes = run_arm(client, url, ARMS[name], tasks, args)
-            summaries[name] = summarize(outcomes)
-            results["arms"][name] = {"arm": asdict(ARMS[name]), "summary": summaries[name],
-                                     "tasks": [asdict(o) for o in outcomes]}
-            print(f"arm {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    summaries, results = run_arms(url, args, header, ARMS, tasks, run_arm, summarize)
     print_table(summaries)
     print(comparison(summaries))
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"per-task outcomes: {args.out}")
+    save_results(results, args.out)
     return summaries
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.url:
-        run(args.url, args)
-        return 0
-    command = [sys.executable, str(ROOT / "local_swarm.py"), "--model", args.model, "--port", "0"]
-    with started_swarm(command) as url:
-        run(url, args)
-    return 0
+    return bench_main(parse_args(argv), run)
 
 
 if __name__ == "__main__":

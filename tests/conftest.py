@@ -3,6 +3,7 @@ on a real llama.cpp build and the real SmolLM2-135M model: the first swarm of a 
 llama-cpp-python into llama_builds/ and fetches the model into the cache (once per machine)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -11,7 +12,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import psutil
@@ -100,3 +103,18 @@ def qwen_swarm():
                     TOOLS_CTX, "--log-level", "debug")
     yield s
     s.stop()
+
+
+@contextlib.contextmanager
+def serving(handler) -> Iterator[str]:
+    """A ThreadingHTTPServer with `handler` on 127.0.0.1 (a free port) for the block; yields
+    its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

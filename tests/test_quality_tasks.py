@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from decimal import Decimal
 from fractions import Fraction
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
+from conftest import serving
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import quality  # noqa: E402
+from common import started_swarm  # noqa: E402
 import quality_tasks as qt  # noqa: E402
 
 # ============================================================================ task data
@@ -249,13 +251,8 @@ class FakeHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_server():
     FakeHandler.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", FakeHandler.bodies
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(FakeHandler) as url:
+        yield url, FakeHandler.bodies
 
 
 def test_bench_reports_what_the_server_returned(fake_server, tmp_path, capsys):
@@ -328,8 +325,8 @@ def test_start_reads_the_ready_line_and_stops_the_daemon():
     script = ("import sys, time\nprint('building...')\n"
               "print('local-swarm 0.2.0 ready on http://127.0.0.1:45678/v1', flush=True)\n"
               "time.sleep(60)\n")
-    with quality.started_swarm([sys.executable, "-c", script], timeout=20) as url:
+    with started_swarm([sys.executable, "-c", script], timeout=20) as url:
         assert url == "http://127.0.0.1:45678"
     with pytest.raises(RuntimeError, match="did not start"):
-        with quality.started_swarm([sys.executable, "-c", "print('no luck')"], timeout=20):
+        with started_swarm([sys.executable, "-c", "print('no luck')"], timeout=20):
             pass

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+
+from conftest import serving
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import tools  # noqa: E402
@@ -415,13 +416,8 @@ class FakeHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_server():
     FakeHandler.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", FakeHandler.bodies
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(FakeHandler) as url:
+        yield url, FakeHandler.bodies
 
 
 @pytest.mark.parametrize("stream", [False, True])

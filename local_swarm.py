@@ -13,7 +13,8 @@ to 127.0.0.1, each serving one request at a time, and exposes /v1/models, /v1/ch
 
 Sections, in dependency order (grep for "# ====" for a table of contents):
     constants, errors, config, HTTP/SSE protocol, HTTP server, hardware and build, models,
-    workers, worker pool, voting, tool calls (parsing, grammars), chat API, server wiring, CLI.
+    workers, worker pool, voting, tool calls (parsing, grammars), chat API, federation, server
+    wiring, first run, CLI.
 """
 from __future__ import annotations
 
@@ -2009,6 +2010,10 @@ def doctor_report(hw: Hardware, key: str, plan: Plan | None, model: ModelInfo | 
                      f"{_count(plan.threads, 'thread')}, ctx {plan.ctx}, gpu_layers {plan.gpu_layers}")
         lines += [f"  - {reason}" for reason in plan.reasons]
     return "\n".join(lines)
+
+
+# ---- bundles (air-gapped copies) --------------------------------------------------------------------
+# (issue 6: `bundle DIR`; filled in by its branch)
 
 
 # =====================================================================================================
@@ -5609,6 +5614,12 @@ class ChunkFrame:
 
 
 # =====================================================================================================
+# Federation
+# =====================================================================================================
+# (issue 5: beacons, trust, peer table, federated vote; filled in by its branch)
+
+
+# =====================================================================================================
 # Server wiring
 # =====================================================================================================
 # SwarmApp routes requests to the chat service and the status views; Swarm builds and owns every
@@ -5851,6 +5862,12 @@ async def serve(swarm: Swarm) -> int:
     finally:
         await swarm.stop()
 
+
+
+# =====================================================================================================
+# First run
+# =====================================================================================================
+# (issue 6: settings file, interactive setup; filled in by its branch)
 
 
 # =====================================================================================================

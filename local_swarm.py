@@ -1162,6 +1162,22 @@ def print_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def format_duration(seconds: float) -> str:
+    """A duration for progress lines: "42 s", "4 min 05 s", "1 h 02 min" (negative counts as 0)."""
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def build_progress_line(label: str, seconds: float, step: str = "") -> str:
+    """The periodic line of a long build step, e.g. "  compiling llama.cpp: 2 min 10 s, step
+    [62/193]" (step: the compiler's latest [n/total] marker, "" when the log shows none)."""
+    return f"  {label}: {format_duration(seconds)}" + (f", step {step}" if step else "")
+
+
 def run_tool(argv: Sequence[str], timeout: float = PROBE_TIMEOUT) -> str | None:
     """Run one probe tool. Returns its stdout, or None when it is missing, fails or is too slow."""
     if shutil.which(argv[0]) is None:
@@ -1704,8 +1720,7 @@ def _wait_reporting(job: _BuildJob, label: str, proc: subprocess.Popen[bytes], s
             return proc.wait(timeout=job.progress_every)
         except subprocess.TimeoutExpired:
             step = _last_build_step(_log_tail(job.log_path, lines=BUILD_STEP_TAIL_LINES))
-            elapsed = f"  {label}: {time.monotonic() - started:.0f} s"
-            job.progress(elapsed + (f", step {step}" if step else ""))
+            job.progress(build_progress_line(label, time.monotonic() - started, step))
 
 
 def _failure_message(job: _BuildJob, label: str, returncode: int) -> str:
@@ -1800,7 +1815,8 @@ def _build(job: _BuildJob) -> BuildInfo:
     wheel = _compile_wheel(job, sdist)
     _install_site(job, wheel)
     _write_build_record(job, wheel, time.monotonic() - started)
-    job.progress(f"llama.cpp build {job.info.key}: ready in {time.monotonic() - started:.0f} s")
+    job.progress(f"llama.cpp build {job.info.key}: ready in "
+                 f"{format_duration(time.monotonic() - started)}")
     return dataclasses.replace(job.info, wheel=wheel)
 
 
@@ -2503,14 +2519,17 @@ class _Meter:
         self.progress(self.line(self.clock()))
 
     def line(self, now: float) -> str:
-        """e.g. "  part 2/6: 45.2/89.1 MB, 12.3 MB/s, ETA 4 s"."""
+        """e.g. "  part 2/6: 45.2/89.1 MB (51%), 12.3 MB/s, ETA 4 s" (past a minute the ETA reads
+        "2 min 05 s"; without a known total, only the bytes and the speed)."""
         speed = (self.done - self.start_done) / max(now - self.started, 1e-9)
         text = f"  {self.label}: {self.done / 1e6:.1f}"
         if self.total:
-            text += f"/{self.total / 1e6:.1f}"
-        text += f" MB, {speed / 1e6:.1f} MB/s"
+            text += f"/{self.total / 1e6:.1f} MB ({100 * self.done // self.total}%)"
+        else:
+            text += " MB"
+        text += f", {speed / 1e6:.1f} MB/s"
         if self.total and speed > 0:
-            text += f", ETA {max(0.0, (self.total - self.done) / speed):.0f} s"
+            text += f", ETA {format_duration((self.total - self.done) / speed)}"
         return text
 
 
@@ -3090,7 +3109,10 @@ class WorkerSlot:
 class WorkerPool:
     """N workers, their supervisors, and the line of requests waiting for one."""
 
-    def __init__(self, workers: Sequence[Any], queue_size: int, start_timeout: float) -> None:
+    def __init__(self, workers: Sequence[Any], queue_size: int, start_timeout: float,
+                 on_ready: Callable[[Any], None] | None = None) -> None:
+        """on_ready(worker) is called once per worker, the first time it is ready (the CLI prints
+        a line per ready worker from it)."""
         self.slots = [WorkerSlot(w) for w in workers]
         self.queue_size = queue_size
         self.start_timeout = start_timeout
@@ -3099,7 +3121,7 @@ class WorkerPool:
         self._lease_ids = 0
         self._stopping = False
         self._service_time = 5.0              # moving average of lease duration, for Retry-After
-        self.on_ready: Callable[[Any], None] = lambda worker: None
+        self.on_ready: Callable[[Any], None] = on_ready or (lambda worker: None)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -3115,10 +3137,28 @@ class WorkerPool:
         while not any(s.ready_once for s in self.slots):
             hopeless = all(s.restarts >= START_ATTEMPTS for s in self.slots)
             if hopeless or time.monotonic() > deadline:
-                worker = self.slots[0].worker
-                raise WorkerError(f"no worker became ready; {worker.log_path} ends with:\n"
-                                  f"{tail_lines(worker.log_path, WORKER_LOG_TAIL)}")
+                raise self._none_ready()
             await asyncio.sleep(WORKER_READY_POLL)
+
+    async def wait_started(self, timeout: float) -> int:
+        """Wait until every worker is ready or has failed START_ATTEMPTS starts, or until timeout
+        passes with at least one ready (a slow worker must not hold the swarm back for good).
+        Returns how many workers have been ready. Raises WorkerError, as wait_any_ready, when
+        none is."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = sum(s.ready_once for s in self.slots)
+            settled = all(s.ready_once or s.restarts >= START_ATTEMPTS for s in self.slots)
+            if settled or time.monotonic() > deadline:
+                if ready:
+                    return ready
+                raise self._none_ready()
+            await asyncio.sleep(WORKER_READY_POLL)
+
+    def _none_ready(self) -> WorkerError:
+        worker = self.slots[0].worker
+        return WorkerError(f"no worker became ready; {worker.log_path} ends with:\n"
+                           f"{tail_lines(worker.log_path, WORKER_LOG_TAIL)}")
 
     async def stop(self) -> None:
         """Stop supervisors and every worker process (SIGTERM, then SIGKILL); fail the waiters."""
@@ -3160,8 +3200,9 @@ class WorkerPool:
     def _mark_ready(self, slot: WorkerSlot) -> None:
         first = not slot.ready_once
         slot.ready_once = True
-        log.info("%s ready (pid %s, port %d) in %.1f s", slot.worker.name, slot.worker.pid,
-                 slot.worker.port, time.monotonic() - slot.worker.started_at)
+        log.log(logging.DEBUG if first else logging.INFO, "%s ready%s (pid %s, port %d) in %.1f s",
+                slot.worker.name, "" if first else " again", slot.worker.pid, slot.worker.port,
+                time.monotonic() - slot.worker.started_at)
         if first:
             self.on_ready(slot.worker)
         self._hand_out(slot)
@@ -5751,12 +5792,15 @@ class Swarm:
     """One run of the daemon: HTTP client, workers, pool, chat service and HTTP server."""
 
     def __init__(self, cfg: Config, build: BuildInfo, model: ModelInfo, plan: Plan,
-                 launcher: Launcher = launch_process) -> None:
+                 launcher: Launcher = launch_process,
+                 progress: Callable[[str], None] = print_progress) -> None:
         self.cfg = cfg
         self.build = build
         self.model = model
         self.plan = plan
         self.launcher = launcher
+        self.progress = progress              # gets a line per worker that becomes ready
+        self.started = 0.0
         self.client: Any = None
         self.pool: WorkerPool | None = None
         self.server: HttpServer | None = None
@@ -5778,7 +5822,8 @@ class Swarm:
         self.client = worker_client()
         workers = [LlamaCppPythonWorker(spec, self.client, self.launcher)
                    for spec in self._worker_specs()]
-        self.pool = WorkerPool(workers, self.cfg.queue_size, self.cfg.worker_start_timeout)
+        self.pool = WorkerPool(workers, self.cfg.queue_size, self.cfg.worker_start_timeout,
+                               on_ready=self._worker_ready)
         renderer = PromptRenderer(self.model.chat_template, self.model.bos_token,
                                   self.model.eos_token)
         chat = ChatService(self.pool, renderer, self.model_id, self.plan.ctx, self.cfg)
@@ -5786,12 +5831,23 @@ class Swarm:
         self.server = HttpServer(app.handle, self.cfg.http, self.cfg.host, self.cfg.port,
                                  self.cfg.cors_origins)
         await self.server.start()
+        self.started = time.monotonic()
         await self.pool.start()
+
+    def _worker_ready(self, worker: Any) -> None:
+        assert self.pool is not None   # called by the pool, which start() made
+        ready = sum(slot.ready_once for slot in self.pool.slots)
+        self.progress(worker_ready_line(ready, len(self.pool.slots),
+                                        time.monotonic() - self.started))
+
+    @property
+    def port(self) -> int:
+        return self.server.port if self.server else self.cfg.port
 
     @property
     def url(self) -> str:
         host = self.cfg.host if ":" not in self.cfg.host else f"[{self.cfg.host}]"
-        return f"http://{host}:{self.server.port if self.server else self.cfg.port}"
+        return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
         """Close the listener and connections, then stop every worker; bounded by
@@ -5825,18 +5881,63 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def banner(swarm: Swarm) -> str:
-    """The one block printed when the swarm is ready: where it is and how to use it."""
-    p = swarm.plan
+def worker_ready_line(ready: int, total: int, seconds: float) -> str:
+    """The progress line for the ready-th of total workers, e.g. "worker 2/5 ready in 12.3 s"
+    (seconds since the workers were launched)."""
+    return f"worker {ready}/{total} ready in {seconds:.1f} s"
+
+
+def client_url(host: str, port: int) -> str:
+    """The base URL a client on this machine uses: a wildcard listen address (0.0.0.0, ::) is
+    not an address to connect to, so it becomes loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def votes_summary(cfg: Config, instances: int, ready: int) -> str:
+    """How requests are answered by default, as vote_plan decides for a request that sets
+    nothing: mode, k and whether the vote is adaptive."""
+    if cfg.mode == "fastest":
+        return "mode fastest: one worker streams each reply live, no vote"
+    k = max(1, min(cfg.votes or min(instances, DEFAULT_MAX_VOTES), max(ready, 1)))
+    if k == 1:
+        return "k=1: one candidate per request, no vote (--votes or more workers to vote)"
+    how = "adaptive: 2 first, more while they disagree" if cfg.adaptive else "all k every time"
+    return f"k={k} candidates per request, mode vote ({how}); temperature 0 asks one worker"
+
+
+def banner_text(cfg: Config, url: str, base_url: str, model_id: str, model_path: Path,
+                plan: Plan, ready: int) -> str:
+    """The one block printed when the swarm is ready: where it listens, what it serves, how it
+    votes, and what to paste into an editor. Its first line is what scripts wait for (tests
+    match "ready on http://HOST:PORT/v1"). The API key itself is never printed."""
+    key = ("the one you set (--api-key or LOCAL_SWARM_API_KEY)" if cfg.api_key
+           else "none needed (any value works)")
+    opencode = {"provider": {SWARM_MODEL_ID: {"npm": "@ai-sdk/openai-compatible",
+                                              "options": {"baseURL": base_url},
+                                              "models": {SWARM_MODEL_ID: {}}}},
+                "model": f"{SWARM_MODEL_ID}/{SWARM_MODEL_ID}"}
     return "\n".join([
-        f"local-swarm {VERSION} ready on {swarm.url}/v1",
-        f"  model    {swarm.model_id} ({swarm.model.path})",
-        f"  workers  {p.instances} x {p.threads} threads, context {p.ctx} tokens",
-        f"  try      curl {swarm.url}/v1/chat/completions -H 'Content-Type: application/json' "
-        "-d '{\"model\":\"local-swarm\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}'",
-        "  editors  base URL " + swarm.url + "/v1, model local-swarm, any API key"
-        + (" (the one you set)" if swarm.cfg.api_key else ""),
+        f"local-swarm {VERSION} ready on {url}/v1",
+        f"  model     {model_id} ({model_path})",
+        f"  workers   {ready}/{plan.instances} ready, {_count(plan.threads, 'thread')} each, "
+        f"context {plan.ctx} tokens",
+        f"  votes     {votes_summary(cfg, plan.instances, ready)}",
+        f"  connect   base URL {base_url}, model \"{SWARM_MODEL_ID}\", API key {key}",
+        f"  opencode  ~/.config/opencode/opencode.json: {json.dumps(opencode)}",
+        f"  continue  ~/.continue/config.yaml: models: [{{name: {SWARM_MODEL_ID}, provider: openai, "
+        f"model: {SWARM_MODEL_ID}, apiBase: {base_url}}}]",
+        f"  try       curl {base_url}/chat/completions -H 'Content-Type: application/json' "
+        "-d '{\"model\":\"local-swarm\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}'"
+        + (" -H 'Authorization: Bearer YOUR_KEY'" if cfg.api_key else ""),
     ])
+
+
+def banner(swarm: Swarm) -> str:
+    """banner_text for a started swarm."""
+    ready = sum(slot.ready_once for slot in swarm.pool.slots) if swarm.pool else 0
+    return banner_text(swarm.cfg, swarm.url, client_url(swarm.cfg.host, swarm.port),
+                       swarm.model_id, swarm.model.path, swarm.plan, ready)
 
 
 async def serve(swarm: Swarm) -> int:
@@ -5848,7 +5949,7 @@ async def serve(swarm: Swarm) -> int:
             loop.add_signal_handler(sig, stop.set)
     try:
         await swarm.start()
-        waiter = asyncio.create_task(swarm.pool.wait_any_ready(swarm.cfg.worker_start_timeout * 2))
+        waiter = asyncio.create_task(swarm.pool.wait_started(swarm.cfg.worker_start_timeout * 2))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if waiter in done:

@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -659,6 +660,7 @@ def test_real_pip_downloads_builds_and_installs(tmp_path):
     for phase in ("downloading", "compiling llama.cpp", "installing", "ready in"):
         assert phase in text
     assert "step [" in text   # a periodic line quoted the compiler's progress
+    assert re.search(r"^  compiling llama\.cpp: \d+ s(, step \[\d+/10\])?$", text, re.M)   # elapsed
     again = ls.ensure_build(builds, hw, progress=lines.append, pip=("false",))
     assert again == info
 

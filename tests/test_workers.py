@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,52 @@ def test_worker_failing_to_start_is_retried_with_backoff(monkeypatch):
         assert w.starts == 3 and pool.status() == "healthy"
         await pool.stop()
         assert pool.describe()[0]["state"] == "stopped"
+    run(go())
+
+
+class NeverReadyWorker(FakeWorker):
+    """Starts, but its model never finishes loading."""
+
+    async def wait_ready(self, timeout):
+        await asyncio.Event().wait()
+
+
+def test_wait_started_waits_for_every_worker_and_reports_each_once(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
+
+    async def go():
+        seen = []
+        workers = [FakeWorker(1), FakeWorker(2, fail_start=1), FakeWorker(3)]
+        pool = ls.WorkerPool(workers, queue_size=4, start_timeout=1, on_ready=seen.append)
+        await pool.start()
+        assert await pool.wait_started(5) == 3
+        assert sorted(w.name for w in seen) == ["worker-1", "worker-2", "worker-3"]
+        workers[0].process.die()                  # a restart is not reported as ready again
+        await asyncio.sleep(0.1)
+        assert len(seen) == 3 and workers[0].starts == 2
+        await pool.stop()
+    run(go())
+
+
+def test_wait_started_gives_up_on_a_hopeless_worker_and_times_out_on_a_slow_one(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
+
+    async def go():
+        hopeless = ls.WorkerPool([FakeWorker(1), FakeWorker(2, fail_start=99)], 4, 1)
+        await hopeless.start()
+        started = time.monotonic()
+        assert await hopeless.wait_started(30) == 1     # worker-2 failed every start: settled
+        assert time.monotonic() - started < 5
+        await hopeless.stop()
+        slow = ls.WorkerPool([FakeWorker(1), NeverReadyWorker(2)], 4, 60)
+        await slow.start()
+        assert await slow.wait_started(0.3) == 1        # the deadline passed with one ready
+        await slow.stop()
+        none = ls.WorkerPool([NeverReadyWorker(1)], 4, 60)
+        await none.start()
+        with pytest.raises(ls.WorkerError, match="no worker became ready"):
+            await none.wait_started(0.3)
+        await none.stop()
     run(go())
 
 

@@ -4,8 +4,13 @@
 Run it:
 
     python local_swarm.py                 # build llama.cpp for this machine, fetch a model, serve
-    python local_swarm.py doctor          # print hardware, build key and plan; start nothing
+    python local_swarm.py doctor          # print hardware, build key, settings and plan; start nothing
+    python local_swarm.py setup           # ask model, workers and port; save them for later starts
     python local_swarm.py --help
+
+`pip install .` gives the same program as the `local-swarm` command. Settings: flags, then
+LOCAL_SWARM_<NAME> variables, then the settings file (~/.config/local-swarm/config.json), then
+defaults; the first start in a terminal asks for the main ones (see the First run section).
 
 The daemon is one asyncio process. It supervises N `python -m llama_cpp.server` subprocesses bound
 to 127.0.0.1, each serving one request at a time, and exposes /v1/models, /v1/chat/completions
@@ -33,6 +38,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -59,7 +65,7 @@ except ImportError:   # a bare machine: detect_hardware falls back to /proc and 
 VERSION = "0.2.0"
 SWARM_MODEL_ID = "local-swarm"           # the id under which the swarm itself is listed in /v1/models
 HERE = Path(__file__).resolve().parent
-DEFAULT_BUILDS_DIR = HERE / "llama_builds"
+DEFAULT_BUILDS_DIR = HERE / "llama_builds"   # a source folder's; see default_builds_dir()
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"      # the llama-cpp-python release the workers are built from
 
 # ---- hardware and build ----
@@ -204,6 +210,25 @@ class ModelError(SwarmError):
 # mutable state: tests build their own Config and their own services.
 
 
+SITE_FOLDER_NAMES = ("site-packages", "dist-packages")   # where pip installs a module
+
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The swarm's cache (models, worker logs, an installed copy's builds): $LOCAL_SWARM_CACHE,
+    else ~/.cache/local-swarm."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("LOCAL_SWARM_CACHE") or Path.home() / ".cache" / "local-swarm")
+
+
+def default_builds_dir(here: Path = HERE, cache_dir: Path | None = None) -> Path:
+    """Where llama.cpp builds go: llama_builds/ next to local_swarm.py in a source folder or a
+    bundle (so the folder carries its build when copied), but <cache>/llama_builds for a copy that
+    pip installed (site-packages is pip's to manage, often not writable, and wiped on upgrade)."""
+    if here.name not in SITE_FOLDER_NAMES:
+        return here / "llama_builds"
+    return (default_cache_dir() if cache_dir is None else cache_dir) / "llama_builds"
+
+
 @dataclass(frozen=True)
 class HttpLimits:
     """Named limits of the HTTP server. Each bounds a read so that no client can make the daemon
@@ -234,9 +259,8 @@ class Config:
     ctx: int | None = None
     threads: int | None = None                # threads per worker
     log_level: str = "info"
-    builds_dir: Path = DEFAULT_BUILDS_DIR
-    cache_dir: Path = field(default_factory=lambda: Path(
-        os.environ.get("LOCAL_SWARM_CACHE", Path.home() / ".cache" / "local-swarm")))
+    builds_dir: Path = field(default_factory=lambda: default_builds_dir())
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     queue_size: int = 64                      # waiting requests beyond busy workers; 429 past it
     worker_start_timeout: float = 180.0       # model load on a slow disk
     request_timeout: float = 600.0            # whole generation
@@ -5968,25 +5992,528 @@ async def serve(swarm: Swarm) -> int:
 # =====================================================================================================
 # First run
 # =====================================================================================================
-# (issue 6: settings file, interactive setup; filled in by its branch)
+# Settings come in layers, each later one winning: Config's defaults < the settings file <
+# LOCAL_SWARM_<NAME> environment variables < flags. Each setting is declared once in SETTINGS (its
+# type and its check), so a value is validated the same way whatever its source, and an error names
+# where it came from (the file and key, the variable, the flag). The setup asks three questions
+# (model, workers, port) and saves the answers to the file. A start asks them by itself only the
+# first time, in a terminal, with no model named; never with --yes or when stdin or stdout is not a
+# terminal (then the defaults apply and nothing waits for input). The questions go through a
+# Prompter (read a line, write a line), so tests drive them without a terminal too.
+
+SETTINGS_FILE_NAME = "config.json"
+MAX_SETTINGS_FILE = 64 * 1024           # a settings file is a few hundred bytes; refuse a wrong file
+ENV_PREFIX = "LOCAL_SWARM_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+MAX_SETUP_ATTEMPTS = 20                 # bad answers to one question before the setup gives up
+
+
+class SettingsError(SwarmError):
+    """A setting with a bad value; the message names its source (file and key, variable, flag)."""
+
+
+class SetupCancelled(SwarmError):
+    """The setup ended without saving (Ctrl-C, end of input, no acceptable answer). `status` is
+    the exit status: 130 after Ctrl-C, as a shell reports SIGINT, else 1."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _at_least(low: int) -> Callable[[Any], str | None]:
+    return lambda value: None if value >= low else f"must be at least {low}"
+
+
+def _between(low: float, high: float) -> Callable[[Any], str | None]:
+    return lambda value: None if low <= value <= high else f"must be between {low} and {high}"
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[Any], str | None]:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _not_empty(value: Any) -> str | None:
+    return None if str(value).strip() else "must not be empty"
+
+
+def _no_check(value: Any) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user setting: its Config field, which is also its key in the settings file and, upper-
+    cased after LOCAL_SWARM_, its environment variable; its type (int, float, str, bool, Path, or
+    tuple for a list of strings); the check every value must pass; the flag that sets it."""
+
+    name: str
+    kind: type
+    check: Callable[[Any], str | None] = _no_check
+    flag: str = ""                      # "": --name-with-dashes
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def option(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+SETTINGS = (
+    Setting("model", str, _not_empty),
+    Setting("instances", int, _at_least(1)),
+    Setting("ctx", int, _at_least(1)),
+    Setting("threads", int, _at_least(1)),
+    Setting("host", str, _not_empty),
+    Setting("port", int, _between(0, 65535)),
+    Setting("api_key", str),
+    Setting("queue_size", int, _at_least(1)),
+    Setting("cors_origins", tuple, flag="--cors-origin"),
+    Setting("votes", int, _at_least(1)),
+    Setting("mode", str, _one_of(MODES)),
+    Setting("vote_temperature", float, _between(0, 2)),
+    Setting("adaptive", bool, flag="--no-adaptive"),
+    Setting("affinity", bool, flag="--no-affinity"),
+    Setting("log_level", str, _one_of(LOG_LEVELS)),
+    Setting("builds_dir", Path, _not_empty),
+)
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+JSON_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false",
+                   str: "a string", Path: "a path (a string)", tuple: "a list of strings"}
+
+
+def _checked(setting: Setting, value: Any, source: str) -> Any:
+    """value, when it passes the setting's check; SettingsError naming `source` otherwise."""
+    problem = setting.check(value)
+    if problem:
+        raise SettingsError(f"{source}: {problem}")
+    return value
+
+
+def _from_text(setting: Setting, text: str) -> Any:
+    """A value written as text (an environment variable). Raises ValueError saying what it must be."""
+    text = text.strip()
+    try:
+        if setting.kind in (int, float):
+            return setting.kind(text)
+    except ValueError:
+        raise ValueError(f"must be {JSON_TYPE_NAMES[setting.kind]}") from None
+    if setting.kind is bool:
+        if text.lower() in TRUE_WORDS + FALSE_WORDS:
+            return text.lower() in TRUE_WORDS
+        raise ValueError(f"must be one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+    if setting.kind is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return Path(text).expanduser() if setting.kind is Path else text
+
+
+def _from_json(setting: Setting, value: Any, base: Path) -> Any:
+    """A value read from the settings file, which must already have the setting's JSON type (a
+    relative path is relative to the file's folder). Raises ValueError saying what it must be."""
+    kind, number = setting.kind, isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and number and isinstance(value, int):
+        return value
+    if (kind is float and number) or (kind is bool and isinstance(value, bool)):
+        return kind(value)
+    if kind in (str, Path) and isinstance(value, str):
+        return base / Path(value).expanduser() if kind is Path else value
+    if kind is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"must be {JSON_TYPE_NAMES[kind]}, not {json.dumps(value)}")
+
+
+def settings_path(flag: str | None, environ: Mapping[str, str], home: Path | None = None) -> Path:
+    """Where settings are read and saved: --config, else $LOCAL_SWARM_CONFIG, else
+    $XDG_CONFIG_HOME/local-swarm/config.json, else ~/.config/local-swarm/config.json (Windows:
+    %APPDATA%\\local-swarm\\config.json)."""
+    if flag:
+        return Path(flag).expanduser()
+    if environ.get("LOCAL_SWARM_CONFIG"):
+        return Path(environ["LOCAL_SWARM_CONFIG"]).expanduser()
+    if environ.get("XDG_CONFIG_HOME"):
+        base = Path(environ["XDG_CONFIG_HOME"])
+    elif os.name == "nt" and environ.get("APPDATA"):
+        base = Path(environ["APPDATA"])
+    else:
+        base = (Path.home() if home is None else home) / ".config"
+    return base / "local-swarm" / SETTINGS_FILE_NAME
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The settings saved at `path` ({} when there is no file; a null value counts as not set).
+    Raises SettingsError naming the file, and the key when one is at fault: not JSON, not an
+    object, an unknown key, a value of the wrong type or out of range."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_SETTINGS_FILE + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise SettingsError(f"settings file {path}: cannot read it: {exc.strerror}") from exc
+    if len(data) > MAX_SETTINGS_FILE:
+        raise SettingsError(f"settings file {path}: over {MAX_SETTINGS_FILE} bytes; not a "
+                            "settings file?")
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
+        raise SettingsError(f"settings file {path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise SettingsError(f"settings file {path}: must hold a JSON object, e.g. {{\"port\": 8000}}")
+    return {key: value for key, value in ((key, _file_value(path, key, value))
+                                          for key, value in raw.items()) if value is not None}
+
+
+def _file_value(path: Path, key: str, value: Any) -> Any:
+    """One key of the settings file, converted and checked (None for a null)."""
+    source = f"settings file {path}, key \"{key}\""
+    setting = SETTINGS_BY_NAME.get(key)
+    if setting is None:
+        raise SettingsError(f"{source}: unknown setting (known: {', '.join(SETTINGS_BY_NAME)})")
+    if value is None:
+        return None
+    try:
+        converted = _from_json(setting, value, path.parent)
+    except ValueError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
+    return _checked(setting, converted, source)
+
+
+def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from LOCAL_SWARM_<NAME> variables (an empty variable counts as unset). Raises
+    SettingsError naming the variable."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        text = environ.get(setting.env, "")
+        if not text.strip():
+            continue
+        shown = "(hidden)" if setting.name == "api_key" else repr(text)
+        source = f"environment variable {setting.env}={shown}"
+        try:
+            value = _from_text(setting, text)
+        except ValueError as exc:
+            raise SettingsError(f"{source}: {exc}") from None
+        values[setting.name] = _checked(setting, value, source)
+    return values
+
+
+def merge_settings(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """One set of settings from layers given lowest first (file, environment, flags): a later
+    layer's value replaces an earlier one's. Pure."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    return merged
+
+
+def config_from_settings(values: Mapping[str, Any]) -> Config:
+    """A Config from merged settings; what none of them sets keeps Config's default (an empty
+    API key means none)."""
+    values = dict(values)
+    if not values.get("api_key"):
+        values.pop("api_key", None)
+    return Config(**values)
+
+
+def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: str(value) if isinstance(value, Path) else
+            list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+def save_settings(path: Path, updates: Mapping[str, Any]) -> dict[str, Any]:
+    """Write `updates` into the settings file, keeping the other settings it holds; atomically
+    (a reader never sees half a file) and readable by its owner only (it may hold an API key).
+    Returns the file's settings as saved. Raises SettingsError if the present file is bad."""
+    settings = {**read_settings_file(path), **updates}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+                   encoding="utf-8") as handle:
+        handle.write(json.dumps(_jsonable(settings), indent=2) + "\n")
+    os.replace(staging, path)
+    return settings
+
+
+def settings_report(path: Path, saved: Mapping[str, Any], env: Mapping[str, Any],
+                    flags: Mapping[str, Any]) -> str:
+    """Where this start's settings come from, for `doctor` (an API key shows as "(set)")."""
+    def shown(values: Mapping[str, Any]) -> str:
+        return ", ".join(f"{key} {'(set)' if key == 'api_key' else _jsonable({key: v})[key]}"
+                         for key, v in values.items())
+    lines = [f"Settings:  {path}: {shown(saved)}" if saved else
+             f"Settings:  none saved in {path} (the first start in a terminal asks; or run setup)"]
+    if env:
+        lines.append(f"  - from the environment: {shown(env)}")
+    if flags:
+        lines.append(f"  - from flags: {shown(flags)}")
+    return "\n".join(lines)
+
+
+# ---- the setup questions ----------------------------------------------------------------------------
+
+
+def accept_defaults(prompt: str) -> str:
+    """A Prompter.read that answers every question with its default, showing the question (for
+    --yes and for a stdin that is not a terminal: nothing waits for input)."""
+    print(prompt, flush=True)
+    return ""
+
+
+@dataclass(frozen=True)
+class Prompter:
+    """How the setup talks: read(prompt) returns the line typed (EOFError at the end of input,
+    KeyboardInterrupt on Ctrl-C); write(text) shows text. `attempts` bounds the bad answers to one
+    question (1 when nobody types: a default that fails is an error, not a loop)."""
+
+    read: Callable[[str], str] = input
+    write: Callable[[str], None] = print
+    attempts: int = MAX_SETUP_ATTEMPTS
+
+    def ask(self, question: str, default: str, parse: Callable[[str], Any]) -> Any:
+        """Ask until parse accepts the answer; Enter gives `default`. parse raises ValueError with
+        what to type instead, which is shown before asking again. Raises SetupCancelled after
+        `attempts` bad answers."""
+        problem = ""
+        for _ in range(self.attempts):
+            answer = self.read(f"{question} [{default}]: ").strip() or default
+            try:
+                return parse(answer)
+            except ValueError as exc:
+                problem = str(exc)
+                self.write(f"  {problem}")
+        raise SetupCancelled(f"setup: no acceptable answer to \"{question}\" ({problem}); "
+                             "nothing was saved")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of the model menu: its label, and what the settings file saves for it (a known
+    model's id, or the path of a file). `path` is None for a model to download at first start."""
+
+    label: str
+    value: str
+    path: Path | None
+    size: int
+
+
+def _cached_known(path: Path, cache_dir: Path) -> KnownModel | None:
+    """The known model whose download this file is (same name, in the swarm's cache), or None."""
+    if path.parent != cache_dir / "models":
+        return None
+    return next((m for m in KNOWN_MODELS if m.file == path.name), None)
+
+
+def model_choices(found: Sequence[Path], cache_dir: Path) -> list[ModelChoice]:
+    """The model menu: the models found on this machine (a known model in the cache by its id),
+    then each known model not in the cache, to download."""
+    choices, cached = [], set()
+    for path in found:
+        known = _cached_known(path, cache_dir)
+        if known is not None:
+            cached.add(known.id)
+        size = _file_size(path)
+        label = (f"{known.id}, {size / 1e6:.0f} MB, downloaded before ({path})" if known
+                 else f"{path.name}, {size / 1e6:.0f} MB, in {path.parent}")
+        choices.append(ModelChoice(label, known.id if known else str(path), path, size))
+    for known in KNOWN_MODELS:
+        if known.id not in cached:
+            note = "; the default" if known.id == DEFAULT_MODEL_ID else ""
+            choices.append(ModelChoice(f"download {known.id} ({known.size / 1e6:.0f} MB{note})",
+                                       known.id, None, known.size))
+    return choices
+
+
+def default_model_choice(choices: Sequence[ModelChoice], cache_dir: Path, current: str | None
+                         ) -> int:
+    """Index of the preselected model: the saved one, else what a start with no model serves
+    (resolve_model: the first model found that was not fetched by name, else the default)."""
+    for i, choice in enumerate(choices):
+        if current is not None and choice.value == current:
+            return i
+    for i, choice in enumerate(choices):
+        if choice.path is not None and not _fetched_by_name(choice.path, cache_dir):
+            return i
+    return next(i for i, choice in enumerate(choices) if choice.value == DEFAULT_MODEL_ID)
+
+
+def _model_parser(choices: Sequence[ModelChoice]) -> Callable[[str], ModelChoice]:
+    """parse() for the model question: a menu number, a known id, or the path of a GGUF file."""
+    def parse(answer: str) -> ModelChoice:
+        if answer.isdigit() and 1 <= int(answer) <= len(choices):
+            return choices[int(answer) - 1]
+        known = known_model(answer)
+        if known is not None:
+            return next((c for c in choices if c.value == known.id),
+                        ModelChoice(known.id, known.id, None, known.size))
+        path = Path(answer).expanduser()
+        if path.is_file() and _has_gguf_magic(path):
+            return ModelChoice(str(path), str(path.resolve()), path, _file_size(path))
+        ids = ", ".join(m.id for m in KNOWN_MODELS)
+        raise ValueError(f"type a number from 1 to {len(choices)}, a model id ({ids}) or the "
+                         "path of a .gguf file")
+    return parse
+
+
+def planning_model(value: str, cache_dir: Path) -> tuple[ModelInfo | None, bool]:
+    """(ModelInfo to plan with, whether it is an estimate) for a model setting: the file's header
+    when the file is here; for a known model not downloaded yet, its size with no KV cost (its
+    shape is in a header we do not have); None when neither."""
+    path = Path(value).expanduser()
+    known = known_model(value)
+    if not path.is_file() and known is not None:
+        path = cache_dir / "models" / known.file
+    if path.is_file():
+        with contextlib.suppress(ModelError):
+            return model_info(path), False
+    if known is None:
+        return None, False
+    return ModelInfo(path=path, size_bytes=known.size, sha256=None, name=known.id, arch="",
+                     context_length=0, n_layer=0, n_embd=0, n_head=0, n_head_kv=0, head_dim=0,
+                     has_tool_template=False, chat_template_family=""), True
+
+
+def _positive(answer: str) -> int:
+    if not answer.isdigit() or int(answer) < 1:
+        raise ValueError("type a whole number, at least 1")
+    return int(answer)
+
+
+def port_free(host: str, port: int) -> bool:
+    """True when a server could listen on host:port now (with SO_REUSEADDR, as ours does)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):
+            return True
+    except OSError:
+        return False
+
+
+def _port_parser(host: str, must_be_free: bool, write: Callable[[str], None]
+                 ) -> Callable[[str], int]:
+    """parse() for the port question. A port in use is refused when the swarm starts right after
+    the setup, and only warned about otherwise (it may be this swarm, running)."""
+    def parse(answer: str) -> int:
+        if not answer.isdigit() or int(answer) > 65535:
+            raise ValueError("type a port number from 0 to 65535 (0: any free port)")
+        port = int(answer)
+        if port and not port_free(host, port):
+            if must_be_free:
+                raise ValueError(f"port {port} is in use on {host}; type another, or 0 for any "
+                                 "free port")
+            write(f"  note: port {port} is in use on {host} right now")
+        return port
+    return parse
+
+
+def ask_model(prompter: Prompter, cfg: Config, search_dirs: Iterable[Path] | None = None) -> str:
+    """The model question. Returns the value to save: a known id or a file path."""
+    choices = model_choices(find_models(search_dirs, cache_dir=cfg.cache_dir), cfg.cache_dir)
+    preselected = default_model_choice(choices, cfg.cache_dir, cfg.model)
+    prompter.write("Model (a GGUF file served by every worker):")
+    for number, choice in enumerate(choices, start=1):
+        prompter.write(f"  {number}) {choice.label}")
+    chosen = prompter.ask("Model", str(preselected + 1), _model_parser(choices))
+    return chosen.value
+
+
+def ask_instances(prompter: Prompter, cfg: Config, hw: Hardware, model: str | None) -> int:
+    """The workers question, with the plan's number for this machine and model preselected."""
+    info, estimated = planning_model(model, cfg.cache_dir) if model else (None, False)
+    recommended = (plan(hw, info, None, cfg.ctx, cfg.threads).instances if info is not None
+                   else max(1, min(hw.physical_cores, MAX_AUTO_INSTANCES)))
+    prompter.write("Workers: each is one llama.cpp process answering one request at a time; a "
+                   "request's vote compares their answers.")
+    prompter.write(f"  This machine: {_count(hw.physical_cores, 'physical core')}, "
+                   f"{_gib(hw.ram_available)} available; recommended: {recommended}"
+                   + (" (estimated: the model is not downloaded yet)." if estimated else "."))
+    return prompter.ask("Workers", str(cfg.instances or recommended), _positive)
+
+
+def ask_port(prompter: Prompter, cfg: Config, must_be_free: bool) -> int:
+    """The port question; the API listens on cfg.host (127.0.0.1 unless --host says otherwise)."""
+    return prompter.ask(f"Port on {cfg.host} (0: any free port)", str(cfg.port),
+                        _port_parser(cfg.host, must_be_free, prompter.write))
+
+
+def run_setup(prompter: Prompter, cfg: Config, hw: Hardware, given: Collection[str],
+              starting: bool, search_dirs: Iterable[Path] | None = None) -> dict[str, Any]:
+    """Ask for the model, the number of workers and the port, preselecting what `cfg` holds or
+    the plan recommends. Settings in `given` (set by a flag or variable this run, which win over
+    the file anyway) are not asked. `starting`: the swarm starts right after (a busy port is then
+    refused). Returns the answers. Raises SetupCancelled on Ctrl-C (status 130) or end of input."""
+    answers: dict[str, Any] = {}
+    try:
+        if "model" not in given:
+            answers["model"] = ask_model(prompter, cfg, search_dirs)
+        if "instances" not in given:
+            answers["instances"] = ask_instances(prompter, cfg, hw, answers.get("model", cfg.model))
+        if "port" not in given:
+            answers["port"] = ask_port(prompter, cfg, starting)
+    except KeyboardInterrupt:
+        raise SetupCancelled("setup cancelled; nothing was saved", status=130) from None
+    except EOFError:
+        raise SetupCancelled("setup cancelled (end of input); nothing was saved") from None
+    return answers
+
+
+def first_run(command: str, settings_exist: bool, given: Collection[str], terminal: bool,
+              yes: bool) -> bool:
+    """True when a start should ask the setup questions first: `serve` with no settings file yet,
+    no model named by a flag or variable, a terminal to ask in, and no --yes."""
+    return (command == "serve" and not settings_exist and "model" not in given and terminal
+            and not yes)
+
+
+def is_terminal() -> bool:
+    """True when both stdin and stdout are terminals: someone can see a question and answer it."""
+    try:
+        return sys.stdin.isatty() and sys.stdout.isatty()
+    except (AttributeError, ValueError):   # no stdin at all (pythonw), or a closed one
+        return False
+
+
+def setup(path: Path, cfg: Config, given: Collection[str], prompter: Prompter,
+          starting: bool) -> dict[str, Any]:
+    """The setup from start to end: questions, then the settings file. Returns what it saved."""
+    skipped = [name for name in ("model", "instances", "port") if name in given]
+    prompter.write(f"local-swarm setup: Enter keeps the [default]. The answers go to {path}."
+                   + (f" Not asked ({', '.join(skipped)}): a flag or variable sets it." if skipped
+                      else ""))
+    answers = run_setup(prompter, cfg, detect_hardware(), given, starting)
+    saved = save_settings(path, answers)
+    prompter.write(f"Saved {path}. Run `local-swarm setup` again to change it; flags and "
+                   f"{ENV_PREFIX}* variables override it.")
+    return saved
 
 
 # =====================================================================================================
 # CLI
 # =====================================================================================================
-# Flags override the plan; LOCAL_SWARM_API_KEY stands in for --api-key so the key stays out of `ps`.
+# Flags win over LOCAL_SWARM_* variables, which win over the settings file (see First run); what
+# none of them sets is chosen by the plan. LOCAL_SWARM_API_KEY keeps a key out of `ps`. Every flag
+# defaults to None (not given), so that a flag left out lets the layers below it speak.
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
+COMMANDS = ("serve", "doctor", "setup")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="local_swarm.py", description="One OpenAI-compatible endpoint backed by a swarm of "
-        "local llama.cpp workers. With no flags: build llama.cpp for this machine (once), find or "
-        "fetch a model, start the workers the hardware allows, serve on 127.0.0.1:8000.")
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "doctor"],
+        description="One OpenAI-compatible endpoint backed by a swarm of local llama.cpp workers. "
+        "With no flags: build llama.cpp for this machine (once), find or fetch a model, start the "
+        "workers the hardware allows, serve on 127.0.0.1:8000. The first start in a terminal asks "
+        "three questions (model, workers, port) and saves the answers.",
+        epilog="Every setting can also be given as an environment variable LOCAL_SWARM_<NAME> "
+        "(LOCAL_SWARM_MODEL, LOCAL_SWARM_INSTANCES, LOCAL_SWARM_PORT, LOCAL_SWARM_HOST, ...) or "
+        "saved in the settings file under its name (\"model\", \"instances\", \"port\", ...). "
+        "Flags win over variables, variables over the file.")
+    parser.add_argument("command", nargs="?", default="serve", choices=COMMANDS,
                         help="serve (default) runs the swarm; doctor prints the hardware, the "
-                        "build key and the plan, and starts nothing")
+                        "build key, the settings and the plan, and starts nothing; setup asks the "
+                        "setup questions again and saves the answers")
     parser.add_argument("--model", help="a .gguf path, or a known id to fetch (qwen2.5-coder-0.5b, "
                         "smollm2-135m, qwen2.5-coder-1.5b); default: the first model found "
                         "locally, else qwen2.5-coder-0.5b")
@@ -5996,57 +6523,78 @@ def build_parser() -> argparse.ArgumentParser:
                         "from memory and the model's trained context)")
     parser.add_argument("--threads", type=int, help="threads per worker (default: physical cores "
                         "divided among the workers)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
-                        "127.0.0.1: this machine only; 0.0.0.0 exposes it to the network, set "
-                        "--api-key then)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; "
-                        "0 picks a free one and prints it)")
-    parser.add_argument("--api-key", default=os.environ.get("LOCAL_SWARM_API_KEY"),
-                        help="require this key (Bearer or X-Api-Key) on every route but /health; "
-                        "also read from LOCAL_SWARM_API_KEY")
-    parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait for "
-                        "a busy worker before new ones get 429 (default 64)")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine "
+                        "only; 0.0.0.0 exposes it to the network, set --api-key then)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000; 0 picks a free "
+                        "one and prints it)")
+    parser.add_argument("--api-key", help="require this key (Bearer or X-Api-Key) on every route "
+                        "but /health; better given as LOCAL_SWARM_API_KEY (not seen in `ps`)")
+    parser.add_argument("--queue-size", type=int, help="requests that may wait for a busy worker "
+                        "before new ones get 429 (default 64)")
     parser.add_argument("--cors-origin", action="append", dest="cors_origins",
                         help="an allowed browser Origin (repeatable; '*' allows all; default "
                         "http://localhost and http://127.0.0.1 on any port)")
     parser.add_argument("--votes", type=int, help="candidates per request (default: the number "
                         f"of workers, up to {DEFAULT_MAX_VOTES}; capped by the healthy workers); "
                         "a request may set its own with \"swarm\": {\"votes\": k}")
-    parser.add_argument("--mode", choices=MODES, default="vote", help="vote (default): generate "
-                        "the candidates, vote, send the winner (streamed replies start after the "
-                        "vote); fastest: stream one worker live, no vote")
-    parser.add_argument("--vote-temperature", type=float, default=0.7, help="temperature the "
-                        "candidates sample at when a request omits it (default 0.7)")
-    parser.add_argument("--no-adaptive", dest="adaptive", action="store_false", help="always "
-                        "generate all k candidates (default: start with 2, add more while they "
-                        "disagree)")
-    parser.add_argument("--no-affinity", dest="affinity", action="store_false", help="do not send "
-                        "a conversation's next turn to the workers that served the last one")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="debug shows each request and reply in brief, with timings")
+    parser.add_argument("--mode", choices=MODES, help="vote (default): generate the candidates, "
+                        "vote, send the winner (streamed replies start after the vote); fastest: "
+                        "stream one worker live, no vote")
+    parser.add_argument("--vote-temperature", type=float, help="temperature the candidates "
+                        "sample at when a request omits it (default 0.7)")
+    parser.add_argument("--no-adaptive", dest="adaptive", action="store_false", default=None,
+                        help="always generate all k candidates (default: start with 2, add more "
+                        "while they disagree)")
+    parser.add_argument("--no-affinity", dest="affinity", action="store_false", default=None,
+                        help="do not send a conversation's next turn to the workers that served "
+                        "the last one")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="info (default); debug shows "
+                        "each request and reply in brief, with timings")
+    parser.add_argument("--builds-dir", type=Path, help="where llama.cpp builds are kept "
+                        "(default: llama_builds/ next to local_swarm.py; for a pip-installed "
+                        "copy, llama_builds/ in the cache, ~/.cache/local-swarm or "
+                        "$LOCAL_SWARM_CACHE)")
+    parser.add_argument("--config", metavar="PATH", help="the settings file to read, and that "
+                        "setup writes (default: $LOCAL_SWARM_CONFIG, else "
+                        "$XDG_CONFIG_HOME/local-swarm/config.json, else "
+                        "~/.config/local-swarm/config.json)")
+    parser.add_argument("-y", "--yes", action="store_true", help="never ask: use the flags, "
+                        "variables, settings file and defaults (as when stdin is not a terminal); "
+                        "with setup, save the preselected answers")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """A Config from parsed flags; exits with status 2 (argparse's) on values out of range."""
-    if not 0 <= args.vote_temperature <= 2:
-        build_parser().error("--vote-temperature must be between 0 and 2")
-    for name in ("instances", "ctx", "threads", "queue_size", "votes"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
-    extra = {"cors_origins": tuple(args.cors_origins)} if args.cors_origins else {}
-    return Config(host=args.host, port=args.port, api_key=args.api_key or None, model=args.model,
-                  instances=args.instances, ctx=args.ctx, threads=args.threads,
-                  log_level=args.log_level, queue_size=args.queue_size, votes=args.votes,
-                  mode=args.mode, vote_temperature=args.vote_temperature, adaptive=args.adaptive,
-                  affinity=args.affinity, **extra)
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (a flag left out is None and absent here). Exits with status
+    2, as argparse does for a malformed flag, when a value fails its setting's check."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = getattr(args, setting.name, None)
+        if value is None:
+            continue
+        value = tuple(value) if setting.kind is tuple else value
+        problem = setting.check(value)
+        if problem:
+            build_parser().error(f"{setting.option} {problem}")
+        values[setting.name] = value
+    return values
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+                     saved: Mapping[str, Any] | None = None) -> Config:
+    """A Config from parsed flags over LOCAL_SWARM_* variables (default: os.environ) over saved
+    settings. Exits with status 2 on a flag out of range; raises SettingsError for a variable."""
+    env = settings_from_env(os.environ if environ is None else environ)
+    return config_from_settings(merge_settings(saved or {}, env, settings_from_args(args)))
 
 
 def local_model(cfg_model: str | None, cache_dir: Path) -> ModelInfo | None:
     """The model a start would serve, if it is already on this machine; None if it would have
     to be downloaded first. Raises ModelError for a bad explicit path."""
-    def not_here(*_: Any) -> Path:
+    def not_here(known: KnownModel, cache: Path, *_: Any) -> Path:
+        cached = Path(cache) / "models" / known.file      # fetched before (checked at the start)
+        if cached.is_file():
+            return cached
         raise LookupError
     try:
         return model_info(resolve_model(cfg_model, cache_dir, fetch=not_here))
@@ -6054,12 +6602,15 @@ def local_model(cfg_model: str | None, cache_dir: Path) -> ModelInfo | None:
         return None
 
 
-def doctor(cfg: Config) -> int:
-    """Print hardware, build key and plan; start nothing, download nothing."""
+def doctor(cfg: Config, settings: str = "") -> int:
+    """Print hardware, build key, settings (where each comes from) and plan; start nothing,
+    download nothing."""
     hw = detect_hardware()
     model = local_model(cfg.model, cfg.cache_dir)
     the_plan = plan(hw, model, cfg.instances, cfg.ctx, cfg.threads) if model else None
     print(doctor_report(hw, build_key(hw), the_plan, model, cfg.builds_dir))
+    if settings:
+        print(settings)
     return 0
 
 
@@ -6082,20 +6633,44 @@ def run(cfg: Config) -> int:
     return asyncio.run(serve(Swarm(cfg, build, model, the_plan)))
 
 
-def print_progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    for noisy in ("httpx", "httpcore"):        # one line per worker call; our debug log says more
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit status."""
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    logging.basicConfig(level=cfg.log_level.upper(), format=LOG_FORMAT)
-    for noisy in ("httpx", "httpcore"):        # one line per worker call; our debug log says more
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Entry point (also the `local-swarm` command); returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = settings_from_args(args)
+    path = settings_path(args.config, os.environ)
     try:
-        return doctor(cfg) if args.command == "doctor" else run(cfg)
-    except (BuildError, ModelError, WorkerError) as exc:
+        saved, env = read_settings_file(path), settings_from_env(os.environ)
+        cfg = config_from_settings(merge_settings(saved, env, flags))
+    except SettingsError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    configure_logging(cfg.log_level)
+    given = set(env) | set(flags)
+    try:
+        if args.command == "setup" or first_run(args.command, path.exists(), given,
+                                                is_terminal(), args.yes):
+            asking = is_terminal() and not args.yes
+            saved = setup(path, cfg, given, Prompter() if asking else Prompter(accept_defaults,
+                                                                              attempts=1),
+                          starting=args.command == "serve")
+            if args.command == "setup":
+                return 0
+            cfg = config_from_settings(merge_settings(saved, env, flags))
+        elif args.command == "serve" and not path.exists():
+            log.info("no settings file %s: using the defaults (`setup` asks)", path)
+        if args.command == "doctor":
+            return doctor(cfg, settings_report(path, saved, env, flags))
+        return run(cfg)
+    except SetupCancelled as exc:
+        print(f"\n{exc}", file=sys.stderr, flush=True)
+        return exc.status
+    except (BuildError, ModelError, WorkerError, SettingsError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 TEST_MODEL = os.environ.get("LOCAL_SWARM_TEST_MODEL", "smollm2-135m")
 FIRST_START_TIMEOUT = 1800      # the first start may build llama.cpp (~5 min on 2 cores) and download
 READY_LINE = re.compile(r"ready on (http://[\d.]+:\d+)/v1")
+# A daemon under test reads no settings file of the user's (one that does not exist: no settings).
+NO_SETTINGS = {"LOCAL_SWARM_CONFIG": str(ROOT / "tests" / "no-such-settings.json")}
 
 
 @dataclass
@@ -61,7 +63,7 @@ def start_swarm(*flags: str, timeout: float = FIRST_START_TIMEOUT, env: dict | N
     """Start `python local_swarm.py --port 0 FLAGS` and wait for its ready banner."""
     cmd = [sys.executable, str(ROOT / "local_swarm.py"), "--port", "0", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT, env={**os.environ, **(env or {})})
+                            cwd=ROOT, env={**os.environ, **NO_SETTINGS, **(env or {})})
     swarm = SwarmProcess(proc)
     threading.Thread(target=_pump, args=(proc, swarm.output), daemon=True).start()
     deadline = time.monotonic() + timeout

@@ -270,6 +270,8 @@ class Config:
                                               # "fastest": stream one worker live, no vote
     vote_temperature: float = 0.7             # sampling temperature when a request omits it
     adaptive: bool = True                     # start with few candidates, add while they disagree
+    anchor: bool = True                       # when a request omits temperature, its first
+                                              # candidate decodes greedily and wins ties
     vote_deadline: float = 30.0               # once a candidate is in, the others get as long
                                               # again as it took, and at least this; later ones
                                               # are dropped (no fixed cap: a long prompt on a
@@ -3404,8 +3406,9 @@ class WorkerPool:
 # is the winner's score.
 #
 # Ties. Candidates are ranked by, in order: a non-empty reply before an empty one (an agent can do
-# nothing with an empty answer, however many agree on it); larger group (majority only); higher mean similarity to
-# all candidates (compared to SCORE_TIE_DIGITS places); a finish_reason in COMPLETE_FINISHES before
+# nothing with an empty answer, however many agree on it); larger group (majority only); the
+# greedy candidate (the anchor: temperature 0, majority only) before sampled ones; higher mean
+# similarity to all candidates (compared to SCORE_TIE_DIGITS places); a finish_reason in COMPLETE_FINISHES before
 # any other ("length" was cut off); lower latency; lower index. The winner is the first. Majority
 # groups are listed in the order of their best member, which puts the biggest first.
 #
@@ -3454,6 +3457,7 @@ class Candidate:
     tokens: int             # completion tokens
     calls: tuple[str, ...] = ()
     constrained: bool = False   # its call was finished under the call grammar
+    greedy: bool = False        # decoded at temperature 0 (the vote's anchor): wins ties
 
 
 @dataclass(frozen=True)
@@ -3619,12 +3623,13 @@ def mean_similarities(texts: Sequence[str]) -> list[float]:
 # -- tally -----------------------------------------------------------------------------------------
 
 def _ranking(candidates: Sequence[Candidate], sizes: Sequence[int],
-             means: Sequence[float]) -> list[int]:
+             means: Sequence[float], greedy_first: bool = False) -> list[int]:
     """Candidate indices, best first, under the tie rule of the section comment."""
     def rank(i: int) -> tuple:
         c = candidates[i]
         empty = not (c.calls or c.text.strip())
-        return (empty, -sizes[i], -round(means[i], SCORE_TIE_DIGITS),
+        return (empty, -sizes[i], greedy_first and not c.greedy,
+                -round(means[i], SCORE_TIE_DIGITS),
                 c.finish_reason not in COMPLETE_FINISHES, c.latency, i)
     return sorted(range(len(candidates)), key=rank)
 
@@ -3649,7 +3654,7 @@ def _majority(candidates: Sequence[Candidate], means: Sequence[float]) -> Vote:
     keys = vote_keys(candidates)
     counts = Counter(keys)
     sizes = [counts[key] for key in keys]
-    order = _ranking(candidates, sizes, means)
+    order = _ranking(candidates, sizes, means, greedy_first=True)
     scores = tuple(size / len(candidates) for size in sizes)
     return Vote("majority", order[0], scores[order[0]], scores, _groups(keys, order), tuple(keys))
 
@@ -4735,6 +4740,7 @@ class SwarmOptions:
     constrain_calls: bool = True      # finish a call the model starts under the call grammar
                                       # (False: parse its text as it is; for measuring the gain)
     affinity: bool | None = None
+    anchor: bool | None = None
 
 
 TOOL_CHOICES = ("none", "auto", "required")
@@ -4787,13 +4793,24 @@ def _parse_swarm_options(body: dict) -> SwarmOptions:
     mode = opts.get("mode")
     if mode is not None and mode not in MODES:
         raise _invalid(f"'swarm.mode' must be one of {list(MODES)}", "swarm.mode")
-    adaptive, affinity = opts.get("adaptive"), opts.get("affinity")
+    adaptive, affinity, anchor = opts.get("adaptive"), opts.get("affinity"), opts.get("anchor")
+    try:
+        return _swarm_options(opts, mode, adaptive, affinity, anchor)
+    except HTTPError as exc:              # name the field as the client wrote it: swarm.<name>
+        exc.param = f"swarm.{exc.param}"
+        exc.message = exc.message.replace(f"'{exc.param[6:]}'", f"'{exc.param}'", 1)
+        raise
+
+
+def _swarm_options(opts: dict, mode: str | None, adaptive: Any, affinity: Any, anchor: Any
+                   ) -> SwarmOptions:
     return SwarmOptions(votes=_check_number(opts, "votes", 1, MAX_VOTES, integer=True), mode=mode,
                         adaptive=None if adaptive is None else _check_bool(opts, "adaptive"),
                         force_vote=_check_bool(opts, "force_vote"),
                         constrain_calls=opts.get("constrain_calls") is None
                         or _check_bool(opts, "constrain_calls"),
-                        affinity=None if affinity is None else _check_bool(opts, "affinity"))
+                        affinity=None if affinity is None else _check_bool(opts, "affinity"),
+                        anchor=None if anchor is None else _check_bool(opts, "anchor"))
 
 
 def _parse_stop(body: dict) -> list[str] | None:
@@ -5087,6 +5104,11 @@ class VotePlan:
     adaptive: bool
     temperature: float
     affinity: bool
+    anchor: bool = False          # the first candidate decodes greedily (temperature 0)
+
+    def temperature_of(self, i: int) -> float:
+        """The temperature candidate i samples at."""
+        return 0.0 if i == 0 and self.anchor else self.temperature
 
 
 def vote_plan(req: ChatRequest, cfg: Config, healthy: int, instances: int) -> VotePlan:
@@ -5101,8 +5123,9 @@ def vote_plan(req: ChatRequest, cfg: Config, healthy: int, instances: int) -> Vo
         mode = "single"                        # one candidate: nothing to vote on
     adaptive = cfg.adaptive if req.swarm.adaptive is None else req.swarm.adaptive
     affinity = cfg.affinity if req.swarm.affinity is None else req.swarm.affinity
+    anchor = cfg.anchor if req.swarm.anchor is None else req.swarm.anchor
     return VotePlan(mode=mode, k=k, adaptive=adaptive, temperature=temperature,
-                    affinity=affinity)
+                    affinity=affinity, anchor=anchor and "temperature" not in req.sampling)
 
 
 def conversation_key(messages: Sequence[dict[str, Any]]) -> str:
@@ -5167,7 +5190,7 @@ class Ballot:
             "candidates": [{"worker": c.worker, "latency_ms": round(c.latency * 1000, 1),
                             "tokens": c.tokens, "finish_reason": c.finish_reason,
                             "score": round(vote.scores[i], 4), "winner": i == vote.winner,
-                            "constrained": c.constrained}
+                            "constrained": c.constrained, "greedy": c.greedy}
                            for i, c in enumerate(self.candidates)]}
 
 
@@ -5399,11 +5422,11 @@ class ChatService:
         if plan.affinity and workers:
             self.affinity.put(conversation_key(req.messages), workers)
 
-    async def _candidate(self, req: ChatRequest, plan: VotePlan, prompt: str, prompt_tokens: int,
-                         seed: int, started: float, prefer: Sequence[str]
+    async def _candidate(self, req: ChatRequest, temperature: float, prompt: str,
+                         prompt_tokens: int, seed: int, started: float, prefer: Sequence[str]
                          ) -> tuple[Candidate, Generation]:
-        """One whole candidate at the plan's temperature and its own seed."""
-        sub = dataclasses.replace(req, sampling={**req.sampling, "temperature": plan.temperature,
+        """One whole candidate at `temperature` and its own seed."""
+        sub = dataclasses.replace(req, sampling={**req.sampling, "temperature": temperature,
                                                  "seed": seed})
         gen = Generation(prompt_tokens=prompt_tokens)
         async for _ in self.generate(sub, gen, live=False, prompt=prompt, checked=True,
@@ -5412,7 +5435,7 @@ class ChatService:
         return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
                          latency=time.monotonic() - started, tokens=gen.completion_tokens,
                          calls=tuple(call.canonical() for call in gen.calls),
-                         constrained=gen.constrained), gen
+                         constrained=gen.constrained, greedy=temperature == 0), gen
 
     async def vote(self, req: ChatRequest, plan: VotePlan, prompt: str, prompt_tokens: int
                    ) -> Ballot:
@@ -5427,7 +5450,8 @@ class ChatService:
                 i = ballot.launched
                 ballot.launched += 1
                 pending.add(asyncio.create_task(self._candidate(
-                    req, plan, prompt, prompt_tokens, seeds[i], ballot.started, prefer[i:i + 1])))
+                    req, plan.temperature_of(i), prompt, prompt_tokens, seeds[i], ballot.started,
+                    prefer[i:i + 1])))
 
         launch(min(plan.k, ADAPTIVE_START) if plan.adaptive else plan.k)
         try:
@@ -5488,7 +5512,7 @@ class ChatService:
         if plan.k == 1:
             gen = Generation()
             sub = dataclasses.replace(req, sampling={**req.sampling,
-                                                     "temperature": plan.temperature})
+                                                     "temperature": plan.temperature_of(0)})
             async for _ in self.generate(sub, gen, live=False, prefer=self._preferred(req, plan)):
                 pass
             self._remember(req, plan, [gen.worker])
@@ -5512,7 +5536,8 @@ class ChatService:
         if plan.k > 1:
             prompt, prompt_tokens = await self.accept(req)
             return self._voted_sse(req, plan, prompt, prompt_tokens, gen), plan
-        sub = dataclasses.replace(req, sampling={**req.sampling, "temperature": plan.temperature})
+        sub = dataclasses.replace(req, sampling={**req.sampling,
+                                                 "temperature": plan.temperature_of(0)})
         deltas = self.generate(sub, gen, live=True, prefer=self._preferred(req, plan))
         try:
             await deltas.__anext__()              # leased and counted, or raised
@@ -6078,6 +6103,7 @@ SETTINGS = (
     Setting("vote_temperature", float, _between(0, 2)),
     Setting("adaptive", bool, flag="--no-adaptive"),
     Setting("affinity", bool, flag="--no-affinity"),
+    Setting("anchor", bool, flag="--no-anchor"),
     Setting("log_level", str, _one_of(LOG_LEVELS)),
     Setting("builds_dir", Path, _not_empty),
 )
@@ -6548,6 +6574,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-affinity", dest="affinity", action="store_false", default=None,
                         help="do not send a conversation's next turn to the workers that served "
                         "the last one")
+    parser.add_argument("--no-anchor", dest="anchor", action="store_false", default=None,
+                        help="sample every candidate at the vote temperature (default: when a "
+                        "request omits temperature, its first candidate decodes greedily and "
+                        "wins ties)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="info (default); debug shows "
                         "each request and reply in brief, with timings")
     parser.add_argument("--builds-dir", type=Path, help="where llama.cpp builds are kept "

@@ -7,12 +7,16 @@ earlier call and its result. Each arm sends every task once to a running swarm's
 /v1/chat/completions with the task's `tools` and "tool_choice": "auto", as one request body:
 
   greedy   temperature 0,                   "swarm": {"votes": 1}
-  sample   temperature omitted, seed/task,  "swarm": {"votes": 1}   (one sample at the vote T)
+  sample   temperature omitted, seed/task,  "swarm": {"votes": 1, "anchor": false}   (one sample
+                                                                   at the vote T)
   vote3    temperature omitted,             "swarm": {"votes": 3}
   vote5    temperature omitted,             "swarm": {"votes": 5}
+  vote5s   temperature omitted,             "swarm": {"votes": 5, "anchor": false}
+  free     temperature 0,                   "swarm": {"votes": 1, "constrain_calls": false}
 
 With the temperature omitted the swarm samples at its own vote temperature (--temperature sends
-one instead). A reply is correct when no call was expected and it has no tool_calls, or when its
+one instead), except its anchor: the first candidate decodes greedily and wins ties (vote3, vote5;
+vote5s turns the anchor off: five samples, as before the anchor existed). A reply is correct when no call was expected and it has no tool_calls, or when its
 first tool call (`choices[0].message.tool_calls[0]`) has the expected name and arguments. A reply
 whose tool_calls have the wrong shape (null, no id, arguments not a JSON-object string,
 finish_reason not "tool_calls") is printed and counted in the `shape` column, whatever its score.
@@ -58,13 +62,15 @@ class Arm:
     greedy: bool                # temperature 0 (else omitted, or --temperature)
     seeded: bool                # a seed per task
     constrain: bool = True      # False: the swarm parses the model's own call text as it is
+    anchor: bool = True         # False: no greedy first candidate ("swarm": {"anchor": false})
 
 
 ARMS = {a.name: a for a in (
     Arm("greedy", "greedy, 1 worker", 1, greedy=True, seeded=False),
-    Arm("sample", "1 sample at T", 1, greedy=False, seeded=True),
+    Arm("sample", "1 sample at T", 1, greedy=False, seeded=True, anchor=False),
     Arm("vote3", "vote k=3 at T", 3, greedy=False, seeded=False),
     Arm("vote5", "vote k=5 at T", 5, greedy=False, seeded=False),
+    Arm("vote5s", "vote k=5, no anchor", 5, greedy=False, seeded=False, anchor=False),
     Arm("free", "greedy, unconstrained", 1, greedy=True, seeded=False, constrain=False),
 )}
 DEFAULT_ARMS = ("greedy", "sample", "vote3", "vote5")
@@ -101,6 +107,8 @@ def request_body(arm: Arm, task: tt.ToolTask, args: argparse.Namespace) -> dict:
                             "max_tokens": MAX_TOKENS, "swarm": {"votes": arm.votes}}
     if not arm.constrain:
         body["swarm"]["constrain_calls"] = False
+    if not arm.anchor:
+        body["swarm"]["anchor"] = False
     if arm.greedy:
         body["temperature"] = 0.0
     elif args.temperature is not None:

@@ -9,7 +9,6 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import random
 import socket
 import struct

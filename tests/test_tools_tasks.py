@@ -454,7 +454,8 @@ def test_bench_reports_what_the_server_returned(fake_server, tmp_path, capsys, s
         assert body.get("stream", False) is stream
     assert all(b["temperature"] == 0 and "seed" not in b and b["swarm"] == {"votes": 1}
                for b in by_arm[0])
-    assert all("temperature" not in b and b["swarm"] == {"votes": 1} for b in by_arm[1])
+    assert all("temperature" not in b and b["swarm"] == {"votes": 1, "anchor": False}
+               for b in by_arm[1])
     assert len({b["seed"] for b in by_arm[1]}) == 8
     assert all("temperature" not in b and "seed" not in b and b["swarm"] == {"votes": 3}
                for b in by_arm[2])

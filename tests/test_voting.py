@@ -11,9 +11,10 @@ import pytest
 import local_swarm as ls
 
 
-def cand(text="", finish="stop", latency=1.0, calls=(), worker="worker-0", tokens=10):
+def cand(text="", finish="stop", latency=1.0, calls=(), worker="worker-0", tokens=10,
+         greedy=False):
     return ls.Candidate(worker=worker, text=text, finish_reason=finish, latency=latency,
-                        tokens=tokens, calls=tuple(calls))
+                        tokens=tokens, calls=tuple(calls), greedy=greedy)
 
 
 def long_text(seed: int, words: int = 1500) -> str:
@@ -260,6 +261,16 @@ TIE_CASES = {
     "larger group": ("majority", [
         cand("alpha beta gamma delta 7", latency=0.1), cand("alpha beta 42", finish="length",
         latency=5), cand("gamma delta 42", latency=9)], 2),
+    "larger group beats the greedy anchor": ("majority", [
+        cand("1", greedy=True, latency=0.1), cand("2", latency=5), cand("2", latency=9)], 1),
+    # all three differ: the greedy one wins though it is the least central, cut off and slowest
+    "greedy anchor (majority)": ("majority", [
+        cand("red apple tart", latency=0.1), cand("red apple pie", latency=0.2),
+        cand("apple pie recipe", finish="length", latency=5, greedy=True)], 2),
+    "the anchor does not override centrality (central)": ("central", [
+        cand("red apple tart", latency=0.1, greedy=True),
+        cand("red apple pie", finish="length", latency=5), cand("apple pie recipe", latency=0.2)],
+        1),
     "mean similarity (majority)": ("majority", [
         cand("red apple tart", latency=0.1), cand("red apple pie", finish="length", latency=5),
         cand("apple pie recipe", latency=0.2)], 1),

@@ -508,6 +508,34 @@ def test_majority_vote_picks_the_agreed_answer_and_reports_it():
     run(go())
 
 
+def test_the_anchor_candidate_decodes_greedily_and_wins_a_split_vote():
+    """A request that leaves temperature to the swarm: candidate 0 runs at temperature 0 and
+    wins a 1-1 split; with an explicit temperature or "anchor": false every candidate samples."""
+    async def go():
+        workers = voters("Answer: 5", "Answer: 9")
+        pool = await started_pool(workers)
+        svc = chat_service(pool, mode="vote", adaptive=False)
+
+        def temperatures():
+            return {w.name: w.requests[-1][1]["temperature"] for w in workers}
+
+        reply, _, swarm = await svc.complete(request(swarm={"votes": 2}))
+        temps = temperatures()
+        assert sorted(temps.values()) == [0.0, 0.7]
+        greedy_worker = next(name for name, t in temps.items() if t == 0.0)
+        assert swarm["winner"] == greedy_worker
+        assert [c["greedy"] for c in swarm["candidates"] if c["winner"]] == [True]
+        expected = {"worker-1": "Answer: 5", "worker-2": "Answer: 9"}[greedy_worker]
+        assert reply["choices"][0]["message"]["content"] == expected
+        for extra in ({"swarm": {"votes": 2, "anchor": False}},
+                      {"temperature": 0.7, "swarm": {"votes": 2}}):
+            _, _, swarm = await svc.complete(request(**extra))
+            assert sorted(temperatures().values()) == [0.7, 0.7], extra
+            assert not any(c["greedy"] for c in swarm["candidates"])
+        await pool.stop()
+    run(go())
+
+
 def test_early_finish_cancels_the_straggler():
     async def go():
         workers = voters("Answer: 7", "Answer: 7", "Answer: 7", gated=(2,))
@@ -786,3 +814,25 @@ def test_constrain_calls_off_parses_the_models_own_text():
         assert [route for route, _ in w.requests] == ["/v1/chat/completions"]
         await pool.stop()
     run(go())
+
+
+@pytest.mark.parametrize("body,cfg,anchor,temps", [
+    ({}, {}, True, (0.0, 0.7, 0.7)),                                  # temperature left to the swarm
+    ({"temperature": 0.9}, {}, False, (0.9, 0.9, 0.9)),               # the client chose
+    ({"swarm": {"anchor": False}}, {}, False, (0.7, 0.7, 0.7)),       # the request opts out
+    ({}, {"anchor": False}, False, (0.7, 0.7, 0.7)),                  # --no-anchor
+    ({"swarm": {"anchor": True}}, {"anchor": False}, True, (0.0, 0.7, 0.7)),  # request beats flag
+])
+def test_vote_plan_anchor(body, cfg, anchor, temps):
+    req = ls.parse_chat_request({"messages": [{"role": "user", "content": "hi"}],
+                                 "swarm": {"votes": 3, **body.pop("swarm", {})}, **body})
+    plan = ls.vote_plan(req, ls.Config(**cfg), healthy=3, instances=3)
+    assert plan.anchor is anchor and plan.k == 3
+    assert tuple(plan.temperature_of(i) for i in range(3)) == temps
+
+
+def test_anchor_option_must_be_a_boolean():
+    with pytest.raises(ls.HTTPError) as err:
+        ls.parse_chat_request({"messages": [{"role": "user", "content": "hi"}],
+                               "swarm": {"anchor": "yes"}})
+    assert err.value.status == 400 and err.value.param == "swarm.anchor"

@@ -6,6 +6,7 @@ Run it:
     python local_swarm.py                 # build llama.cpp for this machine, fetch a model, serve
     python local_swarm.py doctor          # print hardware, build key, settings and plan; start nothing
     python local_swarm.py setup           # ask model, workers and port; save them for later starts
+    python local_swarm.py bundle DIR      # a copy of all this that runs with no network
     python local_swarm.py --help
 
 `pip install .` gives the same program as the `local-swarm` command. Settings: flags, then
@@ -29,6 +30,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import importlib.util
 import json
 import logging
 import math
@@ -42,11 +44,14 @@ import socket
 import struct
 import subprocess
 import sys
+import tarfile
 import threading
 import time
+import tomllib
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
+from email.parser import HeaderParser
 from http import HTTPStatus
 from pathlib import Path
 from typing import (Any, AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping,
@@ -114,6 +119,22 @@ DEFAULT_CTX = 8192
 ROOMY_CTX = 16384                       # coding agents send ~7,500-token prompts
 ROOMY_CTX_HEADROOM = 0.5                # take ROOMY_CTX only if it costs at most this share of budget
 KV_BYTES_PER_VALUE = 2                  # f16 KV cache
+
+# ---- bundles ----
+WHEELHOUSE = "wheelhouse"               # llama_builds/wheelhouse: present only in a bundle; then every
+                                        # build is offline, from these wheels alone
+SDIST_DIR = "sdist"                     # llama_builds/sdist: llama-cpp-python's source archive
+BUNDLE_RECORD = "bundle.json"           # llama_builds/bundle.json: the OS, arch and Python it is for
+BUNDLE_FILES = ("local_swarm.py", "README.md", "pyproject.toml")   # copied from next to this module
+BUNDLE_MODELS = "models"                # <bundle>/models: discovery looks here first
+# What compiling the sdist offline needs besides its build backend: scikit-build-core asks for cmake
+# and ninja when the system has none, and pip runs from its own wheel where Python has no pip.
+OFFLINE_BUILD_TOOLS = ("cmake", "ninja", "pip")
+MAX_METADATA_HEAD = 64 * 1024           # a METADATA file's headers come first; the rest is the README
+MAX_PYPROJECT_BYTES = 1024 * 1024       # the sdist's pyproject.toml is ~3 KB
+# Files never scanned for the builder's paths: archives and models are copied byte for byte from
+# their publishers and are opened by pip or llama.cpp, never by path inside them.
+UNSCANNED_SUFFIXES = (".gguf", ".whl", ".tar.gz")
 
 # ---- models ----
 GGUF_MAGIC = b"GGUF"
@@ -1581,10 +1602,15 @@ class _BuildJob:
     extra_packages: tuple[str, ...]
     progress: Callable[[str], None]
     progress_every: float
+    env: Mapping[str, str] | None = None   # pip's environment; None: this process's
 
     @property
     def log_path(self) -> Path:
         return self.info.dir / BUILD_LOG
+
+    def pip_environ(self, **extra: str) -> dict[str, str]:
+        """The environment pip steps run with: job.env (else os.environ) plus `extra`."""
+        return {**(os.environ if self.env is None else self.env), **extra}
 
 
 def _last_build_step(text: str) -> str:
@@ -1618,6 +1644,35 @@ def _toolchain_hint(os_name: str, log_text: str,
         return ""
     install = TOOLCHAIN_INSTALL.get(os_name, TOOLCHAIN_INSTALL["linux"])
     return f"It looks like {' and '.join(missing)} is missing. Install: {install}"
+
+
+def _require_compilers(job: _BuildJob, which: Callable[[str], str | None] = shutil.which) -> None:
+    """Refuse a build that cannot compile before it starts: on POSIX a C and a C++ compiler must
+    be on PATH (or named by $CC / $CXX). Raises BuildError saying what to install and, in a bundle,
+    which builds it holds. On Windows CMake finds MSVC off PATH, so the compile step's own failure
+    (with _toolchain_hint) speaks there."""
+    if os.name != "posix":
+        return
+    env = job.pip_environ()
+    wanted = (("a C compiler", "CC", C_COMPILERS), ("a C++ compiler", "CXX", CXX_COMPILERS))
+    missing = [label for label, variable, names in wanted
+               if not env.get(variable) and not any(which(name) for name in names)]
+    if not missing:
+        return
+    others = _other_build_keys(job.builds_dir, job.info.key)
+    held = (f" The builds here are for {', '.join(others)}; this machine needs {job.info.key}."
+            if others else "")
+    install = TOOLCHAIN_INSTALL.get(job.hw.os, TOOLCHAIN_INSTALL["linux"])
+    raise BuildError(f"Building llama.cpp for {job.info.key} needs {' and '.join(missing)}, and "
+                     f"none is on PATH.{held} Install: {install}")
+
+
+def _other_build_keys(builds_dir: Path, key: str) -> list[str]:
+    """Keys of the finished builds in builds_dir other than `key` (those with a build record)."""
+    if not builds_dir.is_dir():
+        return []
+    return sorted(child.name for child in builds_dir.iterdir()
+                  if child.name != key and (child / BUILD_RECORD).is_file())
 
 
 # Build steps and the processes they start. Subprocesses never outlive the daemon: each step (pip,
@@ -1728,7 +1783,9 @@ def _run_logged(job: _BuildJob, label: str, argv: Sequence[str],
         log_file.flush()
         try:
             proc = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, **_group_options())
+                                    stdin=subprocess.DEVNULL,
+                                    env=job.pip_environ() if env is None else env,
+                                    **_group_options())
         except OSError as exc:
             raise BuildError(f"{label}: cannot run {argv[0]}: {exc}") from exc
         try:
@@ -1789,8 +1846,8 @@ def _compile_wheel(job: _BuildJob, sdist: Path) -> Path:
     compiler's [n/total] lines into the log."""
     wheels = job.info.dir / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
-    env = dict(os.environ, CMAKE_ARGS=" ".join(job.info.cmake_args),
-               CMAKE_BUILD_PARALLEL_LEVEL=str(job.hw.physical_cores))
+    env = job.pip_environ(CMAKE_ARGS=" ".join(job.info.cmake_args),
+                          CMAKE_BUILD_PARALLEL_LEVEL=str(job.hw.physical_cores))
     job.progress(f"llama.cpp build {job.info.key}: compiling llama.cpp (this takes ~5 min on "
                  f"2 cores; longer for GPU backends) with {env['CMAKE_ARGS']}")
     _run_logged(job, "compiling llama.cpp", [
@@ -1812,6 +1869,7 @@ def _install_site(job: _BuildJob, wheel: Path) -> None:
     _run_logged(job, "installing", [
         *job.pip, "install", "--target", str(staging), f"{wheel}[server]", *job.extra_packages,
         *job.pip_options])
+    make_site_relocatable(staging)
     old = job.info.dir / "site.old"
     shutil.rmtree(old, ignore_errors=True)
     if job.info.site.exists():
@@ -1837,6 +1895,7 @@ def _build(job: _BuildJob) -> BuildInfo:
     job.info.dir.mkdir(parents=True, exist_ok=True)
     (job.info.dir / BUILD_RECORD).unlink(missing_ok=True)   # a failed rebuild is not "current"
     job.log_path.write_bytes(b"")
+    _require_compilers(job)
     sdist = _ensure_sdist(job)
     wheel = _compile_wheel(job, sdist)
     _install_site(job, wheel)
@@ -1856,6 +1915,7 @@ def ensure_build(builds_dir: Path, hw: Hardware, progress: Callable[[str], None]
     version and Python tag, and <dir>/site/llama_cpp/__init__.py must exist. Otherwise the build
     runs under a lock on <dir>.lock (a second daemon waits, then reuses). `pip_options` are added to
     every pip call (tests pass --no-index); `extra_packages` go into the site folder with the server.
+    Where builds_dir holds a wheelhouse (a bundle), the build is offline: see _offline_job.
     Raises BuildError (with the log's tail, its path and a toolchain hint) when a step fails. While
     it builds in the main thread, SIGTERM raises SystemExit(143) (see _sigterm_raises); on that,
     Ctrl-C or any error the running step's process group is ended and build.json stays absent, so
@@ -1870,7 +1930,7 @@ def ensure_build(builds_dir: Path, hw: Hardware, progress: Callable[[str], None]
     try:
         with _sigterm_raises(), _build_lock(info.dir.with_name(info.dir.name + ".lock"), progress):
             current = _current_build(info, hw)   # built by another process while we waited
-            return current if current is not None else _build(job)
+            return current if current is not None else _build(_offline_job(job))
     except (KeyboardInterrupt, SystemExit):
         progress(f"llama.cpp build {info.key}: stopped; the next start builds it again")
         raise
@@ -2055,7 +2115,281 @@ def doctor_report(hw: Hardware, key: str, plan: Plan | None, model: ModelInfo | 
 
 
 # ---- bundles (air-gapped copies) --------------------------------------------------------------------
-# (issue 6: `bundle DIR`; filled in by its branch)
+# A bundle is a folder that runs with no network on a machine of the same OS, arch and Python:
+#     local_swarm.py, README.md, pyproject.toml
+#     llama_builds/<key>/        this machine's build (build.json and the site folder)
+#     llama_builds/sdist/        llama-cpp-python's source, for a machine whose build key differs
+#     llama_builds/wheelhouse/   every wheel the site holds, plus what compiling the source needs
+#                                (scikit-build-core and its deps, cmake, ninja, pip)
+#     llama_builds/bundle.json   the OS, arch and Python it was made for
+#     models/                    the model file(s); discovery looks here first
+# Where builds_dir holds a wheelhouse, every build is offline (_offline_job): pip gets --no-index
+# and the wheelhouse only, and none of pip's configuration, so nothing reaches for a network or an
+# index the target may not have. Nothing in the folder names the path it was made at: the site's
+# console scripts (absolute shebangs; workers run `python -m`), .pth files (never read: the site
+# is a PYTHONPATH entry, not a site directory) and direct_url.json (the wheel's path) are removed,
+# and make_bundle checks every other file for the builder's paths before it reports success.
+
+
+def _offline_job(job: _BuildJob) -> _BuildJob:
+    """The build job, changed to install from the bundle's wheelhouse alone when builds_dir has one
+    (else the job as given). Raises BuildError when the bundle was made for another OS, arch or
+    Python: its wheels would not install here."""
+    wheelhouse = job.builds_dir / WHEELHOUSE
+    if not wheelhouse.is_dir():
+        return job
+    _check_bundle_fits(job.builds_dir, job.hw)
+    env = {name: value for name, value in job.pip_environ().items()
+           if not name.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull   # pip then reads no configuration file at all
+    options = ("--no-index", "--find-links", str(wheelhouse), "--disable-pip-version-check")
+    job.progress(f"llama.cpp build {job.info.key}: offline, from the bundled source and wheels "
+                 f"in {job.builds_dir}")
+    return dataclasses.replace(job, pip=_bundled_pip(job.pip, wheelhouse),
+                               pip_options=(*options, *job.pip_options), env=env)
+
+
+def _bundled_pip(pip: tuple[str, ...], wheelhouse: Path) -> tuple[str, ...]:
+    """pip itself, run from the wheelhouse's pip wheel when this Python has no pip module (Debian's
+    python3 without python3-pip); the given command otherwise."""
+    if pip != (sys.executable, "-m", "pip") or importlib.util.find_spec("pip") is not None:
+        return pip
+    wheels = sorted(wheelhouse.glob("pip-*.whl"))
+    return (sys.executable, str(wheels[-1] / "pip")) if wheels else pip
+
+
+def _check_bundle_fits(builds_dir: Path, hw: Hardware) -> None:
+    """BuildError when builds_dir/bundle.json names another OS, arch or Python than this one."""
+    try:
+        made_for = json.loads((builds_dir / BUNDLE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    here = {"os": hw.os, "arch": hw.arch, "python_tag": hw.python_tag}
+    if isinstance(made_for, dict) and any(made_for.get(k) != v for k, v in here.items()):
+        raise BuildError(f"This bundle was made for {made_for.get('os')} {made_for.get('arch')} "
+                         f"with Python {made_for.get('python_tag')}; this is {hw.os} {hw.arch} "
+                         f"with Python {hw.python_tag}. Run it with that Python, or make a bundle "
+                         "on a machine like this one.")
+
+
+def make_site_relocatable(site: Path) -> None:
+    """Remove what ties a --target site folder to the path it was installed at: the console
+    scripts folder (shebangs name the installing Python), .pth files, and each distribution's
+    direct_url.json (the wheel's path) with its RECORD line. Nothing the workers run uses them."""
+    shutil.rmtree(site / "bin", ignore_errors=True)
+    for pth in site.glob("*.pth"):
+        pth.unlink()
+    for direct_url in site.glob("*.dist-info/direct_url.json"):
+        direct_url.unlink()
+        record = direct_url.with_name("RECORD")
+        if record.is_file():
+            lines = record.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines
+                    if not line.startswith(f"{direct_url.parent.name}/direct_url.json,")]
+            record.write_text("".join(kept), encoding="utf-8")
+
+
+def _canonical_name(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): lower case, runs of -_. as one -."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def site_requirements(site: Path) -> list[str]:
+    """`name==version` for every distribution installed in a site folder, by name, except
+    llama-cpp-python (a bundle ships its source: the wheel is compiled for one build key)."""
+    pins = []
+    for metadata in sorted(site.glob("*.dist-info/METADATA")):
+        with open(metadata, "rb") as handle:
+            head = handle.read(MAX_METADATA_HEAD).decode("utf-8", errors="replace")
+        headers = HeaderParser().parsestr(head, headersonly=True)
+        name, version = headers.get("Name"), headers.get("Version")
+        if name and version and _canonical_name(name) != "llama-cpp-python":
+            pins.append(f"{name}=={version}")
+    return sorted(pins, key=str.lower)
+
+
+def sdist_build_requirements(sdist: Path) -> list[str]:
+    """build-system.requires of the source archive's top-level pyproject.toml (for
+    llama-cpp-python: scikit-build-core). Raises BuildError when the archive has none."""
+    try:
+        with tarfile.open(sdist) as archive:
+            for member in archive:
+                if member.isfile() and re.fullmatch(r"[^/]+/pyproject\.toml", member.name):
+                    if member.size > MAX_PYPROJECT_BYTES:
+                        break
+                    extracted = archive.extractfile(member)
+                    project = tomllib.loads(extracted.read().decode("utf-8")) if extracted else {}
+                    return [str(req) for req in project.get("build-system", {}).get("requires", [])]
+    except (OSError, tarfile.TarError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BuildError(f"cannot read the build requirements of {sdist}: {exc}") from exc
+    raise BuildError(f"{sdist} has no usable pyproject.toml")
+
+
+def wheelhouse_requirements(site: Path, sdist: Path) -> list[str]:
+    """What a bundle's wheelhouse must hold: the site's distributions at their installed versions
+    (a rebuilt site gets the same ones), the sdist's build backend, and OFFLINE_BUILD_TOOLS.
+    `pip download` adds the dependencies of the last two."""
+    return [*site_requirements(site), *sdist_build_requirements(sdist), *OFFLINE_BUILD_TOOLS]
+
+
+def find_path_references(root: Path, needles: Iterable[str]) -> list[Path]:
+    """Files under root whose bytes contain one of `needles` (absolute paths), in sorted order.
+    Archives and models (UNSCANNED_SUFFIXES) are skipped; symlinked folders are not followed."""
+    wanted = [needle.encode() for needle in set(needles) if needle]
+    found = []
+    for path in _walk_files(root):
+        if path.name.endswith(UNSCANNED_SUFFIXES) or path.is_symlink() or _file_size(path) == 0:
+            continue
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if any(data.find(needle) != -1 for needle in wanted):
+                found.append(path)
+    return found
+
+
+def _bundle_needles(dest: Path, build: BuildInfo, builds_dir: Path, cache_dir: Path) -> set[str]:
+    """The builder's paths that no file in a bundle may contain: where the bundle is written,
+    where this module, the build and the model cache are. A path at most one level below the
+    root ("/", "/root") is left out: every machine has it, and it appears in harmless text."""
+    paths = {dest, HERE, Path(builds_dir).absolute(), build.dir, build.dir.resolve(),
+             Path(cache_dir).absolute()}
+    return {str(path) for path in paths if len(path.parts) > 2}
+
+
+def _bundle_staging(dest: Path) -> Path:
+    """A fresh <dest>.partial folder to write the bundle in (a folder under the bundle's name is
+    always complete; a failed attempt's .partial is replaced). BuildError when dest exists and is
+    not an empty folder: a bundle never mixes with other files."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BuildError(f"{dest} exists and is not an empty folder; choose a new one")
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _copy_build(build: BuildInfo, builds: Path) -> Path:
+    """Copy the finished build (its record and site folder; not the log, which names the builder's
+    paths, nor the wheel, compiled for this key only) into builds/<key>, following a symlinked
+    build folder. Returns the copy's site folder, made relocatable."""
+    source = build.dir.resolve()
+    target = builds / build.key
+    target.mkdir(parents=True)
+    shutil.copy2(source / BUILD_RECORD, target / BUILD_RECORD)
+    site = target / "site"
+    shutil.copytree(source / "site", site)
+    make_site_relocatable(site)
+    return site
+
+
+def _bundle_sdist(job: _BuildJob, sources: Iterable[Path]) -> Path:
+    """llama-cpp-python's source archive in the bundle: copied from the first of `sources` (sdist
+    folders) that has it, else downloaded into the bundle."""
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    target = job.builds_dir / SDIST_DIR / name
+    for folder in sources:
+        if (folder / name).is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, target)
+            return target
+    return _ensure_sdist(job)
+
+
+def _copy_model(model: Path, models: Path) -> list[Path]:
+    """Copy the model file into `models` (each part of a split model), each name ending in .gguf
+    (an Ollama blob has none) so discovery there finds it. Returns the copies, first part first."""
+    split = SPLIT_GGUF_RE.search(model.name)
+    if split:
+        prefix = model.name[:split.start()]
+        parts = sorted(path for path in model.parent.iterdir()
+                       if path.name.startswith(prefix) and SPLIT_GGUF_RE.search(path.name))
+    else:
+        parts = [model]
+    models.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for part in parts:
+        name = part.name if part.name.lower().endswith(".gguf") else part.name + ".gguf"
+        copies.append(Path(shutil.copy2(part, models / name)))
+    return copies
+
+
+def _folder_bytes(root: Path) -> int:
+    """Total size of the files under root."""
+    return sum(_file_size(path) for path in _walk_files(root))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle written by make_bundle: its folder, total size, and what it holds."""
+
+    dir: Path
+    bytes: int
+    build_key: str
+    models: tuple[Path, ...]
+    wheels: tuple[str, ...]
+
+
+def make_bundle(dest: Path, build: BuildInfo, model: Path, hw: Hardware, builds_dir: Path,
+                cache_dir: Path, progress: Callable[[str], None] = print_progress,
+                pip: Sequence[str] = (sys.executable, "-m", "pip"),
+                pip_options: Sequence[str] = ()) -> Bundle:
+    """Write a bundle (see the section comment) of `build` and `model` into dest, which must be
+    new or empty; it is written in <dest>.partial and renamed when complete. Needs the network
+    only for the wheelhouse (pip download) and for the sdist when builds_dir has none. Raises
+    BuildError when a step fails (the .partial folder keeps the log), or when a written file
+    names one of the builder's paths (the list is in the message)."""
+    dest = Path(dest).absolute()
+    staging = _bundle_staging(dest)
+    builds = staging / "llama_builds"
+    site = _copy_program(staging, build, Path(builds_dir))
+    work = staging / ".bundle-work"   # the log of the pip steps; removed once they succeed
+    job = _BuildJob(info=dataclasses.replace(build, dir=work), hw=hw, builds_dir=builds,
+                    pip=tuple(pip), pip_options=tuple(pip_options), extra_packages=(),
+                    progress=progress, progress_every=BUILD_PROGRESS_EVERY)
+    work.mkdir()
+    sdist = _bundle_sdist(job, [Path(builds_dir) / SDIST_DIR, build.dir.resolve().parent / SDIST_DIR])
+    progress("bundle: downloading the wheels the build installs and needs")
+    _run_logged(job, "downloading wheels", [
+        *job.pip, "download", "--only-binary", ":all:", "-d", str(builds / WHEELHOUSE),
+        *wheelhouse_requirements(site, sdist), *job.pip_options])
+    shutil.rmtree(work)
+    progress(f"bundle: copying the model {model}")
+    models = [dest / BUNDLE_MODELS / path.name
+              for path in _copy_model(Path(model), staging / BUNDLE_MODELS)]
+    _write_bundle_record(builds, hw, build, models)
+    _check_no_path_references(staging, _bundle_needles(dest, build, builds_dir, cache_dir)
+                              | {str(staging)})
+    size = _folder_bytes(staging)
+    wheels = tuple(sorted(path.name for path in (builds / WHEELHOUSE).glob("*.whl")))
+    os.replace(staging, dest)   # replaces an empty dest folder; a non-empty one was refused
+    return Bundle(dir=dest, bytes=size, build_key=build.key, models=tuple(models), wheels=wheels)
+
+
+def _copy_program(staging: Path, build: BuildInfo, builds_dir: Path) -> Path:
+    """Copy BUNDLE_FILES, the builds README and the build into staging; returns the copied site."""
+    for name in BUNDLE_FILES:
+        if (HERE / name).is_file():
+            shutil.copy2(HERE / name, staging / name)
+    site = _copy_build(build, staging / "llama_builds")
+    if (builds_dir / "README.md").is_file():
+        shutil.copy2(builds_dir / "README.md", staging / "llama_builds" / "README.md")
+    return site
+
+
+def _write_bundle_record(builds: Path, hw: Hardware, build: BuildInfo, models: Sequence[Path]) -> None:
+    """llama_builds/bundle.json: what the bundle is for (checked before an offline build)."""
+    record = {"os": hw.os, "arch": hw.arch, "python_tag": hw.python_tag, "build_key": build.key,
+              "models": [path.name for path in models], "swarm_version": VERSION,
+              "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (builds / BUNDLE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _check_no_path_references(dest: Path, needles: set[str]) -> None:
+    """BuildError listing the files under dest that contain one of the builder's paths."""
+    found = find_path_references(dest, needles)
+    if found:
+        listed = "\n".join(f"  {path}" for path in found[:20])
+        raise BuildError(f"the bundle in {dest} is not relocatable: these files name a path of "
+                         f"this machine ({', '.join(sorted(needles))}):\n{listed}")
 
 
 # =====================================================================================================
@@ -2310,14 +2644,17 @@ def _hf_hub_dir(env: dict[str, str], home: Path) -> Path:
 
 
 def default_search_dirs(env: dict[str, str] | None = None, home: Path | None = None,
-                        cwd: Path | None = None, cache_dir: Path | None = None) -> list[Path]:
-    """Where find_models looks, in priority order: ./models, the swarm's own cache, Hugging Face's
-    hub cache, LM Studio, llama.cpp's cache, Ollama's stores. Arguments default to the real ones."""
+                        cwd: Path | None = None, cache_dir: Path | None = None,
+                        script_dir: Path = HERE) -> list[Path]:
+    """Where find_models looks, in priority order: models/ next to this module (where a bundle
+    ships its model), ./models, the swarm's own cache, Hugging Face's hub cache, LM Studio,
+    llama.cpp's cache, Ollama's stores. Arguments default to the real ones."""
     env = dict(os.environ) if env is None else env
     home = Path.home() if home is None else home
     cwd = Path.cwd() if cwd is None else cwd
     cache_dir = Config().cache_dir if cache_dir is None else cache_dir
-    return [cwd / "models", Path(cache_dir) / "models", _hf_hub_dir(env, home),
+    first = list(dict.fromkeys([Path(script_dir) / BUNDLE_MODELS, cwd / "models"]))
+    return [*first, Path(cache_dir) / "models", _hf_hub_dir(env, home),
             home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models",
             Path(env.get("LLAMA_CACHE") or home / ".cache" / "llama.cpp"),
             Path(env.get("OLLAMA_MODELS") or home / ".ollama" / "models"),
@@ -2494,9 +2831,11 @@ def _stat_key(path: Path) -> dict[str, int]:
 
 
 def _remember_sha(path: Path, sha256: str) -> None:
-    """Write the sidecar, so later starts skip re-hashing hundreds of MB."""
+    """Write the sidecar, so later starts skip re-hashing hundreds of MB. A folder we may not
+    write to (a bundle on read-only media) only means hashing again next time."""
     record = {**_stat_key(path), "sha256": sha256}
-    _sidecar(path).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    with contextlib.suppress(OSError):
+        _sidecar(path).write_text(json.dumps(record) + "\n", encoding="utf-8")
 
 
 def has_sha256(path: Path, sha256: str) -> bool:
@@ -2784,15 +3123,19 @@ FetchFn = Callable[[KnownModel, Path, Callable[[str], None]], Path]
 
 def resolve_model(cfg_model: str | None, cache_dir: Path,
                   progress: Callable[[str], None] = print_progress,
-                  search_dirs: Iterable[Path] | None = None, fetch: FetchFn = fetch_model) -> Path:
+                  search_dirs: Iterable[Path] | None = None, fetch: FetchFn = fetch_model,
+                  bundled: Path = HERE / BUNDLE_MODELS) -> Path:
     """The model file to serve. `cfg_model` may be a path (must exist and be a GGUF), or a
-    KNOWN_MODELS id (fetched). None: the first discovered model, else the default is fetched.
-    Raises ModelError with the reason."""
+    KNOWN_MODELS id (its copy in `bundled` when the checksum matches, else fetched). None: the
+    first discovered model, else the default is fetched. Raises ModelError with the reason."""
     if cfg_model:
         path = Path(cfg_model).expanduser()
-        if path.exists() or known_model(cfg_model) is None:
+        known = known_model(cfg_model)
+        if path.exists() or known is None:
             return _checked_model_path(path)
-        return fetch(known_model(cfg_model), Path(cache_dir), progress)
+        shipped = Path(bundled) / known.file
+        return shipped if has_sha256(shipped, known.sha256) else fetch(known, Path(cache_dir),
+                                                                        progress)
     found = [path for path in find_models(search_dirs, cache_dir=Path(cache_dir))
              if not _fetched_by_name(path, Path(cache_dir))]
     if found:
@@ -6523,7 +6866,7 @@ def setup(path: Path, cfg: Config, given: Collection[str], prompter: Prompter,
 # defaults to None (not given), so that a flag left out lets the layers below it speak.
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
-COMMANDS = ("serve", "doctor", "setup")
+COMMANDS = ("serve", "doctor", "setup", "bundle")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -6539,7 +6882,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", default="serve", choices=COMMANDS,
                         help="serve (default) runs the swarm; doctor prints the hardware, the "
                         "build key, the settings and the plan, and starts nothing; setup asks the "
-                        "setup questions again and saves the answers")
+                        "setup questions again and saves the answers; bundle DIR writes a folder "
+                        "that runs with no network on a machine of the same OS, arch and Python "
+                        "(this build, its source and wheels, and the --model)")
+    parser.add_argument("dir", nargs="?", type=Path, help="bundle: the folder to write (new or "
+                        "empty)")
     parser.add_argument("--model", help="a .gguf path, or a known id to fetch (qwen2.5-coder-0.5b, "
                         "smollm2-135m, qwen2.5-coder-1.5b); default: the first model found "
                         "locally, else qwen2.5-coder-0.5b")
@@ -6644,6 +6991,22 @@ def doctor(cfg: Config, settings: str = "") -> int:
     return 0
 
 
+def bundle(cfg: Config, dest: Path) -> int:
+    """Build (once) and resolve the model as a start would, then write the bundle into dest."""
+    hw = detect_hardware()
+    build = ensure_build(cfg.builds_dir, hw, progress=print_progress)
+    model = resolve_model(cfg.model, cfg.cache_dir, progress=print_progress)
+    made = make_bundle(dest, build, model, hw, cfg.builds_dir, cfg.cache_dir)
+    print(f"bundle written to {made.dir} ({made.bytes / 1e6:.0f} MB): build {made.build_key}, "
+          f"model {', '.join(path.name for path in made.models)}, {len(made.wheels)} wheels\n"
+          f"Copy the folder to a {hw.os} {hw.arch} machine with Python "
+          f"{sys.version_info.major}.{sys.version_info.minor} and run there, with no network:\n"
+          f"  cd {made.dir.name} && python local_swarm.py\n"
+          f"A machine that needs another build compiles it from the bundled source: it needs a "
+          f"C/C++ compiler, nothing else.")
+    return 0
+
+
 def add_site_to_path(build: BuildInfo) -> None:
     """Let the daemon import what the build installed (httpx, psutil, jinja2) when this Python
     lacks them; packages already importable keep precedence."""
@@ -6673,6 +7036,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (also the `local-swarm` command); returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.command == "bundle") != (args.dir is not None):
+        parser.error("bundle needs a folder (bundle DIR); the other commands take none")
     flags = settings_from_args(args)
     path = settings_path(args.config, os.environ)
     try:
@@ -6696,6 +7061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("no settings file %s: using the defaults (`setup` asks)", path)
         if args.command == "doctor":
             return doctor(cfg, settings_report(path, saved, env, flags))
+        if args.command == "bundle":
+            return bundle(cfg, args.dir)
         return run(cfg)
     except SetupCancelled as exc:
         print(f"\n{exc}", file=sys.stderr, flush=True)

@@ -255,14 +255,18 @@ def test_ollama_store_without_manifests_is_sniffed(tmp_path):
 
 def test_search_dirs_follow_the_environment(tmp_path):
     home = tmp_path
-    plain = ls.default_search_dirs(env={}, home=home, cwd=home, cache_dir=home / "c")
+    plain = ls.default_search_dirs(env={}, home=home, cwd=home, cache_dir=home / "c",
+                                   script_dir=home / "app")
     assert home / ".cache" / "huggingface" / "hub" in plain
     assert home / ".cache" / "llama.cpp" in plain and home / ".ollama" / "models" in plain
     assert Path("/hf") / "hub" in ls.default_search_dirs(env={"HF_HOME": "/hf"}, home=home, cwd=home,
                                                          cache_dir=home)
     assert Path("/cache") in ls.default_search_dirs(env={"HF_HUB_CACHE": "/cache", "HF_HOME": "/hf"},
                                                     home=home, cwd=home, cache_dir=home)
-    assert plain[:2] == [home / "models", home / "c" / "models"]
+    assert plain[:3] == [home / "app" / "models", home / "models", home / "c" / "models"]
+    beside = ls.default_search_dirs(env={}, home=home, cwd=home / "app", cache_dir=home / "c",
+                                    script_dir=home / "app")
+    assert beside[:2] == [home / "app" / "models", home / "c" / "models"]   # listed once
 
 
 # ---- known models -----------------------------------------------------------------------------------

@@ -3336,7 +3336,9 @@ class WorkerPool:
 # Support. A candidate's score is its share of support in 0..1. Majority: its group's size / k.
 # Central: its mean similarity to all k candidates, itself included; that is the soft form of the
 # same share (were similarity 1 for equal keys and 0 otherwise, the two would agree). Confidence
-# is the winner's score.
+# is the winner's score. A candidate of weight w counts as w candidates in both (sizes and means
+# are weighted sums over the total weight); local candidates weigh 1, so a vote of them alone is
+# the plain count.
 #
 # Ties. Candidates are ranked by, in order: a non-empty reply before an empty one (an agent can do
 # nothing with an empty answer, however many agree on it); larger group (majority only); higher mean similarity to
@@ -3382,13 +3384,15 @@ class Candidate:
     """One finished reply. `calls` holds canonical tool-call strings; a candidate with calls votes
     by them, not by its text."""
 
-    worker: str             # worker id, e.g. "worker-2" (later also peers)
+    worker: str             # worker id, e.g. "worker-2", or "peer:<name>" for a peer swarm's answer
     text: str
     finish_reason: str      # "stop" | "length" | ...
     latency: float          # seconds from request start to this candidate's end
     tokens: int             # completion tokens
     calls: tuple[str, ...] = ()
     constrained: bool = False   # its call was finished under the call grammar
+    weight: float = 1.0     # how many candidates it stands for (a peer's answer: the share of its
+                            # own vote that agreed on it; see Federation)
 
 
 @dataclass(frozen=True)
@@ -3539,21 +3543,24 @@ def similarity(a: str, b: str) -> float:
     return _weighted_jaccard(_bag(a), _bag(b))
 
 
-def mean_similarities(texts: Sequence[str]) -> list[float]:
-    """Per text, its mean similarity to all texts, itself included (so 1.0 when all are equal)."""
+def mean_similarities(texts: Sequence[str], weights: Sequence[float] | None = None) -> list[float]:
+    """Per text, its mean similarity to all texts, itself included (so 1.0 when all are equal),
+    each text counted `weights[i]` times (1 each when None)."""
     bags = [_bag(t) for t in texts]
-    sums = [1.0] * len(bags)
+    w = [1.0] * len(bags) if weights is None else list(weights)
+    sums = list(w)
     for i in range(len(bags)):
         for j in range(i + 1, len(bags)):
             s = _weighted_jaccard(bags[i], bags[j])
-            sums[i] += s
-            sums[j] += s
-    return [s / len(bags) for s in sums]
+            sums[i] += w[j] * s
+            sums[j] += w[i] * s
+    total = sum(w)
+    return [s / total for s in sums]
 
 
 # -- tally -----------------------------------------------------------------------------------------
 
-def _ranking(candidates: Sequence[Candidate], sizes: Sequence[int],
+def _ranking(candidates: Sequence[Candidate], sizes: Sequence[float],
              means: Sequence[float]) -> list[int]:
     """Candidate indices, best first, under the tie rule of the section comment."""
     def rank(i: int) -> tuple:
@@ -3582,10 +3589,13 @@ def _vote_text(candidate: Candidate) -> str:
 
 def _majority(candidates: Sequence[Candidate], means: Sequence[float]) -> Vote:
     keys = vote_keys(candidates)
-    counts = Counter(keys)
-    sizes = [counts[key] for key in keys]
+    support: dict[str, float] = {}
+    for key, c in zip(keys, candidates):
+        support[key] = support.get(key, 0.0) + c.weight
+    sizes = [support[key] for key in keys]
     order = _ranking(candidates, sizes, means)
-    scores = tuple(size / len(candidates) for size in sizes)
+    total = sum(c.weight for c in candidates)
+    scores = tuple(size / total for size in sizes)
     return Vote("majority", order[0], scores[order[0]], scores, _groups(keys, order), tuple(keys))
 
 
@@ -3607,7 +3617,7 @@ def tally(candidates: Sequence[Candidate], strategy: str | None = None) -> Vote:
         return Vote("single", 0, 1.0, (1.0,), ((0,),), (candidate_key(candidates[0]),))
     if chosen == "single":
         raise ValueError(f"strategy 'single' needs one candidate, got {len(candidates)}")
-    means = mean_similarities([_vote_text(c) for c in candidates])
+    means = mean_similarities([_vote_text(c) for c in candidates], [c.weight for c in candidates])
     return _central(candidates, means) if chosen == "central" else _majority(candidates, means)
 
 

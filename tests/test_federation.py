@@ -59,7 +59,7 @@ def signed_payload(obj, secret=SECRET):
     return payload + b"\n" + ls.Trust(secret).sign("beacon", payload).encode()
 
 
-# -- beacons: encode, decode, signatures -------------------------------------------------------------
+# -- beacons: encode, decode, signatures -----------------------------------------------------------
 
 GOOD = beacon()
 GOOD_BYTES = ls.encode_beacon(GOOD, ls.Trust(SECRET))
@@ -301,7 +301,8 @@ def test_the_request_a_peer_votes_on_is_ours_without_seed_and_never_federated():
             "parallel_tool_calls": False, "response_format": {"type": "json_object"}}
     req = ls.parse_chat_request(body)
     sent = ls.peer_request_body(req, 0.7)
-    assert "seed" not in sent and sent["temperature"] == 0.7 and sent["swarm"] == {"federate": False}
+    assert "seed" not in sent and sent["temperature"] == 0.7
+    assert sent["swarm"] == {"federate": False}
     again = ls.parse_chat_request(json.loads(json.dumps(sent)))
     assert again.messages == req.messages and again.tool_use == req.tool_use
     assert again.response_schema == {} and again.swarm.federate is False
@@ -431,7 +432,7 @@ def test_beacons_over_udp_find_peers_but_never_self_or_a_stranger(caplog):
     with caplog.at_level(logging.WARNING, "local_swarm"):
         run(go())
     refusals = [r.getMessage() for r in caplog.records if "refusing beacons" in r.getMessage()]
-    assert len(refusals) == 1 and "bad signature" in refusals[0]        # warned once, not per beacon
+    assert len(refusals) == 1 and "bad signature" in refusals[0]    # once, not once per beacon
 
 
 def test_replayed_and_stale_beacons_over_udp_are_refused():

@@ -5926,9 +5926,14 @@ class PeerTable:
 
     def update(self, peer: Peer) -> bool:
         """Record a peer just heard; True if it is new. Our own node is ignored (False), and so is
-        a new peer while the table is full of live ones. A peer once static stays static."""
+        a new peer while the table is full of live ones. A peer once static stays static. Another
+        node at the same address is dropped: one listener is one node, so that was the same swarm
+        before a restart (asking its old node id would only fail)."""
         if peer.node == self.own:
             return False
+        for gone in [p for p in self._peers.values()
+                     if (p.host, p.port) == (peer.host, peer.port) and p.node != peer.node]:
+            del self._peers[gone.node]
         old = self._peers.get(peer.node)
         if old is None and len(self._peers) >= self.capacity and not self.expire():
             return False

@@ -160,7 +160,8 @@ def test_peer_table_ignores_its_own_node_and_expires_the_silent():
     own = uuid.uuid4().hex
     table = ls.PeerTable(own, clock)
     assert not table.update(peer(own, last_seen=clock.now))
-    a, b = peer(name="a", last_seen=clock.now), peer(name="b", last_seen=clock.now, interval=2.0)
+    a = peer(name="a", port=1, last_seen=clock.now)
+    b = peer(name="b", port=2, last_seen=clock.now, interval=2.0)
     assert table.update(a) and table.update(b) and not table.update(a)
     clock.now += 3.4
     assert {p.name for p in table.live()} == {"a", "b"}
@@ -178,10 +179,20 @@ def test_peer_table_keeps_static_peers_static_and_refuses_a_flood():
     table.update(peer(node, static=True, last_seen=clock.now))
     table.update(peer(node, static=False, last_seen=clock.now))
     assert table.live()[0].static
-    assert table.update(peer(last_seen=clock.now))
-    assert not table.update(peer(last_seen=clock.now))          # full of live peers
+    assert table.update(peer(port=1, last_seen=clock.now))
+    assert not table.update(peer(port=2, last_seen=clock.now))  # full of live peers
     clock.now += 10
-    assert table.update(peer(last_seen=clock.now))              # the silent made room
+    assert table.update(peer(port=3, last_seen=clock.now))      # the silent made room
+
+
+def test_a_swarm_restarted_at_the_same_address_replaces_its_old_node():
+    table = ls.PeerTable("own")
+    old, new = peer(port=9000), peer(port=9000)
+    table.update(old)
+    table.update(peer(port=9001))
+    assert table.update(new)
+    assert sorted((p.port, p.node == new.node) for p in table.live()) == [(9000, True),
+                                                                          (9001, False)]
 
 
 # -- interfaces and addresses ----------------------------------------------------------------------
@@ -457,7 +468,8 @@ def test_replayed_and_stale_beacons_over_udp_are_refused():
                     s.sendto(ls.encode_beacon(beacon(name="stale", ts=ts), trust),
                              ("127.0.0.1", a.port))
                 s.sendto(b"\xff" * 5000, ("127.0.0.1", a.port))     # garbage, oversize
-                s.sendto(ls.encode_beacon(beacon(name="late"), trust), ("127.0.0.1", a.port))
+                s.sendto(ls.encode_beacon(beacon(name="late", port=8766), trust),
+                         ("127.0.0.1", a.port))
                 await until(lambda: names(a) == ["echo", "late"], 2)  # the socket lives on
         finally:
             await a.stop()

@@ -21,6 +21,10 @@ Sections, in dependency order (grep for "# ====" for a table of contents):
     constants, errors, config, HTTP/SSE protocol, HTTP server, hardware and build, models,
     workers, worker pool, voting, tool calls (parsing, grammars), chat API, federation, server
     wiring, first run, CLI.
+
+With a shared secret (--secret or LOCAL_SWARM_SECRET), swarms on one network find each other by
+signed UDP beacons and vote together: each request's candidates are joined by the best answers of
+the peers serving the same model (see the Federation section).
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ import tarfile
 import threading
 import time
 import tomllib
+import uuid
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -216,6 +221,11 @@ class WorkerError(SwarmError):
         self.status = status
 
 
+class PeerError(SwarmError):
+    """A federation message or peer failed: unsigned, badly signed, stale, replayed, malformed,
+    or the peer did not answer. The message says which, for the log and the reply's `swarm`."""
+
+
 class BuildError(SwarmError):
     """Building or installing llama-cpp-python failed; the message says what to do."""
 
@@ -300,6 +310,19 @@ class Config:
     affinity: bool = True                     # a conversation's next turn goes to the same workers
     cors_origins: tuple[str, ...] = ("http://localhost", "http://127.0.0.1")
     http: HttpLimits = field(default_factory=HttpLimits)
+    # federation (see its section): off unless a secret is set
+    secret: str | None = field(default=None, repr=False)   # signs beacons and federation calls
+    node_name: str = field(default_factory=platform.node)  # how peers list this swarm
+    federation_host: str = "0.0.0.0"          # the federation listener (UDP beacons, TCP calls)
+    federation_port: int = 8765
+    beacon_interval: float = 5.0              # seconds between beacons and static-peer checks
+    peers: tuple[str, ...] = ()               # static peers "host:port", for networks without
+                                              # broadcast
+    broadcast: tuple[str, ...] = ()           # where beacons go; (): every up interface's
+                                              # broadcast address and 255.255.255.255
+    interfaces: tuple[str, ...] = ()          # interfaces to beacon on; (): all but SKIPPED_*
+    any_model: bool = False                   # peers serving another model may vote too
+    peer_timeout: float = 60.0                # a peer's vote answer counts only within this
 
 
 # =====================================================================================================
@@ -3710,6 +3733,11 @@ class WorkerPool:
     def waiting(self) -> int:
         return sum(not f.done() for f in self._waiters)
 
+    def load(self) -> float:
+        """Busy workers plus waiting requests, per worker: 0 idle, 1 all busy, more when queued."""
+        busy = sum(s.state == "busy" for s in self.slots)
+        return (busy + self.waiting()) / max(1, len(self.slots))
+
     def status(self) -> str:
         """healthy (all workers up), degraded (some or none up after start), initializing."""
         if not any(s.ready_once for s in self.slots):
@@ -3746,7 +3774,9 @@ class WorkerPool:
 # Support. A candidate's score is its share of support in 0..1. Majority: its group's size / k.
 # Central: its mean similarity to all k candidates, itself included; that is the soft form of the
 # same share (were similarity 1 for equal keys and 0 otherwise, the two would agree). Confidence
-# is the winner's score.
+# is the winner's score. A candidate of weight w counts as w candidates in both (sizes and means
+# are weighted sums over the total weight); local candidates weigh 1, so a vote of them alone is
+# the plain count.
 #
 # Ties. Candidates are ranked by, in order: a non-empty reply before an empty one (an agent can do
 # nothing with an empty answer, however many agree on it); larger group (majority only); the
@@ -3793,7 +3823,7 @@ class Candidate:
     """One finished reply. `calls` holds canonical tool-call strings; a candidate with calls votes
     by them, not by its text."""
 
-    worker: str             # worker id, e.g. "worker-2" (later also peers)
+    worker: str             # worker id, e.g. "worker-2", or "peer:<name>" for a peer swarm's answer
     text: str
     finish_reason: str      # "stop" | "length" | ...
     latency: float          # seconds from request start to this candidate's end
@@ -3801,6 +3831,8 @@ class Candidate:
     calls: tuple[str, ...] = ()
     constrained: bool = False   # its call was finished under the call grammar
     greedy: bool = False        # decoded at temperature 0 (the vote's anchor): wins ties
+    weight: float = 1.0     # how many candidates it stands for (a peer's answer: the share of its
+                            # own vote that agreed on it; see Federation)
 
 
 @dataclass(frozen=True)
@@ -3951,21 +3983,24 @@ def similarity(a: str, b: str) -> float:
     return _weighted_jaccard(_bag(a), _bag(b))
 
 
-def mean_similarities(texts: Sequence[str]) -> list[float]:
-    """Per text, its mean similarity to all texts, itself included (so 1.0 when all are equal)."""
+def mean_similarities(texts: Sequence[str], weights: Sequence[float] | None = None) -> list[float]:
+    """Per text, its mean similarity to all texts, itself included (so 1.0 when all are equal),
+    each text counted `weights[i]` times (1 each when None)."""
     bags = [_bag(t) for t in texts]
-    sums = [1.0] * len(bags)
+    w = [1.0] * len(bags) if weights is None else list(weights)
+    sums = list(w)
     for i in range(len(bags)):
         for j in range(i + 1, len(bags)):
             s = _weighted_jaccard(bags[i], bags[j])
-            sums[i] += s
-            sums[j] += s
-    return [s / len(bags) for s in sums]
+            sums[i] += w[j] * s
+            sums[j] += w[i] * s
+    total = sum(w)
+    return [s / total for s in sums]
 
 
 # -- tally -----------------------------------------------------------------------------------------
 
-def _ranking(candidates: Sequence[Candidate], sizes: Sequence[int],
+def _ranking(candidates: Sequence[Candidate], sizes: Sequence[float],
              means: Sequence[float], greedy_first: bool = False) -> list[int]:
     """Candidate indices, best first, under the tie rule of the section comment."""
     def rank(i: int) -> tuple:
@@ -3995,10 +4030,13 @@ def _vote_text(candidate: Candidate) -> str:
 
 def _majority(candidates: Sequence[Candidate], means: Sequence[float]) -> Vote:
     keys = vote_keys(candidates)
-    counts = Counter(keys)
-    sizes = [counts[key] for key in keys]
+    support: dict[str, float] = {}
+    for key, c in zip(keys, candidates):
+        support[key] = support.get(key, 0.0) + c.weight
+    sizes = [support[key] for key in keys]
     order = _ranking(candidates, sizes, means, greedy_first=True)
-    scores = tuple(size / len(candidates) for size in sizes)
+    total = sum(c.weight for c in candidates)
+    scores = tuple(size / total for size in sizes)
     return Vote("majority", order[0], scores[order[0]], scores, _groups(keys, order), tuple(keys))
 
 
@@ -4020,7 +4058,7 @@ def tally(candidates: Sequence[Candidate], strategy: str | None = None) -> Vote:
         return Vote("single", 0, 1.0, (1.0,), ((0,),), (candidate_key(candidates[0]),))
     if chosen == "single":
         raise ValueError(f"strategy 'single' needs one candidate, got {len(candidates)}")
-    means = mean_similarities([_vote_text(c) for c in candidates])
+    means = mean_similarities([_vote_text(c) for c in candidates], [c.weight for c in candidates])
     return _central(candidates, means) if chosen == "central" else _majority(candidates, means)
 
 
@@ -5084,6 +5122,7 @@ class SwarmOptions:
                                       # (False: parse its text as it is; for measuring the gain)
     affinity: bool | None = None
     anchor: bool | None = None
+    federate: bool | None = None      # False: answer from this swarm's workers only
 
 
 TOOL_CHOICES = ("none", "auto", "required")
@@ -5153,7 +5192,9 @@ def _swarm_options(opts: dict, mode: str | None, adaptive: Any, affinity: Any, a
                         constrain_calls=opts.get("constrain_calls") is None
                         or _check_bool(opts, "constrain_calls"),
                         affinity=None if affinity is None else _check_bool(opts, "affinity"),
-                        anchor=None if anchor is None else _check_bool(opts, "anchor"))
+                        anchor=None if anchor is None else _check_bool(opts, "anchor"),
+                        federate=None if opts.get("federate") is None
+                        else _check_bool(opts, "federate"))
 
 
 def _parse_stop(body: dict) -> list[str] | None:
@@ -5448,6 +5489,7 @@ class VotePlan:
     temperature: float
     affinity: bool
     anchor: bool = False          # the first candidate decodes greedily (temperature 0)
+    federate: bool = False              # peer swarms vote too (ChatService.plan decides)
 
     def temperature_of(self, i: int) -> float:
         """The temperature candidate i samples at."""
@@ -5514,6 +5556,7 @@ class Ballot:
     entries: list[tuple[Candidate, Generation]] = field(default_factory=list)
     vote: Vote | None = None
     strategy: str | None = None       # set when the vote finished early (a decided majority)
+    peers: list[dict[str, Any]] = field(default_factory=list)   # each peer asked, and its fate
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -5533,8 +5576,10 @@ class Ballot:
             "candidates": [{"worker": c.worker, "latency_ms": round(c.latency * 1000, 1),
                             "tokens": c.tokens, "finish_reason": c.finish_reason,
                             "score": round(vote.scores[i], 4), "winner": i == vote.winner,
-                            "constrained": c.constrained, "greedy": c.greedy}
-                           for i, c in enumerate(self.candidates)]}
+                            "constrained": c.constrained, "greedy": c.greedy,
+                            "weight": round(c.weight, 4)}
+                           for i, c in enumerate(self.candidates)],
+            **({"peers": self.peers} if self.plan.federate else {})}
 
 
 def _seeds(req: ChatRequest, k: int) -> list[int]:
@@ -5548,8 +5593,10 @@ class ChatService:
     """Turns a ChatRequest into worker calls and OpenAI-shaped replies."""
 
     def __init__(self, pool: WorkerPool, renderer: PromptRenderer, model_id: str, n_ctx: int,
-                 cfg: Config, clock: Callable[[], float] = time.time) -> None:
+                 cfg: Config, clock: Callable[[], float] = time.time,
+                 federation: Any = None) -> None:
         self.pool = pool
+        self.federation = federation            # a Federation (peers to ask), or None: local only
         self.renderer = renderer
         self.model_id = model_id
         self.n_ctx = n_ctx
@@ -5647,7 +5694,7 @@ class ChatService:
                     gen.finish_reason = choice["finish_reason"]
 
     @staticmethod
-    def _settle_calls(req: ChatRequest, gen: Generation) -> None:
+    def settle_calls(req: ChatRequest, gen: Generation) -> None:
         """Parse the finished text for calls (when calls are allowed); with calls the reply
         finishes with "tool_calls"."""
         if not req.tool_use.active:
@@ -5729,7 +5776,7 @@ class ChatService:
             await self._constrained_call(worker, req, gen, prompt, scanner.start)
         elif scanner is not None and (tail := scanner.flush()):
             yield tail
-        self._settle_calls(req, gen)
+        self.settle_calls(req, gen)
 
     async def _count_usage(self, worker: Any, prompt: str, gen: Generation) -> None:
         """Usage by the worker's tokenizer: the prompt (unless counted already) and the reply
@@ -5745,7 +5792,16 @@ class ChatService:
     # -- consensus --------------------------------------------------------------------------------
 
     def plan(self, req: ChatRequest) -> VotePlan:
-        return vote_plan(req, self.cfg, self.pool.healthy(), len(self.pool.slots))
+        """vote_plan, federated when peers can vote: the request does not opt out, it is not
+        streamed live ("fastest"), its candidates may differ (temperature 0 would make every
+        peer repeat the same greedy reply) and a compatible peer is live. A federated plan
+        votes even with one local candidate: the peers' answers make up the rest."""
+        plan = vote_plan(req, self.cfg, self.pool.healthy(), len(self.pool.slots))
+        if (self.federation is None or req.swarm.federate is False or plan.mode == "fastest"
+                or (plan.temperature == 0 and not req.swarm.force_vote)
+                or not self.federation.voters()):
+            return plan
+        return dataclasses.replace(plan, federate=True, mode="vote")
 
     async def accept(self, req: ChatRequest) -> tuple[str, int]:
         """The rendered prompt and its token count (0 when it surely fits and was not counted).
@@ -5787,6 +5843,7 @@ class ChatService:
         every candidate failed, HTTPError when a worker refused the request itself."""
         ballot, pending = Ballot(plan), set()
         seeds, prefer = _seeds(req, plan.k), self._preferred(req, plan)
+        asked = self.federation.ask_all(req, plan, ballot.started) if plan.federate else {}
 
         def launch(count: int) -> None:
             for _ in range(max(0, min(count, plan.k - ballot.launched))):
@@ -5796,18 +5853,21 @@ class ChatService:
                     req, plan.temperature_of(i), prompt, prompt_tokens, seeds[i], ballot.started,
                     prefer[i:i + 1])))
 
-        launch(min(plan.k, ADAPTIVE_START) if plan.adaptive else plan.k)
         try:
-            await self._collect_until_settled(ballot, pending, launch)
+            launch(min(plan.k, ADAPTIVE_START) if plan.adaptive else plan.k)
+            try:
+                await self._collect_until_settled(ballot, pending, launch)
+            finally:
+                ballot.cancelled = len(pending)
+                await _cancel_all(pending)
+            self._remember(req, plan, [c.worker for c in ballot.candidates])
+            if asked:
+                await self.federation.collect(ballot, asked)
         finally:
-            ballot.cancelled = len(pending)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await _cancel_all(asked)
         if not ballot.entries:
             raise WorkerError(f"all {ballot.launched} candidates failed")
         ballot.vote = tally(ballot.candidates, ballot.strategy)
-        self._remember(req, plan, [c.worker for c in ballot.candidates])
         return ballot
 
     async def _collect_until_settled(self, ballot: Ballot, pending: set,
@@ -5852,7 +5912,7 @@ class ChatService:
     async def complete(self, req: ChatRequest) -> tuple[dict[str, Any], Generation, dict]:
         """A whole (non-streamed) chat.completion object, its generation and `swarm` object."""
         plan = self.plan(req)
-        if plan.k == 1:
+        if plan.k == 1 and not plan.federate:
             gen = Generation()
             sub = dataclasses.replace(req, sampling={**req.sampling,
                                                      "temperature": plan.temperature_of(0)})
@@ -5876,7 +5936,7 @@ class ChatService:
         """Accept the request (raising HTTPError if it cannot be served), then return the SSE
         byte stream: live from one worker (k = 1), or the voted winner after the vote."""
         plan = self.plan(req)
-        if plan.k > 1:
+        if plan.k > 1 or plan.federate:
             prompt, prompt_tokens = await self.accept(req)
             return self._voted_sse(req, plan, prompt, prompt_tokens, gen), plan
         sub = dataclasses.replace(req, sampling={**req.sampling,
@@ -5976,11 +6036,19 @@ def single_swarm(plan: VotePlan, gen: Generation) -> dict[str, Any]:
             "cancelled": 0, "confidence": 1.0, "winner": gen.worker, "votes": [1],
             "candidates": [{"worker": gen.worker, "latency_ms": round(latency, 1),
                             "tokens": gen.completion_tokens, "finish_reason": gen.finish_reason,
-                            "score": 1.0, "winner": True, "constrained": gen.constrained}]}
+                            "score": 1.0, "winner": True, "constrained": gen.constrained,
+                            "weight": 1.0}]}
 
 
 async def _const(value: Any) -> Any:
     return value
+
+
+async def _cancel_all(tasks: Collection[asyncio.Task]) -> None:
+    """Cancel the tasks and wait until each has unwound (their failures are theirs to report)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def new_completion_id() -> str:
@@ -6049,14 +6117,722 @@ class ChunkFrame:
 # =====================================================================================================
 # Federation
 # =====================================================================================================
-# (issue 5: beacons, trust, peer table, federated vote; filled in by its branch)
+# Swarms on one network find each other and vote together. Rules:
+# - Nothing federates without a shared secret: no beacon is sent, no socket is opened, and the
+#   daemon says so once. Every beacon, federation request and federation reply is signed with it
+#   (HMAC-SHA256 over the message's kind, method, path, timestamp, nonce and body). A message
+#   that is unsigned, badly signed, off our clock by more than MAX_CLOCK_SKEW or seen before is
+#   dropped; a request gets 401.
+# - The federation listener is a server of its own (UDP beacons and TCP calls on one port number)
+#   that serves only the federation routes: the chat API stays where --host and --api-key put it.
+# - Discovery: every beacon_interval a beacon goes to each up interface's broadcast address
+#   (loopback, container bridges and VPN tunnels skipped) and to 255.255.255.255, or to the
+#   addresses given; static peers (--peer) are polled as often with a signed status call. A peer
+#   unheard for PEER_EXPIRY_BEACONS of its intervals is dropped. The node id is random per start,
+#   so a copied folder never makes two swarms one.
+# - A peer's vote is its best local answer, never federated again (no loops). The answer enters the
+#   local tally as one candidate weighing as many candidates as agreed on it over there. A peer that
+#   is slow, dead or lying (bad signature, malformed reply) is dropped from that vote and logged;
+#   the request is still answered from the local workers.
+# Encoding, signing and parsing are pure functions over bytes and dicts. Federation owns the UDP
+# socket, the beacon task and the HTTP client to peers; FederationApp answers the listener.
+
+FEDERATION_VERSION = 1                 # beacons, status and vote replies carry it; others ignored
+SECRET_ENV = "LOCAL_SWARM_SECRET"
+SHORT_SECRET = 16                      # characters; a shorter secret gets a warning
+PEER_EXPIRY_BEACONS = 3.5              # intervals unheard before a peer is dropped: three missed
+                                       # beacons, and half an interval of jitter
+MAX_CLOCK_SKEW = 30.0                  # seconds a signed message's timestamp may be off our clock
+MAX_NONCES = 65_536                    # nonces remembered against replay, each until it is stale
+                                       # (past that its timestamp refuses it); oldest go first
+MAX_BEACON_BYTES = 1024                # a beacon is ~350 bytes
+MAX_PEER_REPLY = 4 * 2**20             # a vote reply holds one answer; a status a few hundred bytes
+MAX_PEERS = 64                         # peers remembered; more are refused until some expire
+MAX_VOTE_PEERS = 8                     # peers asked per vote, least loaded first
+MAX_PEER_INSTANCES = 1024              # workers a peer may claim; more is a malformed beacon
+PEER_MIN_WAIT = 2.0                    # after the local vote, peers get as long again as it took,
+                                       # and at least this (network and queue jitter)
+POLL_SHARE = 0.8                       # a static peer's status call may take this share of an
+                                       # interval, so polls never hold up the next beacon
+MAX_WARNED_SOURCES = 256               # hosts whose rejected beacons were warned about (once each)
+SKIPPED_INTERFACES = ("lo", "docker", "br-", "veth", "virbr", "vmnet", "vboxnet",   # loopback,
+                      "tun", "tap", "wg", "utun", "ppp", "tailscale", "zt")        # bridges, VPNs
+LIMITED_BROADCAST = "255.255.255.255"
+PEER_PREFIX = "peer:"                  # a peer's candidate is "peer:<its name>"
+STATUS_PATH = "/v1/federation/status"
+PEERS_PATH = "/v1/federation/peers"
+VOTE_PATH = "/v1/federation/vote"
+SIGNATURE_HEADER = "x-swarm-signature"
+TIMESTAMP_HEADER = "x-swarm-timestamp"
+NONCE_HEADER = "x-swarm-nonce"
+FEDERATION_OFF = (f"federation is off: start every swarm that should vote together with the same "
+                  f"--secret (or {SECRET_ENV}) to find peers on this network and vote with them")
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")   # names go into logs, replies and headers
+_NODE_RE = re.compile(r"[0-9a-f]{32}")           # uuid4().hex
+_NONCE_RE = re.compile(r"[0-9a-f]{32}")
+_NUMBER = (int, float)
+
+
+def node_name(raw: str) -> str:
+    """A name peers can show: `raw` (the host name by default) with anything but letters, digits,
+    '.', '_' and '-' replaced by '-', cut to 64 characters; "swarm" if nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", raw)[:64] or "swarm"
+
+
+class Trust:
+    """The shared secret. sign() and verify() are pure; admit() remembers nonces, so that a signed
+    message is taken once, and only while its timestamp is fresh."""
+
+    def __init__(self, secret: str, clock: Callable[[], float] = time.time,
+                 skew: float = MAX_CLOCK_SKEW, capacity: int = MAX_NONCES) -> None:
+        self._key = secret.encode("utf-8")
+        self.clock, self.skew, self.capacity = clock, skew, capacity
+        self._seen: dict[str, float] = {}        # nonce -> when it goes stale, in arrival order
+
+    def sign(self, *parts: str | bytes) -> str:
+        """HMAC-SHA256 (hex) over the parts joined by newlines. Every part but the last (the body)
+        must hold no newline, so two different messages never join to the same bytes. Raises
+        ValueError otherwise."""
+        data = [p.encode("utf-8") if isinstance(p, str) else p for p in parts]
+        if any(b"\n" in p for p in data[:-1]):
+            raise ValueError("only the last signed part may hold a newline")
+        return hmac.new(self._key, b"\n".join(data), hashlib.sha256).hexdigest()
+
+    def verify(self, signature: str | None, *parts: str | bytes) -> None:
+        """Raises PeerError unless `signature` is sign(*parts) (compared in constant time)."""
+        try:
+            expected = self.sign(*parts).encode()
+        except ValueError as exc:
+            raise PeerError(f"malformed message: {exc}") from exc
+        if not signature or not hmac.compare_digest(expected, signature.encode("utf-8", "replace")):
+            raise PeerError("bad signature (not signed with this federation's secret)")
+
+    def stamp(self) -> tuple[str, str]:
+        """A (timestamp, nonce) pair for an outgoing message."""
+        return f"{self.clock():.3f}", os.urandom(16).hex()
+
+    def seen(self, nonce: str) -> bool:
+        """True if a message with this nonce was admitted and is not stale yet."""
+        return nonce in self._seen
+
+    def admit(self, ts: Any, nonce: Any) -> None:
+        """Take a verified message's (timestamp, nonce) once. Raises PeerError if the timestamp is
+        not a number within `skew` of our clock, the nonce is malformed, or it was taken before."""
+        try:
+            when = float(ts)
+        except (TypeError, ValueError):
+            raise PeerError(f"bad timestamp {str(ts)[:40]!r}") from None
+        now = self.clock()
+        if not abs(now - when) <= self.skew:              # NaN fails this too
+            raise PeerError(f"stale message: its timestamp is {when - now:+.0f} s off our clock "
+                            f"(at most {self.skew:.0f} s allowed)")
+        if not isinstance(nonce, str) or not _NONCE_RE.fullmatch(nonce):
+            raise PeerError("bad nonce")
+        self._forget(now)
+        if nonce in self._seen:
+            raise PeerError("replayed message (nonce seen before)")
+        self._seen[nonce] = when + self.skew
+
+    def _forget(self, now: float) -> None:
+        """Drop nonces from the oldest while they are stale, or while over capacity."""
+        while self._seen:
+            nonce, until = next(iter(self._seen.items()))
+            if until >= now and len(self._seen) < self.capacity:
+                return
+            del self._seen[nonce]
+
+
+def _field(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
+           ok: Callable[[Any], Any] = lambda value: True) -> Any:
+    """obj[name] when it is a `kind` (never a bool standing in for a number) and ok(value) holds;
+    raises PeerError naming the field otherwise."""
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+        raise PeerError(f"bad or missing field {name!r}: {str(value)[:40]!r}")
+    return value
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    """The JSON object in `data`; raises PeerError if it is not one."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        raise PeerError(f"{what} is not JSON") from None
+    if not isinstance(obj, dict):
+        raise PeerError(f"{what} is not a JSON object")
+    return obj
+
+
+def _check_version(obj: Mapping[str, Any], what: str) -> None:
+    if _field(obj, "v", int) != FEDERATION_VERSION:
+        raise PeerError(f"{what} of version {obj['v']}; this swarm speaks {FEDERATION_VERSION}")
+
+
+def _node_info(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What a beacon and a status reply both tell of a node: id, name, model, instances, load,
+    beacon interval. Raises PeerError."""
+    return {"node": _field(obj, "node", str, _NODE_RE.fullmatch),
+            "name": _field(obj, "name", str, _NAME_RE.fullmatch),
+            "model": _field(obj, "model", str, lambda v: 0 < len(v) <= 200 and v.isprintable()),
+            "instances": _field(obj, "instances", int, lambda v: 0 <= v <= MAX_PEER_INSTANCES),
+            "load": float(_field(obj, "load", _NUMBER, lambda v: 0 <= v <= 1e6)),
+            "interval": float(_field(obj, "interval", _NUMBER, lambda v: 0.1 <= v <= 3600))}
+
+
+@dataclass(frozen=True)
+class Beacon:
+    """What a swarm advertises: its node, name, federation port, model, instances, load (its
+    pool's load()) and beacon interval; `ts` and `nonce` make each beacon count once."""
+
+    node: str
+    name: str
+    port: int
+    model: str
+    instances: int
+    load: float
+    interval: float
+    ts: float
+    nonce: str
+
+
+def encode_beacon(beacon: Beacon, trust: Trust) -> bytes:
+    """The datagram: compact JSON with "v", a newline, and the signature (hex) of the JSON."""
+    payload = json.dumps({"v": FEDERATION_VERSION, **dataclasses.asdict(beacon)},
+                         separators=(",", ":")).encode()
+    return payload + b"\n" + trust.sign("beacon", payload).encode()
+
+
+def decode_beacon(data: bytes, trust: Trust) -> Beacon:
+    """The beacon in a datagram. Raises PeerError if it is over MAX_BEACON_BYTES, unsigned, badly
+    signed (another secret, or tampered with), not JSON, of another version, or a field is missing
+    or out of range. Freshness and replay are the caller's to check (Trust.admit)."""
+    if len(data) > MAX_BEACON_BYTES:
+        raise PeerError(f"a datagram of {len(data)} bytes is no beacon "
+                        f"(at most {MAX_BEACON_BYTES})")
+    payload, newline, signature = data.rpartition(b"\n")
+    if not newline:
+        raise PeerError("not a signed beacon")
+    trust.verify(signature.decode("ascii", "replace"), "beacon", payload)
+    obj = _json_object(payload, "beacon")
+    _check_version(obj, "beacon")
+    return Beacon(**_node_info(obj), port=_field(obj, "port", int, lambda v: 0 < v < 65536),
+                  ts=float(_field(obj, "ts", _NUMBER)), nonce=_field(obj, "nonce", str))
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A swarm heard from (by beacon) or polled (a static peer), and where."""
+
+    node: str
+    name: str
+    host: str               # the beacon's source address, or the static peer's host
+    port: int               # its federation port
+    model: str
+    instances: int
+    load: float
+    interval: float         # its beacon interval (ours for a static peer: we poll it)
+    last_seen: float        # our clock when last heard
+    static: bool = False    # given with --peer, else discovered
+
+    @property
+    def url(self) -> str:
+        return http_url(self.host, self.port)
+
+    def expired(self, now: float) -> bool:
+        return now - self.last_seen > PEER_EXPIRY_BEACONS * self.interval
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """The peer as /v1/federation/peers lists it."""
+        return {"node": self.node, "name": self.name, "host": self.host, "port": self.port,
+                "model": self.model, "instances": self.instances, "api_url": self.url,
+                "last_seen": round(self.last_seen, 3), "age_s": round(now - self.last_seen, 1),
+                "load": round(self.load, 3), "source": "static" if self.static else "discovered"}
+
+
+class PeerTable:
+    """Live peers by node id; this swarm's own node never enters. Bookkeeping, no I/O."""
+
+    def __init__(self, own: str, clock: Callable[[], float] = time.time,
+                 capacity: int = MAX_PEERS) -> None:
+        self.own, self.clock, self.capacity = own, clock, capacity
+        self._peers: dict[str, Peer] = {}
+
+    def update(self, peer: Peer) -> bool:
+        """Record a peer just heard; True if it is new. Our own node is ignored (False), and so is
+        a new peer while the table is full of live ones. A peer once static stays static. Another
+        node at the same address is dropped: one listener is one node, so that was the same swarm
+        before a restart (asking its old node id would only fail)."""
+        if peer.node == self.own:
+            return False
+        for gone in [p for p in self._peers.values()
+                     if (p.host, p.port) == (peer.host, peer.port) and p.node != peer.node]:
+            del self._peers[gone.node]
+        old = self._peers.get(peer.node)
+        if old is None and len(self._peers) >= self.capacity and not self.expire():
+            return False
+        static = peer.static or (old is not None and old.static)
+        self._peers[peer.node] = dataclasses.replace(peer, static=static)
+        return old is None
+
+    def expire(self) -> list[Peer]:
+        """Remove and return the peers unheard for PEER_EXPIRY_BEACONS of their intervals."""
+        now = self.clock()
+        gone = [p for p in self._peers.values() if p.expired(now)]
+        for peer in gone:
+            del self._peers[peer.node]
+        return gone
+
+    def live(self) -> list[Peer]:
+        """The peers not expired now (also between two expire() sweeps)."""
+        now = self.clock()
+        return [p for p in self._peers.values() if not p.expired(now)]
+
+
+def broadcast_addresses(allowed: Collection[str] = (), addrs: Mapping[str, Any] | None = None,
+                        stats: Mapping[str, Any] | None = None) -> list[str]:
+    """The IPv4 broadcast address of each up interface: of those named in `allowed`, else of every
+    one whose name does not start with a SKIPPED_INTERFACES prefix. `addrs` and `stats` are
+    psutil.net_if_addrs() and net_if_stats() (read when None)."""
+    if addrs is None or stats is None:
+        import psutil as ps        # the module-level name is None until the build's site is on
+                                   # the path
+        addrs, stats = ps.net_if_addrs(), ps.net_if_stats()
+    found = []
+    for name, entries in addrs.items():
+        skipped = name not in allowed if allowed else name.startswith(SKIPPED_INTERFACES)
+        if skipped or not getattr(stats.get(name), "isup", False):
+            continue
+        found += [a.broadcast for a in entries if a.family == socket.AF_INET and a.broadcast]
+    return list(dict.fromkeys(found))
+
+
+def parse_peer_address(text: str, default_port: int) -> tuple[str, int]:
+    """"host:port", "host" (default_port) or "[v6 address]:port" -> (host, port). Raises
+    ValueError for anything else."""
+    host, port = text.strip(), str(default_port)
+    if host.startswith("["):
+        host, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad peer address {text!r}")
+        port = rest[1:] or port
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 \
+            or any(c.isspace() or c in "/@?#[]" for c in host):
+        raise ValueError(f"bad peer address {text!r}: expected host:port")
+    return host, int(port)
+
+
+def http_url(host: str, port: int) -> str:
+    """http://host:port, an IPv6 host in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def beacon_targets(cfg: Config, port: int) -> list[tuple[str, int]]:
+    """Where beacons go: cfg.broadcast (ADDR or ADDR:PORT, default port `port`) if given, else
+    every up interface's broadcast address and 255.255.255.255, on `port`."""
+    if cfg.broadcast:
+        return [parse_peer_address(a, port) for a in cfg.broadcast]
+    return [(a, port) for a in [*broadcast_addresses(cfg.interfaces), LIMITED_BROADCAST]]
+
+
+def peer_request_body(req: ChatRequest, temperature: float) -> dict[str, Any]:
+    """The OpenAI body peers vote on: the request as validated (normalized messages, sampling,
+    tools, tool choice, response format) at this vote's temperature, marked not to federate, and
+    without its seed: a peer with the same model and seed would repeat our own candidates and
+    count them twice."""
+    sampling = {k: v for k, v in req.sampling.items() if k != "seed"}
+    body: dict[str, Any] = {"messages": list(req.messages), **sampling, "temperature": temperature,
+                            "swarm": {"federate": False}}
+    use = req.tool_use
+    if req.tools:
+        body.update(tools=list(req.tools), parallel_tool_calls=use.parallel,
+                    tool_choice={"type": "function", "function": {"name": use.only}}
+                    if use.choice == "function" else use.choice)
+    if req.response_schema == {}:
+        body["response_format"] = {"type": "json_object"}
+    elif req.response_schema is not None:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "reply", "schema": req.response_schema}}
+    return body
+
+
+@dataclass(frozen=True)
+class PeerAnswer:
+    """A peer's vote: its best local answer, and how its own vote backed it."""
+
+    text: str                  # the answer's whole text (calls in the model's own syntax)
+    finish_reason: str
+    confidence: float          # its vote's confidence in the answer (0..1)
+    worker_count: int          # candidates in its vote
+    strategy: str
+    latency_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def weight(self) -> float:
+        """As many candidates as agreed on the answer over there (confidence x candidates), and
+        at least one: the answer is one sample, whatever the vote behind it."""
+        return max(1.0, self.confidence * self.worker_count)
+
+
+def parse_vote_reply(data: bytes, node: str) -> PeerAnswer:
+    """The answer in peer `node`'s vote reply. Raises PeerError if it is not JSON, of another
+    version, from another node, or a field is missing or out of range."""
+    obj = _json_object(data, "vote reply")
+    _check_version(obj, "vote reply")
+    if _field(obj, "node", str) != node:
+        raise PeerError("the vote reply names another node")
+    usage = _field(obj, "usage", dict)
+    return PeerAnswer(
+        text=_field(obj, "text", str),
+        finish_reason=_field(obj, "finish_reason", str, FINISH_REASONS.__contains__),
+        confidence=float(_field(obj, "confidence", _NUMBER, lambda v: 0 <= v <= 1)),
+        worker_count=_field(obj, "worker_count", int, lambda v: 1 <= v <= MAX_VOTES),
+        strategy=_field(obj, "strategy", str, STRATEGIES.__contains__),
+        latency_ms=float(_field(obj, "latency_ms", _NUMBER, lambda v: v >= 0)),
+        prompt_tokens=_field(usage, "prompt_tokens", int, _token_count),
+        completion_tokens=_field(usage, "completion_tokens", int, _token_count))
+
+
+def _token_count(value: int) -> bool:
+    return 0 <= value <= MAX_TOKENS_LIMIT
+
+
+def peer_client() -> Any:
+    """The httpx client for calls to peers: proxies from the environment are not used (peers are
+    on the local network), one connection per peer at most MAX_PEERS."""
+    import httpx
+    return httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_connections=MAX_PEERS))
+
+
+async def _read_limited(reply: Any, limit: int) -> bytes:
+    """An httpx streamed reply's body; raises PeerError past `limit` bytes."""
+    data = bytearray()
+    async for chunk in reply.aiter_bytes():
+        data += chunk
+        if len(data) > limit:
+            raise PeerError(f"reply larger than {limit} bytes")
+    return bytes(data)
+
+
+class _BeaconProtocol(asyncio.DatagramProtocol):
+    def __init__(self, hear: Callable[[bytes, str], Any]) -> None:
+        self.hear = hear
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.hear(data, addr[0])
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("federation: beacon socket: %s", exc)     # e.g. no route for one broadcast target
+
+
+class Federation:
+    """This swarm's part in a federation: the beacons it sends, the peers it hears and polls, and
+    the signed calls it makes to them. start(port) opens the UDP socket on the listener's port
+    and starts the beacon task; stop() ends both and closes the client it made."""
+
+    def __init__(self, cfg: Config, model_id: str, instances: int, load: Callable[[], float],
+                 clock: Callable[[], float] = time.time, client: Any = None) -> None:
+        if not cfg.secret:
+            raise ValueError("federation needs a secret")
+        self.cfg, self.model_id, self.instances, self.load = cfg, model_id, instances, load
+        self.clock = clock
+        self.node = uuid.uuid4().hex             # per start: a copied folder is another node
+        self.name = node_name(cfg.node_name)
+        self.trust = Trust(cfg.secret, clock)
+        self.table = PeerTable(self.node, clock)
+        self.port = cfg.federation_port
+        self.static = [parse_peer_address(p, cfg.federation_port) for p in cfg.peers]
+        self._client, self._own_client = client, client is None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._task: asyncio.Task | None = None
+        self._warned: set[str] = set()           # hosts whose beacons were refused (warned once)
+        self._unreachable: set[tuple[str, int]] = set()     # static peers whose last poll failed
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self, port: int) -> None:
+        """Listen for beacons on UDP `port` (the number of the TCP listener's port) and start
+        beaconing. Raises PeerError if the UDP port cannot be bound."""
+        self.port = port
+        if self._client is None:
+            self._client = peer_client()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.bind((self.cfg.federation_host, port))
+        except OSError as exc:
+            sock.close()
+            raise PeerError(f"cannot listen for beacons on UDP {self.cfg.federation_host}:{port}: "
+                            f"{exc}") from exc
+        self._transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _BeaconProtocol(self.hear), sock=sock)
+        self._task = asyncio.create_task(self._beacon_loop(), name="federation-beacons")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await _cancel_all([self._task])
+        if self._transport is not None:
+            self._transport.close()
+        if self._client is not None and self._own_client:
+            await self._client.aclose()
+
+    # -- beacons and peers ------------------------------------------------------------------------
+
+    def beacon(self) -> Beacon:
+        ts, nonce = self.trust.stamp()
+        return Beacon(node=self.node, name=self.name, port=self.port, model=self.model_id,
+                      instances=self.instances, load=round(self.load(), 3),
+                      interval=self.cfg.beacon_interval, ts=float(ts), nonce=nonce)
+
+    async def _beacon_loop(self) -> None:
+        """tick() every beacon_interval. Each pass is a catch-all boundary: a failure is logged
+        and the next pass runs."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await self.tick()
+            except Exception:  # a bug in one pass must not end discovery
+                log.exception("federation: beacon pass failed")
+            await asyncio.sleep(max(0.0, started + self.cfg.beacon_interval - loop.time()))
+
+    async def tick(self) -> None:
+        """Send the beacon, drop expired peers, poll the static peers."""
+        data = encode_beacon(self.beacon(), self.trust)
+        for target in beacon_targets(self.cfg, self.port):
+            self._transport.sendto(data, target)
+        for peer in self.table.expire():
+            log.info("federation: lost %s at %s (unheard for %.0f s)", peer.name, peer.host,
+                     self.clock() - peer.last_seen)
+        await asyncio.gather(*(self._poll(host, port) for host, port in self.static))
+
+    def hear(self, data: bytes, host: str) -> Peer | None:
+        """Take a datagram from `host`: the peer its beacon announces; None for our own beacon, a
+        copy of one already taken (it came by two broadcast routes), or a refused one (logged).
+        The catch-all boundary of the beacon socket."""
+        try:
+            beacon = decode_beacon(data, self.trust)
+            if beacon.node == self.node or self.trust.seen(beacon.nonce):
+                return None
+            self.trust.admit(beacon.ts, beacon.nonce)
+        except PeerError as exc:
+            self._refused(host, exc)
+            return None
+        except Exception:  # one bad datagram must not close the socket
+            log.exception("federation: a beacon from %s broke the listener", host)
+            return None
+        info = dataclasses.asdict(beacon)
+        del info["ts"], info["nonce"]
+        return self._heard(Peer(**info, host=host, last_seen=self.clock()))
+
+    def _heard(self, peer: Peer) -> Peer:
+        if self.table.update(peer):
+            log.info("federation: found %s at %s (model %s, %d workers%s)", peer.name, peer.url,
+                     peer.model, peer.instances, ", static" if peer.static else "")
+        return peer
+
+    def _refused(self, host: str, exc: PeerError) -> None:
+        if host in self._warned or len(self._warned) >= MAX_WARNED_SOURCES:
+            log.debug("federation: beacon from %s refused: %s", host, exc)
+            return
+        self._warned.add(host)
+        log.warning("federation: refusing beacons from %s: %s (a swarm with another secret or "
+                    "version, or a clock more than %.0f s off?)", host, exc, MAX_CLOCK_SKEW)
+
+    async def _poll(self, host: str, port: int) -> None:
+        """Check a static peer with a signed status call; a good answer refreshes its entry."""
+        try:
+            obj = _json_object(await self.call(http_url(host, port), "GET", STATUS_PATH,
+                                               timeout=POLL_SHARE * self.cfg.beacon_interval),
+                               "status")
+            _check_version(obj, "status")
+            info = {**_node_info(obj), "interval": self.cfg.beacon_interval}
+        except PeerError as exc:
+            if (host, port) not in self._unreachable:
+                self._unreachable.add((host, port))
+                log.warning("federation: static peer %s:%d does not answer: %s", host, port, exc)
+            return
+        self._unreachable.discard((host, port))
+        self._heard(Peer(**info, host=host, port=port, last_seen=self.clock(), static=True))
+
+    # -- calls to peers ---------------------------------------------------------------------------
+
+    async def call(self, url: str, method: str, path: str, body: bytes = b"",
+                   timeout: float | None = None) -> bytes:
+        """A signed request to a peer. Returns the reply's body once its signature (over our nonce,
+        the status and the body) checks out and its status is 200. Raises PeerError otherwise."""
+        import httpx
+        ts, nonce = self.trust.stamp()
+        headers = {TIMESTAMP_HEADER: ts, NONCE_HEADER: nonce, "Content-Type": "application/json",
+                   SIGNATURE_HEADER: self.trust.sign(method, path, ts, nonce, body)}
+        limit = timeout or self.cfg.peer_timeout
+        try:
+            async with self._client.stream(method, url + path, content=body, headers=headers,
+                                           timeout=httpx.Timeout(limit, connect=min(
+                                               limit, CONNECT_TIMEOUT))) as reply:
+                data = await _read_limited(reply, MAX_PEER_REPLY)
+        except httpx.HTTPError as exc:
+            raise PeerError(f"no answer: {exc!r}") from exc
+        self.trust.verify(reply.headers.get(SIGNATURE_HEADER), "reply", path, nonce,
+                          str(reply.status_code), data)
+        if reply.status_code != 200:
+            text = data[:300].decode("utf-8", "replace")
+            raise PeerError(f"answered {reply.status_code}: {text}")
+        return data
+
+    def voters(self) -> list[Peer]:
+        """The live peers that may vote on our requests: with workers, serving our model (any
+        model with any_model), least loaded first, at most MAX_VOTE_PEERS."""
+        peers = [p for p in self.table.live()
+                 if p.instances > 0 and (self.cfg.any_model or p.model == self.model_id)]
+        return sorted(peers, key=lambda p: p.load)[:MAX_VOTE_PEERS]
+
+    def ask_all(self, req: ChatRequest, plan: VotePlan, started: float
+                ) -> dict[asyncio.Task, Peer]:
+        """Ask every voter at once; the tasks, each to its peer (see collect())."""
+        body = json.dumps(peer_request_body(req, plan.temperature), separators=(",", ":")).encode()
+        return {asyncio.create_task(self.ask(peer, body, req, started)): peer
+                for peer in self.voters()}
+
+    async def ask(self, peer: Peer, body: bytes, req: ChatRequest, started: float
+                  ) -> tuple[Candidate, Generation]:
+        """One peer's vote as a weighted candidate and its generation. Its tool calls are parsed
+        here, against the request's tools, like a local worker's. Raises PeerError."""
+        answer = parse_vote_reply(await self.call(peer.url, "POST", VOTE_PATH, body), peer.node)
+        finish = "stop" if answer.finish_reason == "tool_calls" else answer.finish_reason
+        gen = Generation(parts=[answer.text], finish_reason=finish, worker=PEER_PREFIX + peer.name,
+                         prompt_tokens=answer.prompt_tokens, attempts=1, started=started,
+                         completion_tokens=answer.completion_tokens)
+        ChatService.settle_calls(req, gen)
+        return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
+                         latency=time.monotonic() - started, tokens=gen.completion_tokens,
+                         calls=tuple(call.canonical() for call in gen.calls),
+                         weight=answer.weight), gen
+
+    async def collect(self, ballot: Ballot, asked: dict[asyncio.Task, Peer]) -> None:
+        """Add the peers' answers to a ballot whose local vote is done. Peers get as long again as
+        the local vote took (at least PEER_MIN_WAIT), within peer_timeout of its start; a peer
+        that failed or is late is dropped, logged and listed in ballot.peers with why."""
+        now = time.monotonic()
+        wait = min(max(now - ballot.started, PEER_MIN_WAIT),
+                   ballot.started + self.cfg.peer_timeout - now)
+        done, _ = await asyncio.wait(asked, timeout=max(0.0, wait))
+        for task, peer in asked.items():
+            entry = {"node": peer.node, "name": peer.name, "host": peer.host}
+            if task in done and task.exception() is None:
+                candidate, gen = task.result()
+                ballot.entries.append((candidate, gen))
+                ballot.peers.append({**entry, "status": "voted",
+                                     "weight": round(candidate.weight, 4),
+                                     "latency_ms": round(candidate.latency * 1000, 1)})
+                continue
+            exc = task.exception() if task in done else None
+            reason = str(exc) if exc else f"no answer within {max(wait, 0.0):.1f} s"
+            if exc is not None and not isinstance(exc, PeerError):
+                log.error("federation: asking %s failed", peer.name, exc_info=exc)
+            log.warning("federation: %s (%s) dropped from the vote: %s", peer.name, peer.host,
+                        reason)
+            ballot.peers.append({**entry, "status": "dropped", "reason": reason})
+
+    # -- views ------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """GET /v1/federation/status: this node, and how many peers are live."""
+        return {"v": FEDERATION_VERSION, "enabled": True, "node": self.node, "name": self.name,
+                "model": self.model_id, "instances": self.instances, "load": round(self.load(), 3),
+                "interval": self.cfg.beacon_interval, "port": self.port,
+                "peers": len(self.table.live()), "static_peers": list(self.cfg.peers),
+                "version": VERSION}
+
+    def peers(self) -> dict[str, Any]:
+        """GET /v1/federation/peers: the live peers."""
+        now = self.clock()
+        return {"object": "list", "data": [p.describe(now) for p in self.table.live()]}
+
+
+class FederationApp:
+    """The federation listener's handler: authenticates every request by its signature (401
+    otherwise), answers status, peers and vote, and signs every reply to an authenticated
+    request (over its nonce, the status and the body)."""
+
+    def __init__(self, federation: Federation, chat: ChatService) -> None:
+        self.federation = federation
+        self.chat = chat
+        self.routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
+            ("GET", STATUS_PATH): self.status,
+            ("GET", PEERS_PATH): self.peers,
+            ("POST", VOTE_PATH): self.vote,
+        }
+
+    async def handle(self, request: Request) -> Response:
+        nonce = self._authenticate(request)
+        try:
+            route = self.routes.get((request.method, request.path))
+            if route is None:
+                raise HTTPError(404, f"no federation route {request.method} {request.path}",
+                                code="not_found")
+            response = await route(request)
+        except HTTPError as exc:
+            response = Response.error(exc)
+        response.headers.append((SIGNATURE_HEADER, self.federation.trust.sign(
+            "reply", request.target, nonce, str(response.status), response.body)))
+        return response
+
+    def _authenticate(self, request: Request) -> str:
+        """The request's nonce once its signature, timestamp and nonce check out. Raises 401."""
+        ts, nonce, signature = (request.header(name) for name in
+                                (TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER))
+        trust = self.federation.trust
+        try:
+            if not (ts and nonce and signature):
+                raise PeerError(f"unsigned: federation calls carry {TIMESTAMP_HEADER}, "
+                                f"{NONCE_HEADER} and {SIGNATURE_HEADER} (HMAC-SHA256 with the "
+                                "shared secret)")
+            trust.verify(signature, request.method, request.target, ts, nonce, request.body)
+            trust.admit(ts, nonce)
+        except PeerError as exc:
+            log.debug("federation: %s %s refused: %s", request.method, request.path, exc)
+            raise HTTPError(401, f"federation request refused: {exc}", "authentication_error",
+                            code="invalid_signature") from exc
+        return nonce
+
+    async def status(self, request: Request) -> Response:
+        return Response.json(self.federation.status())
+
+    async def peers(self, request: Request) -> Response:
+        return Response.json(self.federation.peers())
+
+    async def vote(self, request: Request) -> Response:
+        """This swarm's best local answer to a chat request, never federated again."""
+        req = parse_chat_request(request.json())
+        req = dataclasses.replace(req, stream=False, include_usage=False,
+                                  swarm=dataclasses.replace(req.swarm, federate=False))
+        started = time.monotonic()
+        try:
+            reply, gen, swarm = await self.chat.complete(req)
+        except WorkerError as exc:
+            raise HTTPError(503, f"no worker could answer: {exc}", "server_error",
+                            code="workers_unavailable") from exc
+        fed = self.federation
+        return Response.json({
+            "v": FEDERATION_VERSION, "node": fed.node, "name": fed.name,
+            "model": self.chat.model_id,
+            "response": reply["choices"][0]["message"], "text": gen.text,
+            "finish_reason": gen.finish_reason, "confidence": swarm["confidence"],
+            "worker_count": len(swarm["candidates"]), "strategy": swarm["strategy"],
+            "latency_ms": round((time.monotonic() - started) * 1000, 1), "usage": gen.usage()})
 
 
 # =====================================================================================================
 # Server wiring
 # =====================================================================================================
 # SwarmApp routes requests to the chat service and the status views; Swarm builds and owns every
-# service (HTTP server, worker pool, HTTP client) for one run, and stops them in reverse order.
+# service (HTTP server, worker pool, HTTP client, and with a secret the federation and its
+# listener) for one run, and stops them in reverse order.
 
 PUBLIC_PATHS = {"/health", "/v1/health"}        # answered without the API key
 SHUTDOWN_DEADLINE = 5.0                         # every worker gone within this after a signal
@@ -6076,17 +6852,22 @@ def check_api_key(request: Request, api_key: str | None) -> None:
 class SwarmApp:
     """The API: one handler for the HTTP server, routing by method and path."""
 
-    def __init__(self, cfg: Config, pool: WorkerPool, chat: ChatService, model_id: str) -> None:
+    def __init__(self, cfg: Config, pool: WorkerPool, chat: ChatService, model_id: str,
+                 federation: Federation | None = None) -> None:
         self.cfg = cfg
         self.pool = pool
         self.chat = chat
         self.model_id = model_id
+        self.federation = federation
         self.started = time.time()
         self.routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.health,
             ("GET", "/v1/health"): self.health,
             ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("GET", STATUS_PATH): self.federation_status,
+            ("GET", PEERS_PATH): self.federation_peers,
+            ("POST", VOTE_PATH): self.federation_vote,
         }
 
     async def handle(self, request: Request) -> Response:
@@ -6136,6 +6917,24 @@ class SwarmApp:
             "workers": {"healthy": healthy, "total": total}, "healthy_workers": healthy,
             "total_workers": total, "queued": self.pool.waiting(),
             "uptime_s": round(time.time() - self.started, 1), "details": self.pool.describe()})
+
+    def _federation(self) -> Federation:
+        if self.federation is None:
+            raise HTTPError(403, FEDERATION_OFF, code="federation_disabled")
+        return self.federation
+
+    async def federation_status(self, request: Request) -> Response:
+        """This swarm's federation status, for its own user (behind the API key, like any route)."""
+        return Response.json(self._federation().status())
+
+    async def federation_peers(self, request: Request) -> Response:
+        return Response.json(self._federation().peers())
+
+    async def federation_vote(self, request: Request) -> Response:
+        """Peers vote through the federation listener only, signed: never through the chat API."""
+        port = self._federation().port
+        raise HTTPError(404, f"peers ask for votes on the federation listener (port {port}), with "
+                        "requests signed by the shared secret, not on this API", code="not_found")
 
     async def chat_completions(self, request: Request) -> Response:
         req = parse_chat_request(request.json())
@@ -6196,6 +6995,8 @@ class Swarm:
         self.client: Any = None
         self.pool: WorkerPool | None = None
         self.server: HttpServer | None = None
+        self.federation: Federation | None = None
+        self.federation_server: HttpServer | None = None
 
     @property
     def model_id(self) -> str:
@@ -6218,13 +7019,39 @@ class Swarm:
                                on_ready=self._worker_ready)
         renderer = PromptRenderer(self.model.chat_template, self.model.bos_token,
                                   self.model.eos_token)
-        chat = ChatService(self.pool, renderer, self.model_id, self.plan.ctx, self.cfg)
-        app = SwarmApp(self.cfg, self.pool, chat, self.model_id)
+        if self.cfg.secret:
+            self.federation = Federation(self.cfg, self.model_id, self.plan.instances,
+                                         self.pool.load)
+        else:
+            log.info("%s", FEDERATION_OFF)
+        chat = ChatService(self.pool, renderer, self.model_id, self.plan.ctx, self.cfg,
+                           federation=self.federation)
+        app = SwarmApp(self.cfg, self.pool, chat, self.model_id, self.federation)
         self.server = HttpServer(app.handle, self.cfg.http, self.cfg.host, self.cfg.port,
                                  self.cfg.cors_origins)
         await self.server.start()
+        if self.federation is not None:
+            await self._start_federation(chat)
         self.started = time.monotonic()
         await self.pool.start()
+
+    async def _start_federation(self, chat: ChatService) -> None:
+        """The federation listener (federation routes only; no browser origin allowed), then
+        the beacons on its port. Raises PeerError if the port is taken."""
+        cfg = self.cfg
+        self.federation_server = HttpServer(FederationApp(self.federation, chat).handle, cfg.http,
+                                            cfg.federation_host, cfg.federation_port, ())
+        try:
+            await self.federation_server.start()
+        except OSError as exc:
+            raise PeerError(f"cannot listen for federation on {cfg.federation_host}:"
+                            f"{cfg.federation_port}: {exc}; choose --federation-port") from exc
+        await self.federation.start(self.federation_server.port)
+        if len(cfg.secret) < SHORT_SECRET:
+            log.warning("federation: the secret has %d characters; use %d or more (anyone who "
+                        "guesses it can use this swarm's workers)", len(cfg.secret), SHORT_SECRET)
+        log.info("federation: node %s (%s) on port %d, a beacon every %g s", self.federation.name,
+                 self.federation.node, self.federation.port, cfg.beacon_interval)
 
     def _worker_ready(self, worker: Any) -> None:
         assert self.pool is not None   # called by the pool, which start() made
@@ -6244,9 +7071,12 @@ class Swarm:
     async def stop(self) -> None:
         """Close the listener and connections, then stop every worker; bounded by
         SHUTDOWN_DEADLINE (worker stop escalates to SIGKILL inside it)."""
-        if self.server:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.server.stop(), 1.0)
+        if self.federation:
+            await self.federation.stop()
+        for server in (self.federation_server, self.server):
+            if server:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(server.stop(), 1.0)
         if self.pool:
             await self.pool.stop()
         if self.client:
@@ -6299,7 +7129,7 @@ def votes_summary(cfg: Config, instances: int, ready: int) -> str:
 
 
 def banner_text(cfg: Config, url: str, base_url: str, model_id: str, model_path: Path,
-                plan: Plan, ready: int) -> str:
+                plan: Plan, ready: int, federation: str = "") -> str:
     """The one block printed when the swarm is ready: where it listens, what it serves, how it
     votes, and what to paste into an editor. Its first line is what scripts wait for (tests
     match "ready on http://HOST:PORT/v1"). The API key itself is never printed."""
@@ -6319,6 +7149,7 @@ def banner_text(cfg: Config, url: str, base_url: str, model_id: str, model_path:
         f"  opencode  ~/.config/opencode/opencode.json: {json.dumps(opencode)}",
         f"  continue  ~/.continue/config.yaml: models: [{{name: {SWARM_MODEL_ID}, provider: openai, "
         f"model: {SWARM_MODEL_ID}, apiBase: {base_url}}}]",
+        *([f"  federation {federation}"] if federation else []),
         f"  try       curl {base_url}/chat/completions -H 'Content-Type: application/json' "
         "-d '{\"model\":\"local-swarm\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}'"
         + (" -H 'Authorization: Bearer YOUR_KEY'" if cfg.api_key else ""),
@@ -6329,7 +7160,15 @@ def banner(swarm: Swarm) -> str:
     """banner_text for a started swarm."""
     ready = sum(slot.ready_once for slot in swarm.pool.slots) if swarm.pool else 0
     return banner_text(swarm.cfg, swarm.url, client_url(swarm.cfg.host, swarm.port),
-                       swarm.model_id, swarm.model.path, swarm.plan, ready)
+                       swarm.model_id, swarm.model.path, swarm.plan, ready,
+                       federation_line(swarm.federation))
+
+
+def federation_line(federation: Federation | None) -> str:
+    if federation is None:
+        return "off (--secret S on every swarm to vote together)"
+    return (f"node {federation.name} on port {federation.port}, "
+            f"{len(federation.table.live())} peers so far")
 
 
 async def serve(swarm: Swarm) -> int:
@@ -6411,6 +7250,20 @@ def _no_check(value: Any) -> str | None:
     return None
 
 
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _addresses(value: Any) -> str | None:
+    """Each item a federation address, host[:port]."""
+    for address in value:
+        try:
+            parse_peer_address(address, 1)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 @dataclass(frozen=True)
 class Setting:
     """One user setting: its Config field, which is also its key in the settings file and, upper-
@@ -6449,8 +7302,19 @@ SETTINGS = (
     Setting("anchor", bool, flag="--no-anchor"),
     Setting("log_level", str, _one_of(LOG_LEVELS)),
     Setting("builds_dir", Path, _not_empty),
+    Setting("secret", str),
+    Setting("node_name", str, _not_empty),
+    Setting("federation_host", str, _not_empty),
+    Setting("federation_port", int, _between(0, 65535)),
+    Setting("beacon_interval", float, _between(0.1, 3600)),
+    Setting("peers", tuple, _addresses, flag="--peer"),
+    Setting("broadcast", tuple, _addresses, flag="--federation-broadcast"),
+    Setting("interfaces", tuple, flag="--federation-interface"),
+    Setting("any_model", bool, flag="--federation-any-model"),
+    Setting("peer_timeout", float, _positive, flag="--federation-timeout"),
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+SECRET_SETTINGS = ("api_key", "secret")      # never shown in errors or in doctor
 JSON_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false",
                    str: "a string", Path: "a path (a string)", tuple: "a list of strings"}
 
@@ -6559,7 +7423,7 @@ def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         text = environ.get(setting.env, "")
         if not text.strip():
             continue
-        shown = "(hidden)" if setting.name == "api_key" else repr(text)
+        shown = "(hidden)" if setting.name in SECRET_SETTINGS else repr(text)
         source = f"environment variable {setting.env}={shown}"
         try:
             value = _from_text(setting, text)
@@ -6580,10 +7444,13 @@ def merge_settings(*layers: Mapping[str, Any]) -> dict[str, Any]:
 
 def config_from_settings(values: Mapping[str, Any]) -> Config:
     """A Config from merged settings; what none of them sets keeps Config's default (an empty
-    API key means none)."""
+    API key or secret means none)."""
     values = dict(values)
-    if not values.get("api_key"):
-        values.pop("api_key", None)
+    for name in SECRET_SETTINGS:            # an empty key or secret means none
+        if not values.get(name):
+            values.pop(name, None)
+    if "node_name" in values:
+        values["node_name"] = node_name(values["node_name"])
     return Config(**values)
 
 
@@ -6610,7 +7477,7 @@ def settings_report(path: Path, saved: Mapping[str, Any], env: Mapping[str, Any]
                     flags: Mapping[str, Any]) -> str:
     """Where this start's settings come from, for `doctor` (an API key shows as "(set)")."""
     def shown(values: Mapping[str, Any]) -> str:
-        return ", ".join(f"{key} {'(set)' if key == 'api_key' else _jsonable({key: v})[key]}"
+        return ", ".join(f"{key} {'(set)' if key in SECRET_SETTINGS else _jsonable({key: v})[key]}"
                          for key, v in values.items())
     lines = [f"Settings:  {path}: {shown(saved)}" if saved else
              f"Settings:  none saved in {path} (the first start in a terminal asks; or run setup)"]
@@ -6938,6 +7805,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-y", "--yes", action="store_true", help="never ask: use the flags, "
                         "variables, settings file and defaults (as when stdin is not a terminal); "
                         "with setup, save the preselected answers")
+    add_federation_flags(parser.add_argument_group(
+        "federation", "swarms on one network that share a secret find each other and vote "
+        "together; off without a secret"))
     return parser
 
 
@@ -6963,6 +7833,38 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     settings. Exits with status 2 on a flag out of range; raises SettingsError for a variable."""
     env = settings_from_env(os.environ if environ is None else environ)
     return config_from_settings(merge_settings(saved or {}, env, settings_from_args(args)))
+
+
+def add_federation_flags(group: Any) -> None:
+    group.add_argument("--secret", metavar="S",
+                       help="shared secret that signs beacons and federation calls; turns "
+                       f"federation on (also read from {SECRET_ENV}, which keeps it out of `ps`)")
+    group.add_argument("--federation-port", type=int, metavar="N",
+                       help="UDP port of the beacons and TCP port of the federation listener "
+                       "(default 8765; the same on every swarm that should find the others)")
+    group.add_argument("--federation-host", metavar="ADDR",
+                       help="address the federation listener binds (default 0.0.0.0; it serves "
+                       "only signed federation calls)")
+    group.add_argument("--peer", action="append", dest="peers", metavar="HOST[:PORT]",
+                       help="a peer's federation address host[:port], polled instead of found by "
+                       "broadcast (repeatable; for networks that drop broadcast)")
+    group.add_argument("--beacon-interval", type=float, metavar="S",
+                       help="seconds between beacons (default 5); a peer unheard for 3.5 "
+                       "intervals is dropped")
+    group.add_argument("--federation-broadcast", action="append", dest="broadcast",
+                       metavar="ADDR[:PORT]", help="send beacons here only (repeatable; default: "
+                       "every up interface's broadcast address and 255.255.255.255)")
+    group.add_argument("--federation-interface", action="append", dest="interfaces",
+                       metavar="NAME", help="beacon on this interface only (repeatable; default: "
+                       "every up interface but loopback, docker/bridge and VPN ones)")
+    group.add_argument("--federation-any-model", dest="any_model", action="store_true",
+                       default=None, help="let peers serving "
+                       "another model vote too (default: the same model only)")
+    group.add_argument("--federation-timeout", dest="peer_timeout", type=float, metavar="S",
+                       help="seconds a peer's answer may take from the start of a request "
+                       "(default 60)")
+    group.add_argument("--node-name", metavar="NAME",
+                       help="the name peers list this swarm under (default: the host name)")
 
 
 def local_model(cfg_model: str | None, cache_dir: Path) -> ModelInfo | None:
@@ -7067,7 +7969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SetupCancelled as exc:
         print(f"\n{exc}", file=sys.stderr, flush=True)
         return exc.status
-    except (BuildError, ModelError, WorkerError, SettingsError) as exc:
+    except (BuildError, ModelError, WorkerError, SettingsError, PeerError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -62,8 +62,16 @@ def start_swarm(*flags: str, timeout: float = FIRST_START_TIMEOUT, env: dict | N
                 ) -> SwarmProcess:
     """Start `python local_swarm.py --port 0 FLAGS` and wait for its ready banner."""
     cmd = [sys.executable, str(ROOT / "local_swarm.py"), "--port", "0", *flags]
+    return spawn_swarm(cmd, cwd=ROOT, env={**os.environ, **NO_SETTINGS, **(env or {})},
+                       timeout=timeout)
+
+
+def spawn_swarm(cmd: list[str], cwd: Path, env: dict, timeout: float, what: str = "swarm"
+                ) -> SwarmProcess:
+    """Run `cmd` (a daemon start), pump its output, and wait for its ready banner; kills it and
+    fails with the output's tail if it exits or the timeout passes first."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT, env={**os.environ, **NO_SETTINGS, **(env or {})})
+                            cwd=cwd, env=env)
     swarm = SwarmProcess(proc)
     threading.Thread(target=_pump, args=(proc, swarm.output), daemon=True).start()
     deadline = time.monotonic() + timeout
@@ -74,7 +82,7 @@ def start_swarm(*flags: str, timeout: float = FIRST_START_TIMEOUT, env: dict | N
             return swarm
         time.sleep(0.2)
     proc.kill()
-    raise AssertionError("swarm did not start:\n" + "".join(swarm.output[-60:]))
+    raise AssertionError(f"{what} did not start:\n" + "".join(swarm.output[-60:]))
 
 
 @pytest.fixture(scope="session")

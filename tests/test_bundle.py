@@ -19,13 +19,11 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import READY_LINE, ROOT, SwarmProcess, _pump
+from conftest import ROOT, SwarmProcess, spawn_swarm
 from test_hardware import hardware, make_current_build, write_sdist
 
 import local_swarm as ls
@@ -297,19 +295,7 @@ def start_offline(bundle: Path, home: Path, timeout: float) -> SwarmProcess:
            "LOCAL_SWARM_CACHE": str(home / "swarm-cache"), "LANG": "C.UTF-8"}
     cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", sys.executable,
            str(bundle / "local_swarm.py"), *TARGET_FLAGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=home, env=env)
-    swarm = SwarmProcess(proc)
-    threading.Thread(target=_pump, args=(proc, swarm.output), daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = [m for line in list(swarm.output) if (m := READY_LINE.search(line))]
-        if found:
-            swarm.url = found[0].group(1)
-            return swarm
-        time.sleep(0.5)
-    proc.kill()
-    raise AssertionError("offline swarm did not start:\n" + "".join(swarm.output[-60:]))
+    return spawn_swarm(cmd, cwd=home, env=env, timeout=timeout, what="offline swarm")
 
 
 CHAT_IN_NAMESPACE = textwrap.dedent("""\

@@ -3778,8 +3778,9 @@ class WorkerPool:
 # are weighted sums over the total weight); local candidates weigh 1, so a vote of them alone is
 # the plain count.
 #
-# Ties. Candidates are ranked by, in order: a non-empty reply before an empty one (an agent can do
-# nothing with an empty answer, however many agree on it); larger group (majority only); the
+# Ties. Candidates are ranked by, in order: a reply that moves the conversation on before an empty
+# one or a repeat (an agent can do nothing with an empty answer, however many agree on it, and a
+# repeat asks again for the tool results the conversation ends with: small models loop on that); larger group (majority only); the
 # greedy candidate (the anchor: temperature 0, majority only) before sampled ones; higher mean
 # similarity to all candidates (compared to SCORE_TIE_DIGITS places); a finish_reason in COMPLETE_FINISHES before
 # any other ("length" was cut off); lower latency; lower index. The winner is the first. Majority
@@ -3831,6 +3832,7 @@ class Candidate:
     calls: tuple[str, ...] = ()
     constrained: bool = False   # its call was finished under the call grammar
     greedy: bool = False        # decoded at temperature 0 (the vote's anchor): wins ties
+    repeat: bool = False        # its calls only repeat the calls whose results end the conversation
     weight: float = 1.0     # how many candidates it stands for (a peer's answer: the share of its
                             # own vote that agreed on it; see Federation)
 
@@ -4005,8 +4007,8 @@ def _ranking(candidates: Sequence[Candidate], sizes: Sequence[float],
     """Candidate indices, best first, under the tie rule of the section comment."""
     def rank(i: int) -> tuple:
         c = candidates[i]
-        empty = not (c.calls or c.text.strip())
-        return (empty, -sizes[i], greedy_first and not c.greedy,
+        idle = c.repeat or not (c.calls or c.text.strip())
+        return (idle, -sizes[i], greedy_first and not c.greedy,
                 -round(means[i], SCORE_TIE_DIGITS),
                 c.finish_reason not in COMPLETE_FINISHES, c.latency, i)
     return sorted(range(len(candidates)), key=rank)
@@ -4197,6 +4199,22 @@ class ToolCall:
     def arguments_json(self) -> str:
         """The arguments as compact JSON, as parsed (OpenAI's `function.arguments`)."""
         return json.dumps(self.arguments, separators=(",", ":"), ensure_ascii=False)
+
+
+def answered_calls(messages: Sequence[dict[str, Any]]) -> frozenset[str]:
+    """The canonical forms of the calls whose results end the conversation: the last assistant
+    message's tool_calls when only `tool` messages follow it. A reply that calls just these again
+    asks for what it was given (the loop small models fall into); empty when the conversation
+    does not end on tool results."""
+    for msg in reversed(messages):
+        if msg.get("role") == "tool":
+            continue
+        if msg.get("role") != "assistant" or msg is messages[-1]:
+            return frozenset()
+        functions = [call["function"] for call in msg.get("tool_calls") or ()]
+        return frozenset(ToolCall(f["name"], f["arguments"]).canonical() for f in functions
+                         if isinstance(f.get("arguments"), dict))
+    return frozenset()
 
 
 def tool_specs(tools: Sequence[dict]) -> dict[str, dict]:
@@ -5576,7 +5594,7 @@ class Ballot:
             "candidates": [{"worker": c.worker, "latency_ms": round(c.latency * 1000, 1),
                             "tokens": c.tokens, "finish_reason": c.finish_reason,
                             "score": round(vote.scores[i], 4), "winner": i == vote.winner,
-                            "constrained": c.constrained, "greedy": c.greedy,
+                            "constrained": c.constrained, "greedy": c.greedy, "repeat": c.repeat,
                             "weight": round(c.weight, 4)}
                            for i, c in enumerate(self.candidates)],
             **({"peers": self.peers} if self.plan.federate else {})}
@@ -5831,10 +5849,11 @@ class ChatService:
         async for _ in self.generate(sub, gen, live=False, prompt=prompt, checked=True,
                                      prefer=prefer):
             pass
+        calls = tuple(call.canonical() for call in gen.calls)
         return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
                          latency=time.monotonic() - started, tokens=gen.completion_tokens,
-                         calls=tuple(call.canonical() for call in gen.calls),
-                         constrained=gen.constrained, greedy=temperature == 0), gen
+                         calls=calls, constrained=gen.constrained, greedy=temperature == 0,
+                         repeat=bool(calls) and set(calls) <= answered_calls(req.messages)), gen
 
     async def vote(self, req: ChatRequest, plan: VotePlan, prompt: str, prompt_tokens: int
                    ) -> Ballot:

@@ -447,3 +447,38 @@ def test_scanner_needs_a_name_then_arguments(text, start):
         shown = "".join(scanner.feed(text[i:i + step]) for i in range(0, len(text), step))
         assert scanner.start == start
         assert shown + scanner.flush() == (text if start is None else text[:start])
+
+
+def _assistant(*calls):
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args}}
+        for i, (name, args) in enumerate(calls)]}
+
+
+USER = {"role": "user", "content": "look"}
+TOOL_RESULT = {"role": "tool", "tool_call_id": "call_0", "content": "ok"}
+READ_A = ("read_file", {"path": "a.txt"})
+LIST_SRC = ("list_dir", {"path": "src"})
+
+
+@pytest.mark.parametrize("messages,answered", [
+    # ends on the results of the last assistant turn: its calls
+    ([USER, _assistant(READ_A), TOOL_RESULT], [READ_A]),
+    ([USER, _assistant(READ_A, LIST_SRC), TOOL_RESULT, TOOL_RESULT], [READ_A, LIST_SRC]),
+    # an earlier turn's calls are not the ones the conversation ends on
+    ([USER, _assistant(LIST_SRC), TOOL_RESULT, _assistant(READ_A), TOOL_RESULT], [READ_A]),
+    # a user or assistant message last: nothing was just answered
+    ([USER, _assistant(READ_A), TOOL_RESULT, USER], []),
+    ([USER, _assistant(READ_A)], []),
+    ([USER], []),
+    # arguments that are not a JSON object cannot be compared
+    ([USER, _assistant(("read_file", "not json")), TOOL_RESULT], []),
+])
+def test_answered_calls(messages, answered):
+    normalized = ls.parse_chat_request({"messages": [
+        {**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
+            c["function"]["arguments"]) if isinstance(c["function"]["arguments"], dict)
+            else c["function"]["arguments"]}} for c in m["tool_calls"]]}
+        if m.get("tool_calls") else m for m in messages]}).messages
+    expected = {ls.ToolCall(name, args).canonical() for name, args in answered}
+    assert ls.answered_calls(normalized) == expected

@@ -12,9 +12,9 @@ import local_swarm as ls
 
 
 def cand(text="", finish="stop", latency=1.0, calls=(), worker="worker-0", tokens=10,
-         greedy=False):
+         greedy=False, repeat=False):
     return ls.Candidate(worker=worker, text=text, finish_reason=finish, latency=latency,
-                        tokens=tokens, calls=tuple(calls), greedy=greedy)
+                        tokens=tokens, calls=tuple(calls), greedy=greedy, repeat=repeat)
 
 
 def long_text(seed: int, words: int = 1500) -> str:
@@ -261,6 +261,10 @@ TIE_CASES = {
     "larger group": ("majority", [
         cand("alpha beta gamma delta 7", latency=0.1), cand("alpha beta 42", finish="length",
         latency=5), cand("gamma delta 42", latency=9)], 2),
+    # two candidates call again what the conversation just answered: the lone answer wins
+    "a reply that moves on before a repeat": ("majority", [
+        cand(calls=["f()"], repeat=True, greedy=True, latency=0.1),
+        cand(calls=["f()"], repeat=True, latency=0.2), cand("42", finish="length", latency=9)], 2),
     "larger group beats the greedy anchor": ("majority", [
         cand("1", greedy=True, latency=0.1), cand("2", latency=5), cand("2", latency=9)], 1),
     # all three differ: the greedy one wins though it is the least central, cut off and slowest

@@ -836,3 +836,36 @@ def test_anchor_option_must_be_a_boolean():
         ls.parse_chat_request({"messages": [{"role": "user", "content": "hi"}],
                                "swarm": {"anchor": "yes"}})
     assert err.value.status == 400 and err.value.param == "swarm.anchor"
+
+
+def test_a_candidate_that_repeats_the_answered_call_loses_to_one_that_moves_on():
+    """The conversation ends on the result of read_file(a.txt). Two candidates call it again,
+    one answers in text: the answer wins, though the repeat has the larger group."""
+    async def go():
+        workers = [FakeWorker(1, tokens=chunks_of(CALL_TEXT)),
+                   FakeWorker(2, tokens=chunks_of(CALL_TEXT)),
+                   FakeWorker(3, tokens=("It says 42.",))]
+        pool = await started_pool(workers)
+        svc = tool_service(pool, mode="vote", adaptive=False)
+        messages = [{"role": "user", "content": "read a.txt"},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {
+                            "name": "read_file", "arguments": '{"path": "a.txt"}'}}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+        req = ls.parse_chat_request({"messages": messages, "tools": [READ_TOOL],
+                                     "temperature": 0.7,
+                                     "swarm": {"votes": 3, "constrain_calls": False}})
+        reply, _, swarm = await svc.complete(req)
+        assert reply["choices"][0]["message"]["content"] == "It says 42."
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert sorted(c["repeat"] for c in swarm["candidates"]) == [False, True, True]
+        # the same calls after a user turn are no repeat: the bigger group wins again
+        req = ls.parse_chat_request({"messages": messages + [
+            {"role": "assistant", "content": "It says 42."},
+            {"role": "user", "content": "read it again"}], "tools": [READ_TOOL],
+            "temperature": 0.7, "swarm": {"votes": 3, "constrain_calls": False}})
+        reply, _, swarm = await svc.complete(req)
+        assert reply["choices"][0]["finish_reason"] == "tool_calls"
+        assert not any(c["repeat"] for c in swarm["candidates"])
+        await pool.stop()
+    run(go())

@@ -3789,6 +3789,8 @@ class WorkerPool:
 # Stopping. decided(): the leader's count > every other key's count + remaining (an unseen key
 # counts 0). adaptive_more(): Adaptive-Consistency's Beta rule, stop once P(leader is the true
 # majority) >= threshold, else ask for the fewest samples that could get there, within budget.
+# Neither may end a vote whose leader is a group of repeats (leader_repeats): one candidate that
+# moves on would outrank it, so the caller spends the whole budget first.
 
 STRATEGIES = ("majority", "central", "single")
 SHORT_ANSWER_WORDS = 20          # about one sentence; longer samples rarely agree word for word, so
@@ -4096,6 +4098,17 @@ def leader_probability(keys: Sequence[str]) -> float:
     v2 the counts of the two most common keys (0 where absent). 0.5 for no keys or a tie."""
     leader, runner_up = _top_two(keys)
     return _beta_above_half(leader + 1, runner_up + 1)
+
+
+def leader_repeats(candidates: Sequence[Candidate]) -> bool:
+    """True when the leading majority key belongs to repeats (Candidate.repeat): one candidate that
+    moves on would outrank the whole group, so neither decided() nor adaptive_more() may end the
+    vote on it while samples remain."""
+    keys = vote_keys(candidates)
+    if not keys:
+        return False
+    top = Counter(keys).most_common(1)[0][0]
+    return all(c.repeat for c, key in zip(candidates, keys) if key == top)
 
 
 def adaptive_more(keys: Sequence[str], budget: int, threshold: float = ADAPTIVE_THRESHOLD) -> int:
@@ -5906,12 +5919,13 @@ class ChatService:
             self._collect(ballot, done)
             keys = vote_keys(ballot.candidates)
             outstanding = len(pending) + ballot.plan.k - ballot.launched
-            if keys and choose_strategy(ballot.candidates) == "majority" \
+            stuck = leader_repeats(ballot.candidates)     # any sample that moves on would win
+            if keys and not stuck and choose_strategy(ballot.candidates) == "majority" \
                     and decided(keys, outstanding):
                 ballot.strategy = "majority"               # early finish: the leader is safe
                 return
             if not pending and ballot.plan.adaptive and keys:
-                launch(adaptive_more(keys, ballot.plan.k))
+                launch(ballot.plan.k if stuck else adaptive_more(keys, ballot.plan.k))
                 batch_started, deadline = time.monotonic(), None
 
     @staticmethod

@@ -434,3 +434,13 @@ def test_adaptive_more_rejects_bad_threshold(threshold):
 def test_an_empty_reply_never_wins_over_an_answer():
     vote = ls.tally([cand(""), cand(" "), cand("The answer is 4.")], "majority")
     assert vote.winner == 2
+
+
+@pytest.mark.parametrize("cands,stuck", [
+    ([cand(calls=["f()"], repeat=True), cand(calls=["f()"], repeat=True), cand("42")], True),
+    ([cand(calls=["f()"], repeat=True), cand("42"), cand("43")], False),   # text leads (one key)
+    ([cand(calls=["f()"]), cand(calls=["f()"]), cand(calls=["f()"], repeat=True)], False),
+    ([], False),
+])
+def test_leader_repeats(cands, stuck):
+    assert ls.leader_repeats(cands) is stuck

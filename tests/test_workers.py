@@ -859,6 +859,7 @@ def test_a_candidate_that_repeats_the_answered_call_loses_to_one_that_moves_on()
         assert reply["choices"][0]["message"]["content"] == "It says 42."
         assert reply["choices"][0]["finish_reason"] == "stop"
         assert sorted(c["repeat"] for c in swarm["candidates"]) == [False, True, True]
+
         # the same calls after a user turn are no repeat: the bigger group wins again
         req = ls.parse_chat_request({"messages": messages + [
             {"role": "assistant", "content": "It says 42."},
@@ -867,5 +868,37 @@ def test_a_candidate_that_repeats_the_answered_call_loses_to_one_that_moves_on()
         reply, _, swarm = await svc.complete(req)
         assert reply["choices"][0]["finish_reason"] == "tool_calls"
         assert not any(c["repeat"] for c in swarm["candidates"])
+        await pool.stop()
+    run(go())
+
+
+class RepeatOnce(FakeWorker):
+    """Calls read_file(a.txt) again on its first chat, answers in text after that."""
+
+    async def stream_chat(self, body, timeout, route="/v1/chat/completions"):
+        self.tokens = chunks_of(CALL_TEXT) if getattr(self, "chats", 0) == 0 else ("It says 42.",)
+        async for chunk in super().stream_chat(body, timeout, route):
+            yield chunk
+
+
+def test_two_agreeing_repeats_do_not_end_an_adaptive_vote():
+    """Adaptive votes stop once the first two agree, unless what they agree on is a repeat: then
+    the rest of the budget is spent, and the candidate that moves on wins."""
+    async def go():
+        workers = [RepeatOnce(1), RepeatOnce(2), FakeWorker(3, tokens=("It says 42.",))]
+        pool = await started_pool(workers)
+        svc = tool_service(pool, mode="vote", adaptive=True)
+        messages = [{"role": "user", "content": "read a.txt"},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {
+                            "name": "read_file", "arguments": '{"path": "a.txt"}'}}]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+        req = ls.parse_chat_request({"messages": messages, "tools": [READ_TOOL],
+                                     "temperature": 0.7,
+                                     "swarm": {"votes": 3, "constrain_calls": False}})
+        reply, _, swarm = await svc.complete(req)
+        assert swarm["samples"] == 3 and swarm["cancelled"] == 0
+        assert [c["repeat"] for c in swarm["candidates"]][:2] == [True, True]
+        assert reply["choices"][0]["message"]["content"] == "It says 42."
         await pool.stop()
     run(go())

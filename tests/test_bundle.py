@@ -133,17 +133,22 @@ def test_bundle_needles_leave_out_short_paths(tmp_path):
 # ---- the offline build ------------------------------------------------------------------------------
 
 
+BAD_PIP_TIMEOUT = "not-a-number"     # pip exits at start: "option timeout: invalid floating-point"
+
+
 def test_offline_build_uses_the_wheelhouse_and_no_pip_configuration(tmp_path, monkeypatch):
     """A real pip builds the fake sdist (tests/test_hardware.py) in a builds folder that has a
-    wheelhouse. pip's configuration here says "refuse to run outside a virtualenv", from both a
-    config file and the environment: the build succeeds only because the offline job drops both."""
+    wheelhouse. pip's configuration here is one pip refuses to start with (a timeout that is not
+    a number), from both a config file and the environment: the build succeeds only because the
+    offline job drops both. (Not require-virtualenv: CI may well run inside a virtualenv.)"""
     builds = tmp_path / "builds"
     write_sdist(builds / "sdist")
     (builds / "wheelhouse").mkdir()
     config = tmp_path / "pip.conf"
-    config.write_text("[global]\nrequire-virtualenv = true\nindex-url = http://127.0.0.1:9/simple\n")
+    config.write_text(f"[global]\ntimeout = {BAD_PIP_TIMEOUT}\n"
+                      "index-url = http://127.0.0.1:9/simple\n")
     monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
-    monkeypatch.setenv("PIP_REQUIRE_VIRTUALENV", "true")
+    monkeypatch.setenv("PIP_TIMEOUT", BAD_PIP_TIMEOUT)
     lines: list[str] = []
     info = ls.ensure_build(builds, hardware(), progress=lines.append, extra_packages=())
     assert (info.site / "llama_cpp" / "cmake_args.txt").is_file()
@@ -157,8 +162,8 @@ def test_without_a_wheelhouse_pip_configuration_applies(tmp_path, monkeypatch):
     """The control for the test above: the same build with no wheelhouse obeys pip's config."""
     builds = tmp_path / "builds"
     write_sdist(builds / "sdist")
-    monkeypatch.setenv("PIP_REQUIRE_VIRTUALENV", "true")
-    with pytest.raises(ls.BuildError, match="virtualenv"):
+    monkeypatch.setenv("PIP_TIMEOUT", BAD_PIP_TIMEOUT)
+    with pytest.raises(ls.BuildError, match="invalid floating-point value"):
         ls.ensure_build(builds, hardware(), progress=lambda line: None, extra_packages=())
 
 

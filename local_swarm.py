@@ -6203,7 +6203,7 @@ FEDERATION_OFF = (f"federation is off: start every swarm that should vote togeth
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")   # names go into logs, replies and headers
 _NODE_RE = re.compile(r"[0-9a-f]{32}")           # uuid4().hex
 _NONCE_RE = re.compile(r"[0-9a-f]{32}")
-_NUMBER = (int, float)
+_JSON_NUMBER = (int, float)
 
 
 def node_name(raw: str) -> str:
@@ -6308,8 +6308,8 @@ def _node_info(obj: Mapping[str, Any]) -> dict[str, Any]:
             "name": _field(obj, "name", str, _NAME_RE.fullmatch),
             "model": _field(obj, "model", str, lambda v: 0 < len(v) <= 200 and v.isprintable()),
             "instances": _field(obj, "instances", int, lambda v: 0 <= v <= MAX_PEER_INSTANCES),
-            "load": float(_field(obj, "load", _NUMBER, lambda v: 0 <= v <= 1e6)),
-            "interval": float(_field(obj, "interval", _NUMBER, lambda v: 0.1 <= v <= 3600))}
+            "load": float(_field(obj, "load", _JSON_NUMBER, lambda v: 0 <= v <= 1e6)),
+            "interval": float(_field(obj, "interval", _JSON_NUMBER, lambda v: 0.1 <= v <= 3600))}
 
 
 @dataclass(frozen=True)
@@ -6349,7 +6349,7 @@ def decode_beacon(data: bytes, trust: Trust) -> Beacon:
     obj = _json_object(payload, "beacon")
     _check_version(obj, "beacon")
     return Beacon(**_node_info(obj), port=_field(obj, "port", int, lambda v: 0 < v < 65536),
-                  ts=float(_field(obj, "ts", _NUMBER)), nonce=_field(obj, "nonce", str))
+                  ts=float(_field(obj, "ts", _JSON_NUMBER)), nonce=_field(obj, "nonce", str))
 
 
 @dataclass(frozen=True)
@@ -6521,10 +6521,10 @@ def parse_vote_reply(data: bytes, node: str) -> PeerAnswer:
     return PeerAnswer(
         text=_field(obj, "text", str),
         finish_reason=_field(obj, "finish_reason", str, FINISH_REASONS.__contains__),
-        confidence=float(_field(obj, "confidence", _NUMBER, lambda v: 0 <= v <= 1)),
+        confidence=float(_field(obj, "confidence", _JSON_NUMBER, lambda v: 0 <= v <= 1)),
         worker_count=_field(obj, "worker_count", int, lambda v: 1 <= v <= MAX_VOTES),
         strategy=_field(obj, "strategy", str, STRATEGIES.__contains__),
-        latency_ms=float(_field(obj, "latency_ms", _NUMBER, lambda v: v >= 0)),
+        latency_ms=float(_field(obj, "latency_ms", _JSON_NUMBER, lambda v: v >= 0)),
         prompt_tokens=_field(usage, "prompt_tokens", int, _token_count),
         completion_tokens=_field(usage, "completion_tokens", int, _token_count))
 
@@ -7283,7 +7283,7 @@ def _no_check(value: Any) -> str | None:
     return None
 
 
-def _positive(value: Any) -> str | None:
+def _above_zero(value: Any) -> str | None:
     return None if value > 0 else "must be positive"
 
 
@@ -7344,7 +7344,7 @@ SETTINGS = (
     Setting("broadcast", tuple, _addresses, flag="--federation-broadcast"),
     Setting("interfaces", tuple, flag="--federation-interface"),
     Setting("any_model", bool, flag="--federation-any-model"),
-    Setting("peer_timeout", float, _positive, flag="--federation-timeout"),
+    Setting("peer_timeout", float, _above_zero, flag="--federation-timeout"),
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 SECRET_SETTINGS = ("api_key", "secret")      # never shown in errors or in doctor

@@ -275,6 +275,9 @@ class Terminal:
         if pid == 0:   # the child: become the command
             try:
                 os.chdir(cwd)
+                # as a shell does for a foreground command: a test run in the background (nohup,
+                # `&` in a script) inherits SIGINT ignored, and then Ctrl-C would do nothing
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execve(sys.executable, [sys.executable, str(ROOT / "local_swarm.py"), *argv],
                           env)
             finally:

@@ -4214,6 +4214,15 @@ class ToolCall:
         return json.dumps(self.arguments, separators=(",", ":"), ensure_ascii=False)
 
 
+def without_cut_call(content: str) -> str:
+    """`content` (the text around a reply's parsed calls) without a call that max_tokens cut
+    off at its end: from the last call marker on, when that marker's call never closed."""
+    cut = max(content.rfind(marker) for marker in CALL_MARKERS)
+    if cut < 0 or "</tool_call>" in content[cut:]:
+        return content
+    return content[:cut].rstrip()
+
+
 def answered_calls(messages: Sequence[dict[str, Any]]) -> frozenset[str]:
     """The canonical forms of the calls whose results end the conversation: the last assistant
     message's tool_calls when only `tool` messages follow it. A reply that calls just these again
@@ -5727,11 +5736,14 @@ class ChatService:
     @staticmethod
     def settle_calls(req: ChatRequest, gen: Generation) -> None:
         """Parse the finished text for calls (when calls are allowed); with calls the reply
-        finishes with "tool_calls"."""
+        finishes with "tool_calls". A reply cut off by max_tokens in the middle of a further
+        call keeps the calls it finished, without the broken one's text in its content."""
         if not req.tool_use.active:
             return
         content, calls = parse_tool_calls(gen.text, req.tool_use.specs, req.tool_use.parallel)
         if calls:
+            if gen.finish_reason == "length":
+                content = without_cut_call(content)
             gen.calls, gen.content = calls, content
             gen.call_ids = [new_call_id() for _ in calls]
             gen.finish_reason = "tool_calls"

@@ -482,3 +482,14 @@ def test_answered_calls(messages, answered):
         if m.get("tool_calls") else m for m in messages]}).messages
     expected = {ls.ToolCall(name, args).canonical() for name, args in answered}
     assert ls.answered_calls(normalized) == expected
+
+
+@pytest.mark.parametrize("content,kept", [
+    ("Let me look.\n<tool_call>\n{\"name\": \"read_fi", "Let me look."),     # cut mid-call
+    ("<tool_call>\n{\"name\": \"x\", \"arguments\": {}}\n</tool_call>", None),  # closed: text
+    ("[TOOL_CALLS][{\"name\": \"rea", ""),
+    ("No call here (really).", None),
+    ("", None),
+])
+def test_without_cut_call(content, kept):
+    assert ls.without_cut_call(content) == (content if kept is None else kept)

@@ -44,6 +44,7 @@ class FakeWorker:
         self.mute = False                   # alive but not answering pings
         self.refuse = None                  # an HTTP status to answer chats with, when set
         self.completion = ()                # what a raw completion (/v1/completions) yields
+        self.completion_finish = "stop"     # and how it ends ("length": max_tokens cut it)
 
     @property
     def pid(self):
@@ -79,7 +80,7 @@ class FakeWorker:
         if route == "/v1/completions":
             for tok in self.completion:
                 yield {"choices": [{"text": tok, "finish_reason": None}]}
-            yield {"choices": [{"text": "", "finish_reason": "stop"}]}
+            yield {"choices": [{"text": "", "finish_reason": self.completion_finish}]}
             return
         if self.refuse is not None:
             raise ls.WorkerError(f"{self.name} answered {self.refuse}: template error",
@@ -900,5 +901,20 @@ def test_two_agreeing_repeats_do_not_end_an_adaptive_vote():
         assert swarm["samples"] == 3 and swarm["cancelled"] == 0
         assert [c["repeat"] for c in swarm["candidates"]][:2] == [True, True]
         assert reply["choices"][0]["message"]["content"] == "It says 42."
+        await pool.stop()
+    run(go())
+
+
+def test_a_second_call_cut_off_by_max_tokens_leaves_no_fragment_in_the_content():
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of("Let me look.\n" + CALL_TEXT))
+        w.completion = chunks_of(CALL_TEXT + '\n<tool_call>\n{"name": "read_file", "argu')
+        w.completion_finish = "length"
+        pool = await started_pool([w])
+        reply, _, _ = await tool_service(pool).complete(tool_request())
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Let me look."
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["read_file"]
         await pool.stop()
     run(go())

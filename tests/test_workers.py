@@ -839,6 +839,21 @@ def test_anchor_option_must_be_a_boolean():
     assert err.value.status == 400 and err.value.param == "swarm.anchor"
 
 
+ANSWERED_READ = [{"role": "user", "content": "read a.txt"},
+                 {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "call_1", "type": "function", "function": {
+                         "name": "read_file", "arguments": '{"path": "a.txt"}'}}]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+
+
+def answered_read_request(*more_messages):
+    """A 3-vote request whose conversation ends on the result of read_file(a.txt) (then
+    `more_messages`); calls are parsed from the text as written (no grammar)."""
+    return ls.parse_chat_request({"messages": ANSWERED_READ + list(more_messages),
+                                  "tools": [READ_TOOL], "temperature": 0.7,
+                                  "swarm": {"votes": 3, "constrain_calls": False}})
+
+
 def test_a_candidate_that_repeats_the_answered_call_loses_to_one_that_moves_on():
     """The conversation ends on the result of read_file(a.txt). Two candidates call it again,
     one answers in text: the answer wins, though the repeat has the larger group."""
@@ -848,24 +863,15 @@ def test_a_candidate_that_repeats_the_answered_call_loses_to_one_that_moves_on()
                    FakeWorker(3, tokens=("It says 42.",))]
         pool = await started_pool(workers)
         svc = tool_service(pool, mode="vote", adaptive=False)
-        messages = [{"role": "user", "content": "read a.txt"},
-                    {"role": "assistant", "content": None, "tool_calls": [
-                        {"id": "call_1", "type": "function", "function": {
-                            "name": "read_file", "arguments": '{"path": "a.txt"}'}}]},
-                    {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
-        req = ls.parse_chat_request({"messages": messages, "tools": [READ_TOOL],
-                                     "temperature": 0.7,
-                                     "swarm": {"votes": 3, "constrain_calls": False}})
+        req = answered_read_request()
         reply, _, swarm = await svc.complete(req)
         assert reply["choices"][0]["message"]["content"] == "It says 42."
         assert reply["choices"][0]["finish_reason"] == "stop"
         assert sorted(c["repeat"] for c in swarm["candidates"]) == [False, True, True]
 
         # the same calls after a user turn are no repeat: the bigger group wins again
-        req = ls.parse_chat_request({"messages": messages + [
-            {"role": "assistant", "content": "It says 42."},
-            {"role": "user", "content": "read it again"}], "tools": [READ_TOOL],
-            "temperature": 0.7, "swarm": {"votes": 3, "constrain_calls": False}})
+        req = answered_read_request({"role": "assistant", "content": "It says 42."},
+                                    {"role": "user", "content": "read it again"})
         reply, _, swarm = await svc.complete(req)
         assert reply["choices"][0]["finish_reason"] == "tool_calls"
         assert not any(c["repeat"] for c in swarm["candidates"])
@@ -889,14 +895,7 @@ def test_two_agreeing_repeats_do_not_end_an_adaptive_vote():
         workers = [RepeatOnce(1), RepeatOnce(2), FakeWorker(3, tokens=("It says 42.",))]
         pool = await started_pool(workers)
         svc = tool_service(pool, mode="vote", adaptive=True)
-        messages = [{"role": "user", "content": "read a.txt"},
-                    {"role": "assistant", "content": None, "tool_calls": [
-                        {"id": "call_1", "type": "function", "function": {
-                            "name": "read_file", "arguments": '{"path": "a.txt"}'}}]},
-                    {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
-        req = ls.parse_chat_request({"messages": messages, "tools": [READ_TOOL],
-                                     "temperature": 0.7,
-                                     "swarm": {"votes": 3, "constrain_calls": False}})
+        req = answered_read_request()
         reply, _, swarm = await svc.complete(req)
         assert swarm["samples"] == 3 and swarm["cancelled"] == 0
         assert [c["repeat"] for c in swarm["candidates"]][:2] == [True, True]

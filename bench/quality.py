@@ -9,6 +9,8 @@ once to a running swarm's /v1/chat/completions, as one request body:
   sample   temperature T, seed/task,  "swarm": {"votes": 1}   (what one vote costs and scores)
   vote3    temperature T,             "swarm": {"votes": 3}
   vote5    temperature T,             "swarm": {"votes": 5}
+  vote5a   temperature omitted,       "swarm": {"votes": 5}   (the swarm's anchor: its first
+                                                                candidate greedy; not by default)
 
 The vote arms carry no seed: k samples drawn with one seed would be k copies of one answer.
 Arms run one after another over all tasks (not interleaved), so no arm finds its prompt already
@@ -46,6 +48,8 @@ class Arm:
     votes: int
     sampled: bool               # temperature T (else 0)
     seeded: bool                # a seed per task
+    anchored: bool = False      # temperature omitted: the swarm samples at its vote temperature,
+                                # its first candidate greedy (the anchor); T must match the swarm's
 
 
 ARMS = {a.name: a for a in (
@@ -53,7 +57,9 @@ ARMS = {a.name: a for a in (
     Arm("sample", "1 sample at T", 1, sampled=True, seeded=True),
     Arm("vote3", "vote k=3 at T", 3, sampled=True, seeded=False),
     Arm("vote5", "vote k=5 at T", 5, sampled=True, seeded=False),
+    Arm("vote5a", "vote k=5, anchored", 5, sampled=True, seeded=False, anchored=True),
 )}
+DEFAULT_ARMS = ("greedy", "sample", "vote3", "vote5")
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ def request_body(arm: Arm, task: Any, args: argparse.Namespace) -> dict:
             "temperature": args.temperature if arm.sampled else 0.0,
             "max_tokens": MAX_TOKENS[task.kind],
             "swarm": {"votes": arm.votes}}
+    if arm.anchored:
+        del body["temperature"]
     if arm.seeded:
         body["seed"] = args.seed + TASK_NUMBER[task.id]
     return body
@@ -182,7 +190,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--url", help="a running swarm, e.g. http://127.0.0.1:8000")
     where.add_argument("--start", action="store_true", help="start a swarm, stop it at the end")
     p.add_argument("--model", default="qwen2.5-coder-0.5b", help="the model --start serves")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help=f"comma-separated subset of {list(ARMS)} (default {','.join(DEFAULT_ARMS)})")
     p.add_argument("--limit", type=int, default=None, help="first N tasks of each kind")
     p.add_argument("--temperature", type=float, default=0.7, help="T of the sampled arms")
     p.add_argument("--seed", type=int, default=1234, help="the sample arm's seed for task number "

@@ -4100,11 +4100,11 @@ def leader_probability(keys: Sequence[str]) -> float:
     return _beta_above_half(leader + 1, runner_up + 1)
 
 
-def leader_repeats(candidates: Sequence[Candidate]) -> bool:
+def leader_repeats(candidates: Sequence[Candidate], keys: Sequence[str] | None = None) -> bool:
     """True when the leading majority key belongs to repeats (Candidate.repeat): one candidate that
     moves on would outrank the whole group, so neither decided() nor adaptive_more() may end the
-    vote on it while samples remain."""
-    keys = vote_keys(candidates)
+    vote on it while samples remain. `keys`: vote_keys(candidates), when the caller has them."""
+    keys = vote_keys(candidates) if keys is None else keys
     if not keys:
         return False
     top = Counter(keys).most_common(1)[0][0]
@@ -5070,25 +5070,32 @@ def _invalid(message: str, param: str | None = None, code: str | None = "invalid
     return HTTPError(400, message, "invalid_request_error", code=code, param=param)
 
 
-def _check_number(body: dict, name: str, lo: float, hi: float, integer: bool = False) -> Any:
-    """The field's value if present and in [lo, hi]; None if absent or null. Raises 400."""
+def _check_number(body: dict, name: str, lo: float, hi: float, integer: bool = False,
+                  where: str = "") -> Any:
+    """The field's value if present and in [lo, hi]; None if absent or null. Raises 400 naming
+    the field as `where` + name (where: the enclosing object, e.g. "swarm.")."""
     value = body.get(name)
     if value is None:
         return None
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not lo <= value <= hi:
         what = "an integer" if integer else "a number"
-        raise _invalid(f"'{name}' must be {what} between {lo} and {hi}", name)
+        raise _invalid(f"'{where}{name}' must be {what} between {lo} and {hi}", where + name)
     return value
 
 
-def _check_bool(body: dict, name: str) -> bool:
+def _check_bool(body: dict, name: str, where: str = "") -> bool:
     value = body.get(name, False)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise _invalid(f"'{name}' must be a boolean", name)
+        raise _invalid(f"'{where}{name}' must be a boolean", where + name)
     return value
+
+
+def _optional_bool(body: dict, name: str, where: str = "") -> bool | None:
+    """The field's boolean, None when absent or null (the daemon's setting applies). Raises 400."""
+    return None if body.get(name) is None else _check_bool(body, name, where)
 
 
 def message_text(content: Any, where: str) -> str:
@@ -5215,26 +5222,16 @@ def _parse_swarm_options(body: dict) -> SwarmOptions:
     mode = opts.get("mode")
     if mode is not None and mode not in MODES:
         raise _invalid(f"'swarm.mode' must be one of {list(MODES)}", "swarm.mode")
-    adaptive, affinity, anchor = opts.get("adaptive"), opts.get("affinity"), opts.get("anchor")
-    try:
-        return _swarm_options(opts, mode, adaptive, affinity, anchor)
-    except HTTPError as exc:              # name the field as the client wrote it: swarm.<name>
-        exc.param = f"swarm.{exc.param}"
-        exc.message = exc.message.replace(f"'{exc.param[6:]}'", f"'{exc.param}'", 1)
-        raise
+    where = "swarm."                       # errors name the field as the client wrote it
 
+    def flag(name: str) -> bool | None:
+        return _optional_bool(opts, name, where)
 
-def _swarm_options(opts: dict, mode: str | None, adaptive: Any, affinity: Any, anchor: Any
-                   ) -> SwarmOptions:
-    return SwarmOptions(votes=_check_number(opts, "votes", 1, MAX_VOTES, integer=True), mode=mode,
-                        adaptive=None if adaptive is None else _check_bool(opts, "adaptive"),
-                        force_vote=_check_bool(opts, "force_vote"),
-                        constrain_calls=opts.get("constrain_calls") is None
-                        or _check_bool(opts, "constrain_calls"),
-                        affinity=None if affinity is None else _check_bool(opts, "affinity"),
-                        anchor=None if anchor is None else _check_bool(opts, "anchor"),
-                        federate=None if opts.get("federate") is None
-                        else _check_bool(opts, "federate"))
+    votes = _check_number(opts, "votes", 1, MAX_VOTES, integer=True, where=where)
+    return SwarmOptions(votes=votes, mode=mode, adaptive=flag("adaptive"),
+                        force_vote=_check_bool(opts, "force_vote", where),
+                        constrain_calls=flag("constrain_calls") is not False,
+                        affinity=flag("affinity"), anchor=flag("anchor"), federate=flag("federate"))
 
 
 def _parse_stop(body: dict) -> list[str] | None:
@@ -5931,7 +5928,7 @@ class ChatService:
             self._collect(ballot, done)
             keys = vote_keys(ballot.candidates)
             outstanding = len(pending) + ballot.plan.k - ballot.launched
-            stuck = leader_repeats(ballot.candidates)     # any sample that moves on would win
+            stuck = leader_repeats(ballot.candidates, keys)   # a sample that moves on would win
             if keys and not stuck and choose_strategy(ballot.candidates) == "majority" \
                     and decided(keys, outstanding):
                 ballot.strategy = "majority"               # early finish: the leader is safe
@@ -7110,8 +7107,7 @@ class Swarm:
 
     @property
     def url(self) -> str:
-        host = self.cfg.host if ":" not in self.cfg.host else f"[{self.cfg.host}]"
-        return f"http://{host}:{self.port}"
+        return http_url(self.cfg.host, self.port)
 
     async def stop(self) -> None:
         """Close the listener and connections, then stop every worker; bounded by
@@ -7158,7 +7154,7 @@ def client_url(host: str, port: int) -> str:
     """The base URL a client on this machine uses: a wildcard listen address (0.0.0.0, ::) is
     not an address to connect to, so it becomes loopback."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+    return http_url(host, port) + "/v1"
 
 
 def votes_summary(cfg: Config, instances: int, ready: int) -> str:

@@ -96,7 +96,9 @@ BACKEND_CMAKE_ARGS = {"cpu": (), "cuda": ("-DGGML_CUDA=on",), "metal": ("-DGGML_
 REPORTED_CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512_vnni",
                       "asimd", "asimddp", "i8mm", "sve")
 DAEMON_PACKAGES = ("httpx", "psutil")   # installed with the server so a bare machine can run us
+PIP = (sys.executable, "-E", "-m", "pip")   # -E: no PYTHONPATH (nor PYTHON*) of the user's shell
 BUILD_RECORD = "build.json"
+PYTHON_FREE_WHEEL = re.compile(r"-py3-none-[^-]+\.whl$")   # a wheel any Python 3 can install
 BUILD_LOG = "build.log"
 BUILD_PROGRESS_EVERY = 15.0             # seconds between "still compiling" lines
 BUILD_LOG_TAIL_LINES = 30               # log lines quoted in a BuildError
@@ -232,6 +234,11 @@ class BuildError(SwarmError):
 
 class ModelError(SwarmError):
     """No usable model: not found, not downloadable, or a checksum mismatch."""
+
+
+class StartupError(SwarmError):
+    """The daemon's own code failed while starting (an import, a probe that raised something
+    other than a network error): no worker restart can fix it, so the start stops at once."""
 
 
 # =====================================================================================================
@@ -1548,7 +1555,8 @@ def cmake_args(hw: Hardware) -> list[str]:
 @dataclass(frozen=True)
 class BuildInfo:
     """One llama-cpp-python build: where it lives and how it was configured. `site` is the folder
-    put on the workers' PYTHONPATH; `wheel` is None until a build has been made or found."""
+    the daemon and its workers import from (see isolated_argv); `wheel` is None until a build has
+    been made or found."""
 
     key: str
     dir: Path
@@ -1568,10 +1576,10 @@ def build_info(builds_dir: Path, hw: Hardware) -> BuildInfo:
                      gpu=hw.backend != "cpu")
 
 
-def _read_build_record(info: BuildInfo) -> dict[str, Any] | None:
+def _read_build_record(folder: Path) -> dict[str, Any] | None:
     """build.json of this build folder, or None when missing or unreadable."""
     try:
-        record = json.loads((info.dir / BUILD_RECORD).read_text(encoding="utf-8"))
+        record = json.loads((folder / BUILD_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
@@ -1580,7 +1588,7 @@ def _read_build_record(info: BuildInfo) -> dict[str, Any] | None:
 def _current_build(info: BuildInfo, hw: Hardware) -> BuildInfo | None:
     """The finished build in info.dir when it matches what we would build now, else None.
     This is the fast path of every later start: one small JSON read and one stat."""
-    record = _read_build_record(info)
+    record = _read_build_record(info.dir)
     if record is None or not (info.site / "llama_cpp" / "__init__.py").is_file():
         return None
     wanted = {"cmake_args": list(info.cmake_args), "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
@@ -1883,6 +1891,33 @@ def _compile_wheel(job: _BuildJob, sdist: Path) -> Path:
     return built[0]
 
 
+def _reusable_wheel(job: _BuildJob) -> Path | None:
+    """The wheel of another finished build (another Python's) compiled with the same CMAKE_ARGS
+    and llama-cpp-python version, when it does not depend on the Python (a py3-none wheel:
+    llama.cpp is loaded through ctypes). Only the site folder is per Python (pydantic-core and
+    the like), so a second Python costs an install, not a compile. None when there is none."""
+    for folder in sorted(p.parent for p in job.builds_dir.glob(f"*/{BUILD_RECORD}")):
+        record = _read_build_record(folder)
+        if folder == job.info.dir or record is None:
+            continue
+        wheel = folder / "wheels" / str(record.get("wheel", ""))
+        if (record.get("cmake_args") == list(job.info.cmake_args)
+                and record.get("llama_cpp_python") == LLAMA_CPP_PYTHON_VERSION
+                and PYTHON_FREE_WHEEL.search(wheel.name) and wheel.is_file()):
+            return wheel
+    return None
+
+
+def _copy_wheel(job: _BuildJob, wheel: Path) -> Path:
+    """Copy another build's wheel into this build's wheels folder; returns the copy."""
+    job.progress(f"llama.cpp build {job.info.key}: llama.cpp is already compiled with these "
+                 f"arguments ({wheel.parent.parent.name}): reusing it")
+    wheels = job.info.dir / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    return Path(shutil.copy2(wheel, wheels / wheel.name))
+
+
 def _install_site(job: _BuildJob, wheel: Path) -> None:
     """Install the wheel with its [server] extra, plus the daemon's own dependencies, into a fresh
     site folder, then swap it into place (a half-installed site is never left as `site`)."""
@@ -1901,11 +1936,14 @@ def _install_site(job: _BuildJob, wheel: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_build_record(job: _BuildJob, wheel: Path, seconds: float) -> None:
-    """build.json: what was built and how, written atomically (it is what reuse trusts)."""
+def _write_build_record(job: _BuildJob, wheel: Path, seconds: float,
+                        compiled_for: str | None = None) -> None:
+    """build.json: what was built and how, written atomically (it is what reuse trusts).
+    compiled_for names the build whose compiled wheel this one reused (None: compiled here)."""
     record = {"key": job.info.key, "cmake_args": list(job.info.cmake_args),
               "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "python_tag": job.hw.python_tag,
               "backend": job.info.backend, "wheel": wheel.name, "seconds": round(seconds, 1),
+              "wheel_compiled_for": compiled_for,
               "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "swarm_version": VERSION}
     staging = job.info.dir / (BUILD_RECORD + ".tmp")
     staging.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -1918,18 +1956,22 @@ def _build(job: _BuildJob) -> BuildInfo:
     job.info.dir.mkdir(parents=True, exist_ok=True)
     (job.info.dir / BUILD_RECORD).unlink(missing_ok=True)   # a failed rebuild is not "current"
     job.log_path.write_bytes(b"")
-    _require_compilers(job)
-    sdist = _ensure_sdist(job)
-    wheel = _compile_wheel(job, sdist)
+    wheel, compiled_for = _reusable_wheel(job), None
+    if wheel is None:
+        _require_compilers(job)
+        wheel = _compile_wheel(job, _ensure_sdist(job))
+    else:
+        compiled_for = wheel.parent.parent.name
+        wheel = _copy_wheel(job, wheel)
     _install_site(job, wheel)
-    _write_build_record(job, wheel, time.monotonic() - started)
+    _write_build_record(job, wheel, time.monotonic() - started, compiled_for)
     job.progress(f"llama.cpp build {job.info.key}: ready in "
                  f"{format_duration(time.monotonic() - started)}")
     return dataclasses.replace(job.info, wheel=wheel)
 
 
 def ensure_build(builds_dir: Path, hw: Hardware, progress: Callable[[str], None] = print_progress,
-                 pip: Sequence[str] = (sys.executable, "-m", "pip"), *,
+                 pip: Sequence[str] = PIP, *,
                  pip_options: Sequence[str] = (), extra_packages: Sequence[str] = DAEMON_PACKAGES,
                  progress_every: float = BUILD_PROGRESS_EVERY) -> BuildInfo:
     """Return the llama-cpp-python build for this hardware, building it first when needed.
@@ -1959,13 +2001,84 @@ def ensure_build(builds_dir: Path, hw: Hardware, progress: Callable[[str], None]
         raise
 
 
-def site_env(build: BuildInfo, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for worker subprocesses: a copy of `base` (default os.environ) with the build's
-    site folder first on PYTHONPATH, so `python -m llama_cpp.server` imports this build."""
-    env = dict(os.environ if base is None else base)
-    paths = [str(build.site)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
+# The daemon and its workers run on the build's site folder alone, whatever the user's Python
+# holds (other versions of httpx, anyio, typing_extensions, pydantic... in site-packages, user site
+# or PYTHONPATH): each runs in an interpreter started with -I (no PYTHON* variables, no user site,
+# no script folder on the path) and -S (no site-packages, no .pth files), and a one-line bootstrap
+# puts the site folder first on sys.path. So the swarm imports exactly the set pip installed and
+# resolved together into the build, and nothing else but the standard library.
+ISOLATED_FLAGS = ("-I", "-S")
+SITE_FIRST = "import sys; sys.path.insert(0, sys.argv.pop(1))\n"   # argv[1] is the site folder
+# Runs a script as __main__ on the site folder: python -I -S -c DAEMON_BOOTSTRAP SITE SCRIPT ARGS.
+DAEMON_BOOTSTRAP = SITE_FIRST + ("import runpy; sys.argv.pop(0)\n"
+                                 "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+# What the daemon imports from the build (anyio and h11 only on its first worker call): all are
+# imported once right after the start, so a broken site folder fails in seconds, with its cause.
+DAEMON_MODULES = ("httpx", "httpcore", "h11", "anyio", "psutil", "jinja2")
+# The environment a worker gets: nothing else of the user's. llama-cpp-python's server reads its
+# settings from the environment (PORT, HOST, MODEL, API_KEY, CONFIG_FILE, N_CTX... any case), and
+# a shell's PORT or HOST would move a worker off the port and address the daemon chose.
+WORKER_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+    "LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "DYLD_FALLBACK_LIBRARY_PATH",    # GPU runtimes
+    "SYSTEMROOT", "SYSTEMDRIVE", "WINDIR", "COMSPEC", "PATHEXT", "USERPROFILE", "APPDATA",
+    "LOCALAPPDATA"})                                                         # Windows needs these
+WORKER_ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "HIP_", "ROCR_", "HSA_", "ROCM_", "GPU_",
+                       "VK_", "MESA_", "GGML_", "OMP_", "GOMP_", "KMP_", "OPENBLAS_", "MKL_",
+                       "MTL_")           # device selection and math-library threading knobs
+
+
+def worker_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for worker subprocesses: the entries of `base` (default os.environ) that
+    WORKER_ENV_NAMES and WORKER_ENV_PREFIXES allow, and nothing else."""
+    env = os.environ if base is None else base
+    return {name: value for name, value in env.items()
+            if name.upper() in WORKER_ENV_NAMES or name.upper().startswith(WORKER_ENV_PREFIXES)}
+
+
+def isolated_argv(python: str, site: Path, code: str, args: Sequence[str]) -> list[str]:
+    """`python -I -S -c CODE SITE ARGS...`, where CODE starts with SITE_FIRST."""
+    return [python, *ISOLATED_FLAGS, "-c", code, str(site), *args]
+
+
+def running_isolated() -> bool:
+    """True in an interpreter started by isolated_argv (the flags tell; nothing else sets both)."""
+    return bool(sys.flags.isolated and sys.flags.no_site)
+
+
+def isolate(build: BuildInfo, script: Path, args: Sequence[str]) -> int:
+    """Run this program again as `python -I -S` on the build's site folder with the same
+    arguments: exec on POSIX (same pid, never returns), a child process on Windows (returns its
+    exit status)."""
+    argv = isolated_argv(sys.executable, build.site, DAEMON_BOOTSTRAP, [str(script), *args])
+    log.debug("running isolated on %s: %s", build.site, " ".join(argv[:3]))
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    if os.name == "nt":
+        return subprocess.call(argv)
+    os.execv(argv[0], argv)
+    raise AssertionError("unreachable")
+
+
+def check_site(build: BuildInfo, modules: Sequence[str] = DAEMON_MODULES) -> None:
+    """Import what the daemon needs from the build. Raises BuildError, in one line with the
+    cause and the fix, when the site folder is not first on sys.path or a module fails to import
+    (or comes from elsewhere)."""
+    fix = f"delete {build.dir} and start again to rebuild it"
+    site = Path(os.path.abspath(build.site))     # as the bootstrap put it: links not followed
+    if not sys.path or Path(os.path.abspath(sys.path[0])) != site:
+        raise BuildError(f"the daemon runs on {sys.path[:1]}, not on the build's site folder "
+                         f"{build.site}; start it as `python local_swarm.py`")
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:         # any failure to import is the same broken-build fault
+            raise BuildError(f"the build's site folder {build.site} is broken: importing {name} "
+                             f"failed with {type(exc).__name__}: {exc}; {fix}") from exc
+        origin = Path(os.path.abspath(getattr(module, "__file__", None) or "/"))
+        if site not in origin.parents:
+            raise BuildError(f"the daemon imported {name} from {origin}, not from the build's "
+                             f"site folder {build.site}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -2175,10 +2288,10 @@ def _offline_job(job: _BuildJob) -> _BuildJob:
 def _bundled_pip(pip: tuple[str, ...], wheelhouse: Path) -> tuple[str, ...]:
     """pip itself, run from the wheelhouse's pip wheel when this Python has no pip module (Debian's
     python3 without python3-pip); the given command otherwise."""
-    if pip != (sys.executable, "-m", "pip") or importlib.util.find_spec("pip") is not None:
+    if pip != PIP or importlib.util.find_spec("pip") is not None:
         return pip
     wheels = sorted(wheelhouse.glob("pip-*.whl"))
-    return (sys.executable, str(wheels[-1] / "pip")) if wheels else pip
+    return (sys.executable, "-E", str(wheels[-1] / "pip")) if wheels else pip
 
 
 def _check_bundle_fits(builds_dir: Path, hw: Hardware) -> None:
@@ -2353,7 +2466,7 @@ class Bundle:
 
 def make_bundle(dest: Path, build: BuildInfo, model: Path, hw: Hardware, builds_dir: Path,
                 cache_dir: Path, progress: Callable[[str], None] = print_progress,
-                pip: Sequence[str] = (sys.executable, "-m", "pip"),
+                pip: Sequence[str] = PIP,
                 pip_options: Sequence[str] = ()) -> Bundle:
     """Write a bundle (see the section comment) of `build` and `model` into dest, which must be
     new or empty; it is written in <dest>.partial and renamed when complete. Needs the network
@@ -3203,11 +3316,13 @@ WORKER_READY_POLL = 0.25          # seconds between readiness probes while a wor
 WORKER_STOP_GRACE = 3.0           # SIGTERM, then SIGKILL after this; shutdown must finish within 5 s
 COUNT_TIMEOUT = 30.0              # a token count on a free worker takes milliseconds
 WORKER_LOG_TAIL = 20              # lines of a crashed worker's log shown in the daemon's log
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit): ")   # traceback's end
 
-# Runs llama_cpp.server as __main__ (exactly `python -m llama_cpp.server ARGS`), after starting a
-# thread that ends the process when the daemon's end of the stdin pipe closes (daemon gone, any OS).
-WORKER_BOOTSTRAP = (
-    "import os, runpy, sys, threading\n"
+# Runs llama_cpp.server as __main__ (exactly `python -m llama_cpp.server ARGS`) on the build's site
+# folder (python -I -S -c WORKER_BOOTSTRAP SITE ARGS: see isolated_argv), after starting a thread
+# that ends the process when the daemon's end of the stdin pipe closes (daemon gone, any OS).
+WORKER_BOOTSTRAP = SITE_FIRST + (
+    "import os, runpy, threading\n"
     "def _watch():\n"
     "    try:\n"
     "        while sys.stdin.buffer.read(4096):\n"
@@ -3230,6 +3345,7 @@ class WorkerSpec:
     threads: int
     threads_batch: int
     gpu_layers: int
+    site: Path                    # the build's site folder: the worker imports from it alone
     env: dict[str, str]
     log_dir: Path
     python: str = sys.executable
@@ -3266,6 +3382,13 @@ def tail_lines(path: Path, n: int) -> str:
             return b"\n".join(fh.read().splitlines()[-n:]).decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def last_error_line(text: str) -> str:
+    """The last line of text that names an exception ("ModuleNotFoundError: No module named
+    'x'"), the one-line cause of a traceback; "" if none does."""
+    found = [line.strip() for line in text.splitlines() if ERROR_LINE.match(line.strip())]
+    return found[-1][:MAX_LOG_LINE_CHARS] if found else ""
 
 
 def worker_client() -> Any:
@@ -3365,12 +3488,12 @@ class LlamaCppPythonWorker:
         """The command line: llama_cpp.server with every knob explicit (FIELD_NOTES: the defaults
         oversubscribe the CPU and interrupt streams)."""
         s = self.spec
-        return [s.python, "-c", WORKER_BOOTSTRAP,
-                "--model", str(s.model), "--model_alias", s.model_id,
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--n_ctx", str(s.n_ctx), "--n_threads", str(s.threads),
-                "--n_threads_batch", str(s.threads_batch), "--n_gpu_layers", str(s.gpu_layers),
-                "--interrupt_requests", "False"]
+        return isolated_argv(s.python, s.site, WORKER_BOOTSTRAP, [
+            "--model", str(s.model), "--model_alias", s.model_id,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--n_ctx", str(s.n_ctx), "--n_threads", str(s.threads),
+            "--n_threads_batch", str(s.threads_batch), "--n_gpu_layers", str(s.gpu_layers),
+            "--interrupt_requests", "False"])
 
     async def start(self) -> None:
         """Spawn the process on a fresh port; returns before the model is loaded."""
@@ -3483,6 +3606,7 @@ RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60             # bounds of the Retry-After
 START_ATTEMPTS = 3                  # failed starts of every worker before start-up gives up
 PROBE_ATTEMPTS = 3                  # pings of a worker whose request failed, before a restart
 DRAIN_TIMEOUT = 900.0               # an abandoned worker still busy after this is restarted
+STARTING_RETRY_AFTER = 5            # Retry-After (s) of a request refused while workers load
 
 
 @dataclass
@@ -3512,6 +3636,7 @@ class WorkerPool:
         self._tasks: list[asyncio.Task] = []
         self._lease_ids = 0
         self._stopping = False
+        self._fault: Exception | None = None      # a supervisor's failure in our own code
         self._service_time = 5.0              # moving average of lease duration, for Retry-After
         self.on_ready: Callable[[Any], None] = on_ready or (lambda worker: None)
 
@@ -3524,9 +3649,11 @@ class WorkerPool:
 
     async def wait_any_ready(self, timeout: float) -> None:
         """Wait until one worker is ready. Raises WorkerError, with the first worker's log tail,
-        if none is within timeout or every worker has failed START_ATTEMPTS starts."""
+        if none is within timeout or every worker has failed START_ATTEMPTS starts; StartupError
+        at once if a supervisor failed in the daemon's own code."""
         deadline = time.monotonic() + timeout
         while not any(s.ready_once for s in self.slots):
+            self._check_fault()
             hopeless = all(s.restarts >= START_ATTEMPTS for s in self.slots)
             if hopeless or time.monotonic() > deadline:
                 raise self._none_ready()
@@ -3536,9 +3663,10 @@ class WorkerPool:
         """Wait until every worker is ready or has failed START_ATTEMPTS starts, or until timeout
         passes with at least one ready (a slow worker must not hold the swarm back for good).
         Returns how many workers have been ready. Raises WorkerError, as wait_any_ready, when
-        none is."""
+        none is, and StartupError as wait_any_ready does."""
         deadline = time.monotonic() + timeout
         while True:
+            self._check_fault()
             ready = sum(s.ready_once for s in self.slots)
             settled = all(s.ready_once or s.restarts >= START_ATTEMPTS for s in self.slots)
             if settled or time.monotonic() > deadline:
@@ -3549,8 +3677,10 @@ class WorkerPool:
 
     def _none_ready(self) -> WorkerError:
         worker = self.slots[0].worker
-        return WorkerError(f"no worker became ready; {worker.log_path} ends with:\n"
-                           f"{tail_lines(worker.log_path, WORKER_LOG_TAIL)}")
+        tail = tail_lines(worker.log_path, WORKER_LOG_TAIL)
+        cause = last_error_line(tail)
+        return WorkerError("no worker became ready" + (f": {cause}" if cause else "")
+                           + f"; {worker.log_path} ends with:\n{tail}")
 
     async def stop(self) -> None:
         """Stop supervisors and every worker process (SIGTERM, then SIGKILL); fail the waiters."""
@@ -3568,6 +3698,26 @@ class WorkerPool:
         self._waiters.clear()
 
     async def _supervise(self, slot: WorkerSlot) -> None:
+        """Run one worker's supervisor. An exception other than a worker's failure is a fault of
+        the daemon's own code (an import, a bug): no restart fixes it, so it is kept as the
+        pool's fault, which ends a start at once (see _check_fault), and logged once started."""
+        try:
+            await self._keep_running(slot)
+        except Exception as exc:            # the boundary of this background loop
+            slot.state = "dead"
+            if self._fault is None:
+                self._fault = exc
+            log.error("%s: its supervisor failed: %s: %s", slot.worker.name,
+                      type(exc).__name__, exc, exc_info=exc)
+
+    def _check_fault(self) -> None:
+        """Raise StartupError if a supervisor failed in the daemon's own code."""
+        if self._fault is not None:
+            exc = self._fault
+            raise StartupError(f"starting the workers failed in local-swarm's own code, not in a "
+                               f"worker: {type(exc).__name__}: {exc}") from exc
+
+    async def _keep_running(self, slot: WorkerSlot) -> None:
         """Keep one worker running: start, wait ready, hand out, and restart after a crash."""
         worker = slot.worker
         while not self._stopping:
@@ -3630,9 +3780,15 @@ class WorkerPool:
 
     async def _acquire(self, prefer: Sequence[str] = ()) -> tuple[WorkerSlot, int]:
         """Wait for a worker (an idle preferred one first). Raises HTTPError 429 when the waiting
-        line is full."""
+        line is full, 503 with Retry-After while no worker has been ready yet (a client that
+        waited minutes on a silent socket would take the swarm for dead)."""
         if self._stopping:
             raise HTTPError(503, "the swarm is shutting down", "server_error", code="shutting_down")
+        if self.status() == "initializing":
+            raise HTTPError(503, f"local-swarm is starting: its {_count(len(self.slots), 'worker')} "
+                            f"{'is' if len(self.slots) == 1 else 'are'} still loading the model; "
+                            "retry in a few seconds", "server_error", code="swarm_starting",
+                            headers=[("Retry-After", str(STARTING_RETRY_AFTER))])
         slot = self._idle_slot(prefer)
         if slot is not None:
             self._lease_to(slot)
@@ -6953,12 +7109,16 @@ class SwarmApp:
         return Response.json(self._model_object(model_id))
 
     async def health(self, request: Request) -> Response:
-        healthy, total = self.pool.healthy(), len(self.pool.slots)
+        """200 while healthy or degraded; 503 (same body) until a worker has been ready, for the
+        probes and clients that read only the status code (llama-server answers 503 as it loads)."""
+        healthy, total, status = self.pool.healthy(), len(self.pool.slots), self.pool.status()
         return Response.json({
-            "status": self.pool.status(), "version": VERSION, "model": self.model_id,
+            "status": status, "version": VERSION, "model": self.model_id,
             "workers": {"healthy": healthy, "total": total}, "healthy_workers": healthy,
             "total_workers": total, "queued": self.pool.waiting(),
-            "uptime_s": round(time.time() - self.started, 1), "details": self.pool.describe()})
+            "uptime_s": round(time.time() - self.started, 1), "details": self.pool.describe()},
+            *((503, [("Retry-After", str(STARTING_RETRY_AFTER))]) if status == "initializing"
+              else (200,)))
 
     def _federation(self) -> Federation:
         if self.federation is None:
@@ -7049,7 +7209,7 @@ class Swarm:
         return [WorkerSpec(index=i, model=self.model.path, model_id=self.model_id,
                            n_ctx=self.plan.ctx, threads=self.plan.threads,
                            threads_batch=self.plan.threads_batch, gpu_layers=self.plan.gpu_layers,
-                           env=site_env(self.build), log_dir=log_dir)
+                           site=self.build.site, env=worker_env(), log_dir=log_dir)
                 for i in range(1, self.plan.instances + 1)]
 
     async def start(self) -> None:
@@ -7950,23 +8110,30 @@ def bundle(cfg: Config, dest: Path) -> int:
     return 0
 
 
-def add_site_to_path(build: BuildInfo) -> None:
-    """Let the daemon import what the build installed (httpx, psutil, jinja2) when this Python
-    lacks them; packages already importable keep precedence."""
-    if str(build.site) not in sys.path:
-        sys.path.append(str(build.site))
-
-
-def run(cfg: Config) -> int:
-    """Build (once), resolve the model, plan, and serve until a signal."""
+def run(cfg: Config, args: Sequence[str]) -> int:
+    """Build (once), then serve on the build's packages alone: this process runs again as
+    `python -I -S` on the build's site folder (see isolate), where it resolves the model, plans
+    and serves until a signal. `args` are the command's arguments, for that second run."""
     hw = detect_hardware()
     build = ensure_build(cfg.builds_dir, hw, progress=print_progress)
-    add_site_to_path(build)
+    if not running_isolated():
+        return isolate(build, Path(__file__).resolve(), args)
+    check_site(build)
     model = model_info(resolve_model(cfg.model, cfg.cache_dir, progress=print_progress))
     the_plan = plan(hw, model, cfg.instances, cfg.ctx, cfg.threads)
     for reason in the_plan.reasons:
         log.info("plan: %s", reason)
-    return asyncio.run(serve(Swarm(cfg, build, model, the_plan)))
+    try:
+        return asyncio.run(serve(Swarm(cfg, build, model, the_plan)))
+    except StartupError as exc:
+        raise StartupError(f"{exc}; {startup_fix(exc.__cause__, build)}") from exc.__cause__
+
+
+def startup_fix(cause: BaseException | None, build: BuildInfo) -> str:
+    """What to do about a StartupError's cause."""
+    if isinstance(cause, ImportError):
+        return f"the build's packages are broken: delete {build.dir} and start again to rebuild it"
+    return "a bug in local-swarm: please report it with the traceback above"
 
 
 def configure_logging(level: str) -> None:
@@ -7978,6 +8145,7 @@ def configure_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (also the `local-swarm` command); returns the process exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if (args.command == "bundle") != (args.dir is not None):
         parser.error("bundle needs a folder (bundle DIR); the other commands take none")
@@ -8000,17 +8168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "setup":
                 return 0
             cfg = config_from_settings(merge_settings(saved, env, flags))
-        elif args.command == "serve" and not path.exists():
+        elif args.command == "serve" and not path.exists() and not running_isolated():
             log.info("no settings file %s: using the defaults (`setup` asks)", path)
         if args.command == "doctor":
             return doctor(cfg, settings_report(path, saved, env, flags))
         if args.command == "bundle":
             return bundle(cfg, args.dir)
-        return run(cfg)
+        return run(cfg, argv)
     except SetupCancelled as exc:
         print(f"\n{exc}", file=sys.stderr, flush=True)
         return exc.status
-    except (BuildError, ModelError, WorkerError, SettingsError, PeerError) as exc:
+    except (BuildError, ModelError, WorkerError, SettingsError, PeerError, StartupError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 import local_swarm as ls
-from conftest import NO_SETTINGS, READY_LINE, ROOT
+from conftest import FIRST_START_TIMEOUT, NO_SETTINGS, READY_LINE, ROOT, spawn_swarm
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -151,9 +152,10 @@ def test_a_started_swarm_prints_a_line_per_ready_worker_then_one_banner(swarm):
 # ---- pip install ----------------------------------------------------------------------------------
 
 
-def test_pip_install_gives_a_local_swarm_command(tmp_path):
+def test_pip_install_gives_a_local_swarm_command(tmp_path, smol_model_path):
     """`pip install .` into a fresh virtual environment (no system packages): `local-swarm` is
-    on its PATH, and an installed copy keeps its builds in the cache, not in site-packages."""
+    on its PATH, an installed copy keeps its builds in the cache, not in site-packages, and it
+    serves (on the build's packages, not the venv's: see isolate)."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "local_swarm.py", "README.md"):
@@ -182,3 +184,13 @@ def test_pip_install_gives_a_local_swarm_command(tmp_path):
     key = ls.build_key(ls.detect_hardware())
     assert f"Build:     {key} in {tmp_path / 'cache' / 'llama_builds' / key}" in doctor.stdout
     assert "site-packages" not in doctor.stdout
+    swarm = spawn_swarm([command, "--builds-dir", str(ROOT / "llama_builds"), "--model",
+                         str(smol_model_path), "--instances", "1", "--threads", "1", "--ctx",
+                         "2048", "--port", "0"], cwd=tmp_path, env=env,
+                        timeout=FIRST_START_TIMEOUT, what="the installed local-swarm")
+    try:
+        reply = httpx.post(swarm.url + "/v1/chat/completions", timeout=120, json={
+            "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        assert reply.status_code == 200, reply.text
+    finally:
+        assert swarm.stop() == 0

@@ -273,7 +273,7 @@ def test_plan_numbers_follow_the_documented_rule():
     assert not any("warning" in reason for reason in result.reasons)
 
 
-# ---- doctor, site_env, small helpers ----------------------------------------------------------------
+# ---- doctor, worker environment, isolation, small helpers ----------------------------------------------------------------
 
 
 def test_doctor_report_says_what_it_found(tmp_path):
@@ -300,12 +300,67 @@ def test_doctor_on_this_machine():
     assert f"Cores:     {hw.physical_cores} physical" in done.stdout and "GiB total" in done.stdout
 
 
-def test_site_env_puts_the_build_first(tmp_path):
-    info = ls.build_info(tmp_path, hardware())
-    env = ls.site_env(info, base={"PYTHONPATH": "/elsewhere", "HOME": "/h"})
-    assert env["PYTHONPATH"] == os.pathsep.join([str(info.site), "/elsewhere"])
-    assert env["HOME"] == "/h"
-    assert ls.site_env(info, base={})["PYTHONPATH"] == str(info.site)
+@pytest.mark.parametrize("name, kept", [
+    ("PORT", False), ("HOST", False), ("CONFIG_FILE", False), ("MODEL", False), ("API_KEY", False),
+    ("N_CTX", False), ("port", False), ("PYTHONPATH", False), ("PYTHONHOME", False),
+    ("VIRTUAL_ENV", False), ("LOCAL_SWARM_API_KEY", False), ("LLAMA_ARG_PORT", False),
+    ("PATH", True), ("HOME", True), ("LANG", True), ("LC_ALL", True), ("TMPDIR", True),
+    ("CUDA_VISIBLE_DEVICES", True), ("HIP_VISIBLE_DEVICES", True), ("GGML_VK_VISIBLE_DEVICES", True),
+    ("OMP_NUM_THREADS", True), ("LD_LIBRARY_PATH", True), ("SystemRoot", True),
+])
+def test_a_worker_gets_only_what_it_needs_of_the_environment(name, kept):
+    assert (name in ls.worker_env({name: "x", "PATH": "/bin"})) is kept
+    assert ls.worker_env({name: "x"}).get(name) == ("x" if kept else None)
+
+
+def fake_site(tmp_path: Path) -> Path:
+    """A site folder with a marked typing_extensions, and a module that breaks on import."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "typing_extensions.py").write_text("WHERE = 'site'\n")
+    (site / "broken_dep.py").write_text("raise ImportError(\"cannot import name 'sentinel'\")\n")
+    return site
+
+
+def test_isolated_interpreter_sees_the_site_folder_and_the_standard_library_only(tmp_path):
+    """What the daemon's second run and each worker see, whatever the user's Python holds: not
+    PYTHONPATH, not the user site, not site-packages (jsonschema and pytest are installed here),
+    not the current folder; the site folder first and the arguments as given."""
+    site = fake_site(tmp_path)
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "typing_extensions.py").write_text("WHERE = 'shadow'\n")
+    script = tmp_path / "daemon.py"
+    script.write_text(textwrap.dedent("""\
+        import importlib.util, json, sys, typing_extensions
+        print(json.dumps({"argv": sys.argv, "where": typing_extensions.WHERE,
+                          "first": sys.path[0], "flags": [sys.flags.isolated, sys.flags.no_site],
+                          "found": [n for n in ("jsonschema", "pytest", "local_swarm")
+                                    if importlib.util.find_spec(n)]}))
+        """))
+    argv = ls.isolated_argv(sys.executable, site, ls.DAEMON_BOOTSTRAP, [str(script), "--port", "0"])
+    env = {**os.environ, "PYTHONPATH": str(shadow), "PYTHONUSERBASE": str(shadow)}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=shadow, env=env)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen == {"argv": [str(script), "--port", "0"], "where": "site", "first": str(site),
+                    "flags": [1, 1], "found": []}
+
+
+def test_check_site_names_the_broken_module_and_the_fix(tmp_path, monkeypatch):
+    info = dataclasses.replace(ls.build_info(tmp_path, hardware()), site=fake_site(tmp_path))
+    with pytest.raises(ls.BuildError, match="not on the build's site folder"):
+        ls.check_site(info, modules=("typing_extensions",))
+    monkeypatch.setattr(sys, "path", [str(info.site), *sys.path])
+    monkeypatch.delitem(sys.modules, "typing_extensions", raising=False)
+    ls.check_site(info, modules=("typing_extensions",))
+    with pytest.raises(ls.BuildError) as broken:
+        ls.check_site(info, modules=("broken_dep",))
+    message = str(broken.value)
+    assert "\n" not in message and "importing broken_dep failed with ImportError" in message
+    assert f"delete {info.dir} and start again" in message
+    with pytest.raises(ls.BuildError, match="imported json from .*, not from the build's site"):
+        ls.check_site(info, modules=("json",))
 
 
 @pytest.mark.parametrize("text,step", [
@@ -426,6 +481,38 @@ def test_rebuild_when_the_record_differs(tmp_path, fake_pip, change):
     assert json.loads((info.dir / "build.json").read_text())["cmake_args"] == ls.cmake_args(hw)
     assert built.wheel == info.dir / "wheels" / "llama_cpp_python-0.3.36-py3-none-any.whl"
     assert (tmp_path / "builds" / "sdist" / "llama_cpp_python-0.3.36.tar.gz").read_bytes() == b"sdist"
+
+
+@pytest.mark.parametrize("wheel, other_args, reused", [
+    ("llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl", None, True),
+    ("llama_cpp_python-0.3.36-cp312-cp312-linux_x86_64.whl", None, False),   # tied to its Python
+    ("llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl", ["-DGGML_CUDA=on"], False),
+])
+def test_another_pythons_compiled_wheel_is_reused(tmp_path, fake_pip, wheel, other_args, reused):
+    """A second Python on the same machine installs the llama.cpp compiled for the first one
+    (the wheel is Python-free): no download, no compile; only its own site folder."""
+    pip, calls = fake_pip
+    hw = hardware()
+    other = make_current_build(tmp_path / "builds", dataclasses.replace(hw, python_tag="cp312"))
+    record = json.loads((other.dir / "build.json").read_text())
+    (other.dir / "build.json").write_text(json.dumps(
+        {**record, "wheel": wheel, **({"cmake_args": other_args} if other_args else {})}))
+    (other.dir / "wheels").mkdir()
+    (other.dir / "wheels" / wheel).write_bytes(b"compiled once")
+    lines = []
+    built = ls.ensure_build(tmp_path / "builds", hw, progress=lines.append, pip=pip)
+    kinds = [call["args"][0] for call in calls()]
+    record = json.loads((built.dir / "build.json").read_text())
+    assert built.dir != other.dir and record["python_tag"] == hw.python_tag
+    if reused:
+        assert kinds == ["install"]
+        assert built.wheel == built.dir / "wheels" / wheel
+        assert built.wheel.read_bytes() == b"compiled once"
+        assert record["wheel_compiled_for"] == other.key
+        assert any("already compiled" in line and other.key in line for line in lines)
+    else:
+        assert kinds == ["download", "wheel", "install"]
+        assert record["wheel_compiled_for"] is None
 
 
 def test_two_starts_at_once_build_once(tmp_path, fake_pip, monkeypatch):

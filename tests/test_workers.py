@@ -303,6 +303,87 @@ def test_stop_fails_waiters_with_503():
     run(go())
 
 
+class RaisingPingWorker(FakeWorker):
+    """Ready checks that raise what a broken install raises inside the daemon, not a network
+    error (the ImportError a mixed typing_extensions gave inside httpx)."""
+
+    async def wait_ready(self, timeout):
+        raise ImportError("cannot import name 'sentinel' from 'typing_extensions'")
+
+
+@pytest.mark.parametrize("wait", ["wait_any_ready", "wait_started"])
+def test_a_fault_in_the_daemons_own_code_ends_the_start_at_once(wait):
+    async def go():
+        pool = ls.WorkerPool([RaisingPingWorker(1), FakeWorker(2, fail_start=99)], queue_size=4,
+                             start_timeout=300)
+        await pool.start()
+        started = time.monotonic()
+        with pytest.raises(ls.StartupError) as info:
+            await getattr(pool, wait)(300)
+        assert time.monotonic() - started < 5          # not the 300 s start timeout
+        message = str(info.value)
+        assert "local-swarm's own code, not in a worker" in message
+        assert "ImportError: cannot import name 'sentinel'" in message
+        assert isinstance(info.value.__cause__, ImportError)
+        await pool.stop()
+    run(go())
+
+
+def test_a_request_while_no_worker_is_ready_gets_503_with_retry_after_at_once():
+    async def go():
+        pool = ls.WorkerPool([NeverReadyWorker(1), NeverReadyWorker(2)], queue_size=4,
+                             start_timeout=300)
+        await pool.start()
+        with pytest.raises(ls.HTTPError) as info:
+            async with pool.lease():
+                pass
+        exc = info.value
+        assert exc.status == 503 and exc.code == "swarm_starting"
+        assert "starting" in exc.message and "2 workers are still loading" in exc.message
+        assert ("Retry-After", str(ls.STARTING_RETRY_AFTER)) in exc.headers
+        assert pool.waiting() == 0                     # refused, not queued
+        await pool.stop()
+    run(go())
+
+
+def test_health_is_503_while_initializing_and_200_once_a_worker_is_ready():
+    async def go():
+        gate = asyncio.Event()
+
+        class GatedWorker(FakeWorker):
+            async def wait_ready(self, timeout):
+                await gate.wait()
+
+        pool = ls.WorkerPool([GatedWorker(1), NeverReadyWorker(2)], queue_size=4,
+                             start_timeout=300)
+        cfg = ls.Config(api_key="k")
+        app = ls.SwarmApp(cfg, pool, chat_service(pool), "m")
+        await pool.start()
+        for path in ("/health", "/v1/health"):
+            reply = await app.handle(ls.Request("GET", path, path, "HTTP/1.1", (), b""))
+            assert reply.status == 503 and ("Retry-After", "5") in reply.headers
+            assert json.loads(reply.body)["status"] == "initializing"
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+        chat = ls.Request("POST", "/v1/chat/completions", "/v1/chat/completions", "HTTP/1.1",
+                          (("x-api-key", "k"),), body)
+        with pytest.raises(ls.HTTPError) as info:
+            await app.handle(chat)
+        assert info.value.status == 503 and info.value.code == "swarm_starting"
+        gate.set()
+        await pool.wait_any_ready(5)
+        reply = await app.handle(ls.Request("GET", "/health", "/health", "HTTP/1.1", (), b""))
+        assert reply.status == 200 and json.loads(reply.body)["status"] == "degraded"
+        await pool.stop()
+    run(go())
+
+
+def test_last_error_line_is_the_cause_of_a_traceback():
+    log = ("INFO: starting\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+           "    import llama_cpp.server\nModuleNotFoundError: No module named 'llama_cpp.server'\n")
+    assert ls.last_error_line(log) == "ModuleNotFoundError: No module named 'llama_cpp.server'"
+    assert ls.last_error_line("error loading model: bad magic\n") == ""
+
+
 # -- chat service over fake workers: retries --------------------------------------------------------
 
 def chat_service(pool, n_ctx=100, **cfg):
@@ -446,6 +527,10 @@ def test_start_up_gives_up_when_every_worker_keeps_failing(monkeypatch, tmp_path
             await pool.wait_any_ready(30)
         assert "bad magic" in str(info.value)
         await pool.stop()
+        workers[0].log_path.write_text("Traceback (most recent call last):\n"
+                                       "ImportError: libllama.so: cannot open shared object\n")
+        assert str(pool._none_ready()).startswith(
+            "no worker became ready: ImportError: libllama.so: cannot open shared object;")
     run(go())
 
 

@@ -1,8 +1,14 @@
 """Shared fixtures. End-to-end tests run the daemon exactly as a user does (`python local_swarm.py`),
 on a real llama.cpp build and the real SmolLM2-135M model: the first swarm of a run builds
-llama-cpp-python into llama_builds/ and fetches the model into the cache (once per machine)."""
+llama-cpp-python into llama_builds/ and fetches the model into the cache (once per machine).
+
+Such tests carry the `e2e` mark (pyproject.toml), so `python -m pytest -m "not e2e"` is the fast
+loop: a file of them sets `pytestmark`, a single test its own decorator, and a test that uses one of
+E2E_FIXTURES (directly or through another fixture) is marked here at collection, since a fixture
+cannot carry a mark. Tests wait on conditions (wait_for, until), never on a fixed sleep."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -14,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import psutil
@@ -28,6 +34,40 @@ FIRST_START_TIMEOUT = 1800      # the first start may build llama.cpp (~5 min on
 READY_LINE = re.compile(r"ready on (http://[\d.]+:\d+)/v1")
 # A daemon under test reads no settings file of the user's (one that does not exist: no settings).
 NO_SETTINGS = {"LOCAL_SWARM_CONFIG": str(ROOT / "tests" / "no-such-settings.json")}
+# Fixtures below that start real daemons or download the model: every test using one is e2e.
+E2E_FIXTURES = frozenset({"swarm", "qwen_swarm", "smol_model_path"})
+WAIT_TIMEOUT = 30.0     # seconds a condition may take on a loaded 2-core machine (a pass takes ms)
+WAIT_STEP = 0.005       # seconds between two looks at the condition
+
+
+@pytest.hookimpl(tryfirst=True)     # before `-m` deselects by mark
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark e2e every test that uses an E2E_FIXTURES fixture, and every slow test."""
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())) \
+                or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.e2e)
+
+
+def wait_for(condition: Callable[[], object], timeout: float = WAIT_TIMEOUT) -> bool:
+    """Look at condition() every WAIT_STEP seconds until it is true: True, or False once
+    `timeout` seconds have passed without it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(WAIT_STEP)
+    return True
+
+
+async def until(condition: Callable[[], object], timeout: float = WAIT_TIMEOUT) -> None:
+    """wait_for inside an event loop (other tasks run between looks). Raises AssertionError once
+    `timeout` seconds have passed without the condition."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s")
+        await asyncio.sleep(WAIT_STEP)
 
 
 @dataclass

@@ -137,6 +137,7 @@ def test_bundle_needles_leave_out_short_paths(tmp_path):
 BAD_PIP_TIMEOUT = "not-a-number"     # pip exits at start: "option timeout: invalid floating-point"
 
 
+@pytest.mark.e2e  # real pip
 def test_offline_build_uses_the_wheelhouse_and_no_pip_configuration(tmp_path, monkeypatch):
     """A real pip builds the fake sdist (tests/test_hardware.py) in a builds folder that has a
     wheelhouse. pip's configuration here is one pip refuses to start with (a timeout that is not
@@ -159,6 +160,7 @@ def test_offline_build_uses_the_wheelhouse_and_no_pip_configuration(tmp_path, mo
     assert "offline, from the bundled source" in "\n".join(lines)
 
 
+@pytest.mark.e2e  # real pip
 def test_without_a_wheelhouse_pip_configuration_applies(tmp_path, monkeypatch):
     """The control for the test above: the same build with no wheelhouse obeys pip's config."""
     builds = tmp_path / "builds"

@@ -152,6 +152,7 @@ def test_a_started_swarm_prints_a_line_per_ready_worker_then_one_banner(swarm):
 # ---- pip install ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e  # a venv and a real pip install
 def test_pip_install_gives_a_local_swarm_command(tmp_path, smol_model_path):
     """`pip install .` into a fresh virtual environment (no system packages): `local-swarm` is
     on its PATH, an installed copy keeps its builds in the cache, not in site-packages, and it

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import TEST_MODEL, start_swarm
 
+pytestmark = pytest.mark.e2e  # every test runs real daemons (see conftest)
+
 HELLO = [{"role": "user", "content": "Say hello in one word."}]
 
 

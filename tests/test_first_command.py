@@ -26,6 +26,8 @@ from conftest import FIRST_START_TIMEOUT, NO_SETTINGS, ROOT, spawn_swarm
 
 import local_swarm as ls
 
+pytestmark = pytest.mark.e2e  # every test starts a real daemon on a real build
+
 # What a laptop's Python may hold, installed with --no-deps exactly as listed. "reported": the
 # machine of the report (typing_extensions 4.12 lacks the `sentinel` that the build's anyio
 # imports; no httpx, no anyio), where the daemon mixed the two sets and blamed the workers after

@@ -393,6 +393,7 @@ def run_llama(site: Path, script: str, model: Path, jobs: list, tmp_path: Path, 
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
+@pytest.mark.e2e  # the real llama.cpp build and SmolLM2
 def test_llama_cpp_compiles_every_grammar(llama_site, smol_model_path, tmp_path):
     grammars = all_grammars()
     broken = {"undefined rule": "root ::= nothing-here\n", "left recursion": "root ::= root \"a\" | \"a\"\n"}
@@ -420,6 +421,7 @@ def fits_enum_integer_array(value: dict) -> bool:
             and all(isinstance(tag, str) for tag in tags))
 
 
+@pytest.mark.e2e  # the real llama.cpp build and SmolLM2
 def test_smollm2_output_fits_the_grammar(llama_site, smol_model_path, tmp_path):
     tools = {"read.file": {"type": "object", "properties": {"path": {"type": "string", "maxLength": 16}},
                            "required": ["path"]}, "get-weather2": WEATHER}

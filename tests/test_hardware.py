@@ -724,6 +724,7 @@ def write_sdist(folder: Path, fail: bool = False) -> Path:
     return path
 
 
+@pytest.mark.e2e  # real pip
 def test_real_pip_downloads_builds_and_installs(tmp_path):
     index = tmp_path / "index"
     write_sdist(index)
@@ -759,6 +760,7 @@ def test_a_missing_pip_is_a_build_error(tmp_path):
     assert not list((tmp_path / "sdist").iterdir())   # no half-made download left behind
 
 
+@pytest.mark.e2e  # real pip
 def test_failed_build_raises_with_log_tail(tmp_path):
     builds = tmp_path / "builds"
     write_sdist(builds / "sdist", fail=True)

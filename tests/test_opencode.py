@@ -50,6 +50,8 @@ import pytest
 
 from conftest import start_swarm
 
+pytestmark = pytest.mark.e2e  # npm-installs opencode and runs it on a real swarm
+
 OPENCODE_VERSION = "1.18.33"
 MODEL = os.environ.get("LOCAL_SWARM_OPENCODE_MODEL", "qwen2.5-coder-1.5b")
 CTX = 12288                 # opencode's system prompt and tools are ~7,200 tokens, plus the turns

@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 import local_swarm as ls
-from conftest import READY_LINE, ROOT
+from conftest import READY_LINE, ROOT, WAIT_TIMEOUT, until, wait_for
 from test_workers import started_pool, voters
 
 SECRET = "correct horse battery staple"
@@ -36,11 +36,15 @@ OTHER = "another secret entirely"
 MODEL = "fake-model"
 
 
-def run(coro, timeout=20):
+def run(coro, timeout=2 * WAIT_TIMEOUT):
+    """Run one async test body; its time limit leaves room for an `until` to fail first."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 class Clock:
+    """A clock that moves only when a test says so. Nodes that share one agree on the time, so
+    their signed messages stay fresh however far it is moved."""
+
     def __init__(self, now=1_000_000.0):
         self.now = now
 
@@ -394,15 +398,16 @@ class Node:
 
 
 async def node(*answers, name="alpha", secret=SECRET, model=MODEL, interval=0.3,
-               broadcast=None, **cfg) -> Node:
-    """A Node whose beacons go only to its own port unless `broadcast` says where."""
+               broadcast=None, clock=time.time, **cfg) -> Node:
+    """A Node whose beacons go only to its own port unless `broadcast` says where; its
+    federation reads `clock` (peer ages and expiry, message timestamps)."""
     port = free_port()
     cfg = ls.Config(mode="vote", adaptive=False, secret=secret, node_name=name,
                     federation_host="127.0.0.1", federation_port=port, beacon_interval=interval,
                     broadcast=tuple(broadcast or (f"127.0.0.1:{port}",)), **cfg)
     workers = voters(*answers)
     pool = await started_pool(workers)
-    fed = ls.Federation(cfg, model, len(workers), pool.load)
+    fed = ls.Federation(cfg, model, len(workers), pool.load, clock=clock)
     chat = ls.ChatService(pool, ls.PromptRenderer(None), model, 100, cfg, federation=fed)
     server = ls.HttpServer(ls.FederationApp(fed, chat).handle, cfg.http, "127.0.0.1", port, ())
     await server.start()
@@ -410,18 +415,13 @@ async def node(*answers, name="alpha", secret=SECRET, model=MODEL, interval=0.3,
     return Node(cfg, pool, fed, chat, server, workers)
 
 
-async def until(predicate, timeout, step=0.02):
-    """Wait until predicate() holds; returns the seconds it took. Raises AssertionError."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout} s")
-        await asyncio.sleep(step)
-    return time.monotonic() - started
-
-
 def names(n: Node):
     return sorted(p.name for p in n.fed.table.live())
+
+
+def logged(caplog, text: str, since: int = 0) -> bool:
+    """True once a log line captured after the first `since` holds `text`."""
+    return any(text in r.getMessage() for r in caplog.records[since:])
 
 
 def test_beacons_over_udp_find_peers_but_never_self_or_a_stranger(caplog):
@@ -430,8 +430,8 @@ def test_beacons_over_udp_find_peers_but_never_self_or_a_stranger(caplog):
         b = await node("x", name="beta", broadcast=[f"127.0.0.1:{a.port}", "127.0.0.1"])
         c = await node("x", name="stranger", secret=OTHER, broadcast=[f"127.0.0.1:{a.port}"])
         try:
-            await until(lambda: names(a) == ["beta"], 2 * a.cfg.beacon_interval + 0.5)
-            await asyncio.sleep(3 * a.cfg.beacon_interval)
+            await until(lambda: names(a) == ["beta"])
+            await until(lambda: logged(caplog, "refusing beacons"))   # the stranger's was heard
             assert names(a) == ["beta"]          # never itself, never the stranger
             assert names(b) == [] and names(c) == []     # b hears only itself
             found = a.fed.table.live()[0]
@@ -447,70 +447,87 @@ def test_beacons_over_udp_find_peers_but_never_self_or_a_stranger(caplog):
 
 
 def test_replayed_and_stale_beacons_over_udp_are_refused():
+    """Datagrams from one socket arrive in order, so once "late" (sent last) is listed, every
+    datagram before it was taken or refused."""
     async def go():
-        a = await node("x", interval=30)          # no beacon of its own in the way
+        clock = Clock(time.time())
+        a = await node("x", interval=30, clock=clock)   # no beacon of its own in the way
         trust = ls.Trust(SECRET)
+
+        def echo():
+            return next(p for p in a.fed.table.live() if p.name == "echo")
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 datagram = ls.encode_beacon(beacon(name="echo"), trust)
                 s.sendto(datagram, ("127.0.0.1", a.port))
-                await until(lambda: names(a) == ["echo"], 2)
-                first = a.fed.table.live()[0].last_seen
-                await asyncio.sleep(0.05)
+                await until(lambda: names(a) == ["echo"])
+                first = echo().last_seen
+                clock.now += 1                   # a beacon taken from now on is seen later
                 s.sendto(datagram, ("127.0.0.1", a.port))          # replayed: not heard again
-                await asyncio.sleep(0.2)
-                assert a.fed.table.live()[0].last_seen == first
-                node_id = a.fed.table.live()[0].node
-                s.sendto(ls.encode_beacon(beacon(name="echo", node=node_id), trust),
-                         ("127.0.0.1", a.port))                      # a fresh one is
-                await until(lambda: a.fed.table.live()[0].last_seen > first, 2)
                 for ts in (time.time() - 120, time.time() + 120):
                     s.sendto(ls.encode_beacon(beacon(name="stale", ts=ts), trust),
                              ("127.0.0.1", a.port))
                 s.sendto(b"\xff" * 5000, ("127.0.0.1", a.port))     # garbage, oversize
                 s.sendto(ls.encode_beacon(beacon(name="late", port=8766), trust),
                          ("127.0.0.1", a.port))
-                await until(lambda: names(a) == ["echo", "late"], 2)  # the socket lives on
+                await until(lambda: names(a) == ["echo", "late"])  # the socket lives on
+                assert echo().last_seen == first
+                s.sendto(ls.encode_beacon(beacon(name="echo", node=echo().node), trust),
+                         ("127.0.0.1", a.port))                      # a fresh one is
+                await until(lambda: echo().last_seen > first)
         finally:
             await a.stop()
     run(go())
 
 
-def test_a_peer_that_falls_silent_expires():
+def test_a_peer_that_falls_silent_expires(caplog):
+    """On a clock the test moves: b beacons once (at its start; its interval is a minute), then
+    stops. a lists it through PEER_EXPIRY_BEACONS of its intervals, not a moment longer, and a's
+    next beacon pass sweeps it out of the table."""
     async def go():
-        a = await node("x", interval=0.25)
-        b = await node("x", name="beta", interval=0.25, broadcast=[f"127.0.0.1:{a.port}"])
+        clock = Clock(float(int(time.time())))
+        a = await node("x", interval=0.25, clock=clock)
+        b = await node("x", name="beta", interval=60, broadcast=[f"127.0.0.1:{a.port}"],
+                       clock=clock)
         try:
-            await until(lambda: names(a) == ["beta"], 1.5)
+            await until(lambda: names(a) == ["beta"])
             await b.stop()
-            stopped = time.monotonic()
-            await asyncio.sleep(0.3)
+            heard = a.fed.table.live()[0].last_seen
+            clock.now += 60
             assert names(a) == ["beta"]          # one missed beacon is no reason to drop it
-            gone = await until(lambda: names(a) == [], 10) + 0.3
-            assert gone >= 2 * 0.25
-            assert time.monotonic() - stopped <= ls.PEER_EXPIRY_BEACONS * 0.25 + 3
-            await asyncio.sleep(0.3)
+            clock.now = heard + ls.PEER_EXPIRY_BEACONS * 60
+            assert names(a) == ["beta"]          # three missed, and half an interval of jitter
+            clock.now += 0.01
+            assert names(a) == []
+            await until(lambda: logged(caplog, "federation: lost beta"))
             assert a.fed.table.expire() == []    # the sweep took it out of the table too
         finally:
             await a.stop()
-    run(go())
+    with caplog.at_level(logging.INFO, "local_swarm"):
+        run(go())
 
 
 def test_static_peers_are_polled_signed_and_a_wrong_secret_is_never_listed(caplog):
     async def go():
-        b = await node("x", name="beta", interval=30)
-        c = await node("x", name="stranger", secret=OTHER, interval=30)
-        a = await node("x", name="alpha", interval=0.3,
+        clock = Clock(time.time())
+        b = await node("x", name="beta", interval=30, clock=clock)
+        c = await node("x", name="stranger", secret=OTHER, interval=30, clock=clock)
+        a = await node("x", name="alpha", interval=0.3, clock=clock,
                        peers=[f"127.0.0.1:{b.port}", f"127.0.0.1:{c.port}", "127.0.0.1:1"])
         try:
-            await until(lambda: names(a) == ["beta"], 2)
+            await until(lambda: names(a) == ["beta"])
             listed = a.fed.table.live()[0]
             assert listed.static and listed.node == b.fed.node and listed.port == b.port
             assert a.fed.peers()["data"][0]["source"] == "static"
-            await asyncio.sleep(1.0)
+            clock.now += 3 * 0.3                 # three polls' time: only a poll keeps it listed
+            await until(lambda: a.fed.table.live()[0].last_seen == clock.now)
+            clock.now += 3 * 0.3
             assert names(a) == ["beta"]
+            before = len(caplog.records)
             await b.stop()
-            await until(lambda: names(a) == [], ls.PEER_EXPIRY_BEACONS * 0.3 + 3)
+            await until(lambda: logged(caplog, f"127.0.0.1:{b.port} does not answer", before))
+            clock.now += ls.PEER_EXPIRY_BEACONS * 0.3 + 0.01    # a poll failed: none refreshes it
+            assert names(a) == []
         finally:
             for n in (a, c):
                 await n.stop()
@@ -1024,10 +1041,9 @@ def test_a_federated_vote_in_the_namespaces_includes_the_other_two(lan):
 
 def test_a_swarm_with_the_wrong_secret_is_never_listed(lan):
     swarms, stranger = lan[:3], lan[3]
-    time.sleep(2 * INTERVAL)
-    for d in swarms:
+    for d in swarms:           # once it has refused the stranger's beacons, it never lists it
+        assert wait_for(lambda: d.logged(f"refusing beacons from {LAN}.4") is not None), d.name
         assert "fed4" not in d.peer_names()
-        assert d.logged(f"refusing beacons from {LAN}.4") is not None, d.name
     assert stranger.peer_names() == []
 
 

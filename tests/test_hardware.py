@@ -17,11 +17,12 @@ import sys
 import tarfile
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+
+from conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -549,15 +550,6 @@ BUILD_SCRIPT = textwrap.dedent("""\
     """)
 
 
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def gone(pid: int) -> bool:
     """True when pid has exited (a zombie waiting for init to reap it has exited too)."""
     try:
@@ -610,7 +602,7 @@ def test_ctrl_c_ends_the_steps_process_group_and_the_next_start_builds(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         ls.ensure_build(builds, hw, progress=ctrl_c_once_running, pip=pip, progress_every=0.1)
     assert set(pids()) == {"pip", "grandchild"}
-    assert wait_for(lambda: all(gone(pid) for pid in pids().values()), timeout=3)
+    assert wait_for(lambda: all(gone(pid) for pid in pids().values()))
     assert signal.getsignal(signal.SIGTERM) is handler       # restored
     assert not (info.dir / "build.json").exists() and not ls.build_ready(builds, hw)
     monkeypatch.delenv("FAKE_PIP_HANG")
@@ -626,14 +618,14 @@ def test_sigterm_during_the_first_start_ends_the_build_and_the_next_start_builds
     pip, pids = hanging_pip
     daemon = start_build_daemon(tmp_path, pip, hang="wheel")
     try:
-        assert wait_for(lambda: bool(pids()), timeout=30)
+        assert wait_for(lambda: bool(pids()))
         daemon.send_signal(signal.SIGTERM)
         _, err = daemon.communicate(timeout=10)
     finally:
         daemon.kill()
     assert daemon.returncode == 128 + signal.SIGTERM, err
     assert "stopped; the next start builds it again" in err
-    assert wait_for(lambda: all(gone(pid) for pid in pids().values()), timeout=3)
+    assert wait_for(lambda: all(gone(pid) for pid in pids().values()))
     hw, builds = hardware(), tmp_path / "builds"
     assert not ls.build_ready(builds, hw)
     built = ls.ensure_build(builds, hw, progress=lambda line: None, pip=pip)
@@ -647,12 +639,12 @@ def test_sigkill_of_the_daemon_takes_pip_down(tmp_path, hanging_pip):
     pip, pids = hanging_pip
     daemon = start_build_daemon(tmp_path, pip, hang="wheel")
     try:
-        assert wait_for(lambda: bool(pids()), timeout=30)
+        assert wait_for(lambda: bool(pids()))
         daemon.kill()
         daemon.communicate(timeout=10)
     finally:
         daemon.kill()
-    assert wait_for(lambda: gone(pids()["pip"]), timeout=3)
+    assert wait_for(lambda: gone(pids()["pip"]))
     assert not gone(pids()["grandchild"])
 
 

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from conftest import until  # noqa: E402
 from local_swarm import (  # noqa: E402
     SSE_DONE, ChunkedDecoder, HTTPError, HttpLimits, HttpServer, Request, RequestHead,
     RequestParser, Response, SSEDecoder, WorkerError, sse_comment, sse_event, sse_json,
@@ -934,13 +935,16 @@ def test_closing_reply_survives_unread_input() -> None:
         async with serving() as h:
             client = await h.client()
             await client.send(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4000000\r\n\r\n")
+            sent = 0
 
             async def body() -> None:
+                nonlocal sent
                 with contextlib.suppress(ConnectionError):
                     for _ in range(40):
                         await client.send(b"x" * 100_000)
+                        sent += 1
             sending = asyncio.create_task(body())
-            await asyncio.sleep(0.05)
+            await until(lambda: sent or sending.done())    # the body is on its way
             assert_error(await client.reply(), 413)
             await sending
     run(main())
@@ -1024,7 +1028,12 @@ def test_stop_does_not_hang_on_slow_clients() -> None:
         sleeper = Client(*await asyncio.open_connection("127.0.0.1", server.port))
         await sleeper.send(b"GET /sleep HTTP/1.1\r\nHost: a\r\n\r\n")
         await asyncio.wait_for(app.started.wait(), 2)
-        await asyncio.sleep(0.3)                          # let the hog's buffers fill
+        looks: list[int] = []
+
+        def hog_stalled() -> bool:     # its buffers are full: no event yielded between two looks
+            looks.append(app.yielded)
+            return len(looks) > 1 and 0 < looks[-2] == looks[-1]
+        await until(hog_stalled)
         assert 0 < app.yielded < 100000
         started = time.monotonic()
         await server.stop()

@@ -5,7 +5,8 @@ llama-cpp-python into llama_builds/ and fetches the model into the cache (once p
 Such tests carry the `e2e` mark (pyproject.toml), so `python -m pytest -m "not e2e"` is the fast
 loop: a file of them sets `pytestmark`, a single test its own decorator, and a test that uses one of
 E2E_FIXTURES (directly or through another fixture) is marked here at collection, since a fixture
-cannot carry a mark. Tests wait on conditions (wait_for, until), never on a fixed sleep."""
+cannot carry a mark. To wait for something, poll its condition (wait_for, or until in an event
+loop) rather than sleep a fixed time."""
 from __future__ import annotations
 
 import asyncio

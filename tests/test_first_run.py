@@ -62,8 +62,7 @@ def test_a_flag_left_out_lets_the_file_speak():
 
 # ---- the settings table: each setting declared once ----------------------------------------------
 
-NOT_SETTINGS = {"http", "worker_start_timeout", "request_timeout", "max_retries", "vote_deadline",
-                "cache_dir"}
+NOT_SETTINGS = {"http", "worker_start_timeout", "request_timeout", "max_retries", "vote_deadline"}
 
 
 def kinds(hint) -> set:
@@ -105,6 +104,8 @@ def layer_values(setting) -> tuple:
         return others[0], others[1], others[2 % len(others)]
     samples = {int: (2, 3, 4), float: (0.5, 1.0, 1.5), tuple: (("h1:1",), ("h2:2",), ("h3:3",)),
                Path: (Path("/a"), Path("/b"), Path("/c"))}
+    if setting.name.endswith("_url"):
+        return "http://a", "http://b", "http://c"
     return samples.get(setting.kind, ("a", "b", "c"))
 
 
@@ -141,6 +142,25 @@ def test_each_setting_from_each_layer_and_the_later_layer_wins(setting, tmp_path
     assert value(args(), {}, from_file) == saved                         # the file over it
     assert value(args(), environ, from_file) == env                     # a variable over the file
     assert value(flags, environ, from_file) == flag                      # a flag over all
+
+
+def test_the_cache_dir_is_also_read_from_its_old_variable(tmp_path):
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    assert ls.settings_from_env({"LOCAL_SWARM_CACHE": old}) == {"cache_dir": Path(old)}
+    assert ls.settings_from_env({"LOCAL_SWARM_CACHE": old, "LOCAL_SWARM_CACHE_DIR": new}) == \
+        {"cache_dir": Path(new)}
+    # the builds follow the cache unless set (for an installed copy: see default_builds_dir)
+    assert ls.Config(cache_dir=tmp_path).builds_dir == ls.default_builds_dir(ls.HERE, tmp_path)
+    assert ls.Config(cache_dir=tmp_path, builds_dir=Path("/b")).builds_dir == Path("/b")
+
+
+def test_download_sites_must_be_web_addresses(tmp_path):
+    with pytest.raises(ls.SettingsError, match="LOCAL_SWARM_HF_URL.*http:// or https://"):
+        ls.settings_from_env({"LOCAL_SWARM_HF_URL": "huggingface.co"})
+    path = tmp_path / "config.json"
+    path.write_text('{"pypi_url": "ftp://mirror"}')
+    with pytest.raises(ls.SettingsError, match='key "pypi_url": must be an http'):
+        ls.read_settings_file(path)
 
 
 def test_doctor_shows_where_each_setting_comes_from_and_hides_secrets(tmp_path):

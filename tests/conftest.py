@@ -139,7 +139,7 @@ def swarm():
 def smol_model_path() -> Path:
     """SmolLM2-135M on disk (fetched into the local-swarm cache once per machine)."""
     import local_swarm as ls
-    return ls.resolve_model("smollm2-135m", ls.Config().cache_dir)
+    return ls.resolve_model("smollm2-135m", ls.config_from_args().cache_dir)
 
 
 TOOLS_MODEL = os.environ.get("LOCAL_SWARM_TOOLS_MODEL", "qwen2.5-coder-0.5b")

@@ -288,7 +288,7 @@ def test_bundle_layout(bundle_copy, smol_model_path):
 def test_bundle_names_no_path_of_the_machine_it_was_made_on(bundle_copy):
     build = ls.build_info(ls.DEFAULT_BUILDS_DIR, ls.detect_hardware())
     needles = {str(bundle_copy.parent.parent / "made-here"), str(ROOT), str(build.dir),
-               str(build.dir.resolve()), str(ls.Config().cache_dir)}
+               str(build.dir.resolve()), str(ls.config_from_args().cache_dir)}
     assert ls.find_path_references(bundle_copy, needles) == []
 
 

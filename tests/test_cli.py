@@ -1,6 +1,7 @@
 """The command line: --help, doctor, and flags turned into a Config."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -68,6 +69,36 @@ def test_flags_become_config():
     assert cfg.cors_origins == ("*",)
     default = ls.config_from_args(ls.build_parser().parse_args([]))
     assert default.host == "127.0.0.1" and default.api_key is None
+
+
+def test_the_parser_has_each_settings_flag_as_its_row_says():
+    parser = ls.build_parser()
+    actions = {action.dest: action for action in parser._actions}
+    groups = {action.dest: group.title for group in parser._action_groups
+              for action in group._group_actions}
+    for setting in ls.SETTINGS:
+        action = actions[setting.name]
+        assert action.option_strings == [setting.option] and action.help == setting.help
+        assert action.default is None                     # left out: the layers below speak
+        assert groups[setting.name] == (setting.group or "options")
+        if setting.kind is bool:
+            assert action.nargs == 0 and action.const is not setting.option.startswith("--no-")
+        else:
+            assert action.metavar == setting.metavar and action.type in (setting.kind, None)
+            assert tuple(action.choices or ()) == setting.choices
+            assert isinstance(action, argparse._AppendAction) == (setting.kind is tuple)
+    non_settings = {a.dest for a in parser._actions} - set(ls.SETTINGS_BY_NAME)
+    assert non_settings == {"help", "command", "dir", "config", "yes"}
+
+
+def test_help_lists_every_setting_with_its_value_and_the_variables():
+    out = "".join(ls.build_parser().format_help().split())    # argparse wraps lines (and words
+    for setting in ls.SETTINGS:                                   # at hyphens)
+        shown = setting.metavar or ("{" + ",".join(setting.choices) + "}" if setting.choices
+                                    else setting.name.upper())
+        assert (setting.option if setting.kind is bool else setting.option + shown) in out
+        assert "".join(setting.help.split()) in out
+    assert "LOCAL_SWARM_<NAME>" in out and "Flagswinovervariables,variablesoverthefile" in out
 
 
 # ---- progress lines and the banner ---------------------------------------------------------------

@@ -180,7 +180,7 @@ def test_context_overflow_is_400_before_generation(swarm):
 def worker_chat_calls(swarm) -> int:
     """Chat requests the daemon's workers have received, from their access logs."""
     import local_swarm as ls
-    logs = ls.Config().cache_dir / "logs" / str(swarm.proc.pid)
+    logs = ls.config_from_args().cache_dir / "logs" / str(swarm.proc.pid)
     return sum(p.read_text(errors="replace").count("POST /v1/chat/completions")
                for p in logs.glob("worker-*.log"))
 

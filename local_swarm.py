@@ -60,7 +60,7 @@ from email.parser import HeaderParser
 from http import HTTPStatus
 from pathlib import Path
 from typing import (Any, AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping,
-                    Sequence)
+                    Protocol, Sequence)
 
 try:
     import psutil
@@ -3304,9 +3304,9 @@ def _checked_model_path(path: Path) -> Path:
 # =====================================================================================================
 # Workers
 # =====================================================================================================
-# A worker is one llama.cpp server process on 127.0.0.1. The daemon talks to it through a narrow
-# interface (start, wait_ready, stream_chat, count_tokens, stop) so that another server binary built
-# from the same llama.cpp source can be plugged in by writing one more class with these methods.
+# A worker is one llama.cpp server process on 127.0.0.1. The daemon talks to it only through the
+# Worker protocol below, so that another server binary built from the same llama.cpp source can be
+# plugged in by writing one more class with these members.
 # Rules: a worker serves one request at a time (the pool guarantees it); we always ask it to stream,
 # because llama-cpp-python cancels a streamed generation when we hang up but not a whole one;
 # a worker process must never outlive the daemon (PR_SET_PDEATHSIG on Linux, plus a stdin pipe
@@ -3332,6 +3332,56 @@ WORKER_BOOTSTRAP = SITE_FIRST + (
     "threading.Thread(target=_watch, daemon=True).start()\n"
     "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
 )
+
+
+class Worker(Protocol):
+    """Everything the pool and the chat path use of a worker; LlamaCppPythonWorker is the one
+    implementation (the tests bring scripted fakes). Nothing else of a worker may be touched:
+    its process, client and spec are its own."""
+
+    @property
+    def name(self) -> str:
+        """"worker-N": its id in logs, /health and a vote's candidates."""
+
+    @property
+    def port(self) -> int:
+        """The loopback port it serves on (shown in /health)."""
+
+    @property
+    def pid(self) -> int | None:
+        """Its process id (shown in /health); None before the first start."""
+
+    @property
+    def log_path(self) -> Path:
+        """The file its output goes to (its tail explains a failed start)."""
+
+    async def start(self) -> None:
+        """Spawn the process; returns before the model is loaded. Raises OSError if the spawn
+        fails."""
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Return once it serves requests. Raises WorkerError if it exits or timeout passes."""
+
+    async def wait_exit(self) -> int | None:
+        """Wait for the process to end; returns its exit code (None if it never started)."""
+
+    def exited(self) -> bool:
+        """True unless the process is running (also before the first start)."""
+
+    async def ping(self) -> bool:
+        """True if it answers within seconds; False, never an error, if it does not."""
+
+    async def count_tokens(self, text: str, timeout: float = COUNT_TIMEOUT) -> int:
+        """Tokens in text by its tokenizer; waits for a running generation to end. Raises
+        WorkerError."""
+
+    def stream_chat(self, body: dict[str, Any], timeout: float,
+                    route: str = "/v1/chat/completions") -> AsyncIterator[dict]:
+        """Each chunk of a streamed generation; closing the iterator stops the generation.
+        Raises WorkerError (with .status when it answered with an error)."""
+
+    async def stop(self, grace: float = WORKER_STOP_GRACE) -> None:
+        """End the process (SIGTERM, SIGKILL after grace seconds) and reap it; never raises."""
 
 
 @dataclass(frozen=True)
@@ -3458,7 +3508,8 @@ def _as_httpcore_errors(timeout_error: type, network_error: type) -> Iterator[No
 
 
 class LlamaCppPythonWorker:
-    """One `python -m llama_cpp.server` process and the HTTP calls the swarm makes to it."""
+    """One `python -m llama_cpp.server` process and the HTTP calls the swarm makes to it: a
+    Worker."""
 
     def __init__(self, spec: WorkerSpec, client: Any, launcher: Launcher = launch_process) -> None:
         self.spec = spec
@@ -3466,7 +3517,6 @@ class LlamaCppPythonWorker:
         self.launcher = launcher
         self.port = 0
         self.process: asyncio.subprocess.Process | None = None
-        self.started_at = 0.0
 
     @property
     def name(self) -> str:
@@ -3498,12 +3548,15 @@ class LlamaCppPythonWorker:
     async def start(self) -> None:
         """Spawn the process on a fresh port; returns before the model is loaded."""
         self.port = free_port()
-        self.started_at = time.monotonic()
         self.process = await self.launcher(self.argv(), self.spec.env, self.log_path)
         log.debug("%s: pid %s on port %d", self.name, self.process.pid, self.port)
 
     def exited(self) -> bool:
         return self.process is None or self.process.returncode is not None
+
+    async def wait_exit(self) -> int | None:
+        """Wait for the process to end; returns its exit code (None if it never started)."""
+        return await self.process.wait() if self.process else None
 
     async def wait_ready(self, timeout: float) -> None:
         """Poll GET /v1/models until it answers 200. Raises WorkerError if the process exits or
@@ -3632,19 +3685,20 @@ class WorkerSlot:
     """The pool's mutable record of one worker.
     state: starting | idle | busy | checking (failed a request; being probed) | dead | stopped."""
 
-    worker: Any
+    worker: Worker
     state: str = "starting"
     lease_id: int = 0
     restarts: int = 0
     served: int = 0
     ready_once: bool = False
+    started_at: float = 0.0       # time.monotonic() of the last start: the log says how long it took
 
 
 class WorkerPool:
     """N workers, their supervisors, and the line of requests waiting for one."""
 
-    def __init__(self, workers: Sequence[Any], queue_size: int, start_timeout: float,
-                 on_ready: Callable[[Any], None] | None = None,
+    def __init__(self, workers: Sequence[Worker], queue_size: int, start_timeout: float,
+                 on_ready: Callable[[Worker], None] | None = None,
                  timings: PoolTimings | None = None) -> None:
         """on_ready(worker) is called once per worker, the first time it is ready (the CLI prints
         a line per ready worker from it). timings: PoolTimings() (the module constants) if None."""
@@ -3658,7 +3712,7 @@ class WorkerPool:
         self._stopping = False
         self._fault: Exception | None = None      # a supervisor's failure in our own code
         self._service_time = 5.0              # moving average of lease duration, for Retry-After
-        self.on_ready: Callable[[Any], None] = on_ready or (lambda worker: None)
+        self.on_ready: Callable[[Worker], None] = on_ready or (lambda worker: None)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -3743,6 +3797,7 @@ class WorkerPool:
         worker = slot.worker
         while not self._stopping:
             slot.state = "starting"
+            slot.started_at = time.monotonic()
             try:
                 await worker.start()
                 await worker.wait_ready(self.start_timeout)
@@ -3751,7 +3806,7 @@ class WorkerPool:
                 await worker.stop()
             else:
                 self._mark_ready(slot)
-                code = await worker.process.wait()
+                code = await worker.wait_exit()
                 if self._stopping:
                     return
                 log.error("%s exited with code %s; restarting. Last log lines:\n%s", worker.name,
@@ -3765,7 +3820,7 @@ class WorkerPool:
         slot.ready_once = True
         log.log(logging.DEBUG if first else logging.INFO, "%s ready%s (pid %s, port %d) in %.1f s",
                 slot.worker.name, "" if first else " again", slot.worker.pid, slot.worker.port,
-                time.monotonic() - slot.worker.started_at)
+                time.monotonic() - slot.started_at)
         if first:
             self.on_ready(slot.worker)
         self._hand_out(slot)
@@ -3884,7 +3939,7 @@ class WorkerPool:
             await slot.worker.stop()               # its supervisor restarts it
 
     @contextlib.asynccontextmanager
-    async def lease(self, prefer: Sequence[str] = ()) -> AsyncIterator[Any]:
+    async def lease(self, prefer: Sequence[str] = ()) -> AsyncIterator[Worker]:
         """`async with pool.lease() as worker:` exclusive use of one ready worker, one named in
         `prefer` when such is idle (conversation affinity: its KV cache holds the prefix). A
         WorkerError out of the block sends the worker to be probed before it is leased again."""
@@ -7277,7 +7332,7 @@ class Swarm:
         log.info("federation: node %s (%s) on port %d, a beacon every %g s", self.federation.name,
                  self.federation.node, self.federation.port, cfg.beacon_interval)
 
-    def _worker_ready(self, worker: Any) -> None:
+    def _worker_ready(self, worker: Worker) -> None:
         assert self.pool is not None   # called by the pool, which start() made
         ready = sum(slot.ready_once for slot in self.pool.slots)
         self.progress(worker_ready_line(ready, len(self.pool.slots),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -12,30 +14,17 @@ import pytest
 import local_swarm as ls
 
 
-class FakeProcess:
-    def __init__(self):
-        self.returncode = None
-        self.pid = 4242
-        self._exit = asyncio.Event()
-
-    async def wait(self):
-        await self._exit.wait()
-        return self.returncode
-
-    def die(self, code=-9):
-        self.returncode = code
-        self._exit.set()
-
-
 class FakeWorker:
-    """The worker interface (start, wait_ready, stream_chat, count_tokens, stop), scripted."""
+    """A scripted ls.Worker: what the protocol names, plus cues to fail on (die() ends its
+    "process" as a crash would)."""
 
     def __init__(self, index, fail_start=0, tokens=("Hel", "lo"), die_after=None):
         self.name = f"worker-{index}"
         self.port = 1000 + index
-        self.started_at = 0.0
         self.log_path = Path("/nonexistent")
-        self.process = None
+        self.pid = None
+        self.exit_code = None
+        self._ended = None                  # an asyncio.Event set when the "process" ends
         self.fail_start = fail_start
         self.tokens = tokens
         self.die_after = die_after          # die after yielding this many chunks
@@ -46,19 +35,25 @@ class FakeWorker:
         self.completion = ()                # what a raw completion (/v1/completions) yields
         self.completion_finish = "stop"     # and how it ends ("length": max_tokens cut it)
 
-    @property
-    def pid(self):
-        return self.process.pid if self.process else None
-
     async def start(self):
         self.starts += 1
-        self.process = FakeProcess()
+        self.pid, self.exit_code, self._ended = 4242, None, asyncio.Event()
         if self.fail_start > 0:
             self.fail_start -= 1
-            self.process.die(1)
+            self.die(1)
+
+    def die(self, code=-9):
+        self.exit_code = code
+        self._ended.set()
 
     def exited(self):
-        return self.process is None or self.process.returncode is not None
+        return self._ended is None or self._ended.is_set()
+
+    async def wait_exit(self):
+        if self._ended is None:
+            return None
+        await self._ended.wait()
+        return self.exit_code
 
     async def wait_ready(self, timeout):
         if self.exited():
@@ -90,14 +85,14 @@ class FakeWorker:
         for i, tok in enumerate(self.tokens):
             if self.die_after is not None and i >= self.die_after:
                 self.die_after = None
-                self.process.die()
+                self.die()
                 raise ls.WorkerError(f"{self.name}: stream broken")
             yield {"choices": [{"delta": {"content": tok}, "finish_reason": None}]}
         yield {"choices": [{"delta": {}, "finish_reason": "stop"}]}
 
     async def stop(self, grace=0):
-        if self.process and self.process.returncode is None:
-            self.process.die(0)
+        if not self.exited():
+            self.die(0)
 
 
 def run(coro):
@@ -174,7 +169,7 @@ def test_crashed_worker_is_restarted_and_stale_lease_ignored():
         pool = await started_pool([w], timings=QUICK_RESTART)
         cm = pool.lease()
         await cm.__aenter__()
-        w.process.die()
+        w.die()
         await asyncio.sleep(0.1)                 # supervisor restarts it
         assert w.starts == 2 and pool.describe()[0]["state"] == "idle"
         async with pool.lease():
@@ -246,7 +241,7 @@ def test_wait_started_waits_for_every_worker_and_reports_each_once():
         await pool.start()
         assert await pool.wait_started(5) == 3
         assert sorted(w.name for w in seen) == ["worker-1", "worker-2", "worker-3"]
-        workers[0].process.die()                  # a restart is not reported as ready again
+        workers[0].die()                          # a restart is not reported as ready again
         await asyncio.sleep(0.1)
         assert len(seen) == 3 and workers[0].starts == 2
         await pool.stop()
@@ -278,7 +273,7 @@ def test_status_degraded_when_one_of_two_is_down():
     async def go():
         a, b = FakeWorker(1), FakeWorker(2)
         pool = await started_pool([a, b], timings=SLOW_RESTART)
-        b.process.die()
+        b.die()
         await asyncio.sleep(0.01)
         assert pool.status() == "degraded" and pool.healthy() == 1
         await pool.stop()
@@ -295,6 +290,36 @@ def test_stop_fails_waiters_with_503():
             with pytest.raises(ls.HTTPError) as info:
                 await waiter
             assert info.value.status == 503
+    run(go())
+
+
+# -- the Worker protocol -----------------------------------------------------------------------------
+
+def real_worker(tmp_path, launcher=ls.launch_process):
+    spec = ls.WorkerSpec(index=1, model=tmp_path / "m.gguf", model_id="m", n_ctx=256, threads=1,
+                         threads_batch=1, gpu_layers=0, site=tmp_path, env={}, log_dir=tmp_path)
+    return ls.LlamaCppPythonWorker(spec, client=None, launcher=launcher)
+
+
+def test_the_real_worker_and_the_fake_have_every_member_the_protocol_names(tmp_path):
+    members = sorted(name for name in vars(ls.Worker) if not name.startswith("_"))
+    assert members == ["count_tokens", "exited", "log_path", "name", "pid", "ping", "port",
+                       "start", "stop", "stream_chat", "wait_exit", "wait_ready"]
+    for worker in (real_worker(tmp_path), FakeWorker(1)):
+        assert [m for m in members if not hasattr(worker, m)] == [], type(worker).__name__
+
+
+def test_wait_exit_returns_the_exit_code_of_the_workers_process(tmp_path):
+    async def exits_with_3(argv, env, log_path):
+        return await ls.launch_process([sys.executable, "-c", "raise SystemExit(3)"],
+                                       dict(os.environ), log_path)
+
+    async def go():
+        worker = real_worker(tmp_path, exits_with_3)
+        assert worker.exited() and await worker.wait_exit() is None     # never started
+        await worker.start()
+        assert await worker.wait_exit() == 3 and worker.exited()
+        await worker.stop()
     run(go())
 
 

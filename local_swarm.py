@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import hashlib
 import hmac
 import importlib.util
@@ -3652,7 +3653,8 @@ class LlamaCppPythonWorker:
 # one request at a time. Requests that find every worker busy wait in a bounded line; past its bound
 # they get 429 with Retry-After (a client error the client can act on, never a 5xx that editors
 # retry at once). A lease is released exactly once; a worker that died while leased comes back
-# through its supervisor, never through the dead lease. The waits are a PoolTimings.
+# through its supervisor, never through the dead lease. A slot's state changes only through
+# WorkerPool._move, along the moves SLOT_MOVES lists; the waits are a PoolTimings.
 
 RESTART_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)   # seconds before restart k of a crashing worker
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60             # bounds of the Retry-After estimate (seconds)
@@ -3680,13 +3682,54 @@ class PoolTimings:
         return self.restart_backoff[min(restarts, len(self.restart_backoff) - 1)]
 
 
+class SlotState(enum.Enum):
+    """Where one worker stands in the pool; the value is what /health shows."""
+
+    STARTING = "starting"       # spawned, loading its model
+    IDLE = "idle"               # ready, not leased
+    BUSY = "busy"               # leased to one request
+    CHECKING = "checking"       # a request on it failed: pinged before anyone gets it
+    DRAINING = "draining"       # its request was abandoned: waiting for its model lock to free
+    DEAD = "dead"               # exited or failed to start: its supervisor restarts it
+    STOPPED = "stopped"         # the pool stopped
+
+
+# The moves a slot may make, from: to, and why; WorkerPool._move rejects any other as a bug in the
+# pool. Every live state may go DEAD (a process exits when it likes; a supervisor may fail) and
+# STOPPED (pool.stop()). A self-move is listed only where the pool makes one.
+SLOT_MOVES: dict[SlotState, frozenset[SlotState]] = {
+    # ready: idle, or leased at once to the oldest waiter; or the start failed
+    SlotState.STARTING: frozenset({SlotState.IDLE, SlotState.BUSY, SlotState.DEAD,
+                                   SlotState.STOPPED}),
+    # leased
+    SlotState.IDLE: frozenset({SlotState.BUSY, SlotState.DEAD, SlotState.STOPPED}),
+    # released: idle, or handed straight to the next waiter (busy again); its request failed
+    # without an answer (checking) or was abandoned (draining)
+    SlotState.BUSY: frozenset({SlotState.IDLE, SlotState.BUSY, SlotState.CHECKING,
+                               SlotState.DRAINING, SlotState.DEAD, SlotState.STOPPED}),
+    # answered the probe: handed out again (no answer: stopped, and its exit makes it DEAD)
+    SlotState.CHECKING: frozenset({SlotState.IDLE, SlotState.BUSY, SlotState.DEAD,
+                                   SlotState.STOPPED}),
+    # its model lock came free: handed out again; the wait failed: probed
+    SlotState.DRAINING: frozenset({SlotState.IDLE, SlotState.BUSY, SlotState.CHECKING,
+                                   SlotState.DEAD, SlotState.STOPPED}),
+    # restarted after the backoff; DEAD again when the supervisor sees an exit a release saw first
+    SlotState.DEAD: frozenset({SlotState.STARTING, SlotState.DEAD, SlotState.STOPPED}),
+    # stop() may be called again
+    SlotState.STOPPED: frozenset({SlotState.STOPPED}),
+}
+
+
+class IllegalSlotMove(AssertionError):
+    """A slot was moved where SLOT_MOVES does not allow: a bug in the pool, not a worker's fault."""
+
+
 @dataclass
 class WorkerSlot:
-    """The pool's mutable record of one worker.
-    state: starting | idle | busy | checking (failed a request; being probed) | dead | stopped."""
+    """The pool's mutable record of one worker; its state changes only through WorkerPool._move."""
 
     worker: Worker
-    state: str = "starting"
+    state: SlotState = SlotState.STARTING
     lease_id: int = 0
     restarts: int = 0
     served: int = 0
@@ -3765,7 +3808,7 @@ class WorkerPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(s.worker.stop() for s in self.slots), return_exceptions=True)
         for slot in self.slots:
-            slot.state = "stopped"
+            self._move(slot, SlotState.STOPPED)
         for fut in self._waiters:
             if not fut.done():
                 fut.set_exception(HTTPError(503, "the swarm is shutting down", "server_error",
@@ -3779,7 +3822,7 @@ class WorkerPool:
         try:
             await self._keep_running(slot)
         except Exception as exc:            # the boundary of this background loop
-            slot.state = "dead"
+            self._move(slot, SlotState.DEAD)
             if self._fault is None:
                 self._fault = exc
             log.error("%s: its supervisor failed: %s: %s", slot.worker.name,
@@ -3796,7 +3839,6 @@ class WorkerPool:
         """Keep one worker running: start, wait ready, hand out, and restart after a crash."""
         worker = slot.worker
         while not self._stopping:
-            slot.state = "starting"
             slot.started_at = time.monotonic()
             try:
                 await worker.start()
@@ -3811,9 +3853,10 @@ class WorkerPool:
                     return
                 log.error("%s exited with code %s; restarting. Last log lines:\n%s", worker.name,
                           code, tail_lines(worker.log_path, WORKER_LOG_TAIL))
-            slot.state = "dead"
+            self._move(slot, SlotState.DEAD)
             await asyncio.sleep(self.timings.backoff(slot.restarts))
             slot.restarts += 1
+            self._move(slot, SlotState.STARTING)
 
     def _mark_ready(self, slot: WorkerSlot) -> None:
         first = not slot.ready_once
@@ -3825,6 +3868,13 @@ class WorkerPool:
             self.on_ready(slot.worker)
         self._hand_out(slot)
 
+    @staticmethod
+    def _move(slot: WorkerSlot, to: SlotState) -> None:
+        """Set slot.state to `to`. Raises IllegalSlotMove if SLOT_MOVES does not allow the move."""
+        if to not in SLOT_MOVES[slot.state]:
+            raise IllegalSlotMove(f"{slot.worker.name}: {slot.state.value} -> {to.value}")
+        slot.state = to
+
     # -- leasing --------------------------------------------------------------------------------
 
     def _hand_out(self, slot: WorkerSlot) -> None:
@@ -3835,11 +3885,11 @@ class WorkerPool:
                 self._lease_to(slot)
                 fut.set_result((slot, slot.lease_id))
                 return
-        slot.state = "idle"
+        self._move(slot, SlotState.IDLE)
 
     def _lease_to(self, slot: WorkerSlot) -> None:
         self._lease_ids += 1
-        slot.state = "busy"
+        self._move(slot, SlotState.BUSY)
         slot.lease_id = self._lease_ids
 
     def _retry_after(self) -> int:
@@ -3849,7 +3899,7 @@ class WorkerPool:
 
     def _idle_slot(self, prefer: Sequence[str]) -> WorkerSlot | None:
         """An idle worker, the first of `prefer` (by name) that is idle if any."""
-        idle = [slot for slot in self.slots if slot.state == "idle"]
+        idle = [slot for slot in self.slots if slot.state is SlotState.IDLE]
         ranked = sorted(idle, key=lambda s: prefer.index(s.worker.name)
                         if s.worker.name in prefer else len(prefer))
         return ranked[0] if ranked else None
@@ -3883,19 +3933,19 @@ class WorkerPool:
             raise
 
     def _release(self, slot: WorkerSlot, lease_id: int) -> None:
-        if slot.state != "busy" or slot.lease_id != lease_id:
+        if slot.state is not SlotState.BUSY or slot.lease_id != lease_id:
             return                                 # died and restarted meanwhile: not ours now
         slot.served += 1
         if slot.worker.exited():
-            slot.state = "dead"                    # the supervisor restarts it
+            self._move(slot, SlotState.DEAD)       # the supervisor restarts it
         else:
             self._hand_out(slot)
 
     def _quarantine(self, slot: WorkerSlot, lease_id: int) -> None:
         """A request failed on this worker: probe it before anyone else gets it. It may be dying
         (its exit not reaped yet) or just have refused one request."""
-        if slot.state == "busy" and slot.lease_id == lease_id:
-            slot.state = "checking"
+        if slot.state is SlotState.BUSY and slot.lease_id == lease_id:
+            self._move(slot, SlotState.CHECKING)
             self._tasks.append(asyncio.create_task(self._probe(slot), name="probe"))
             self._tasks = [t for t in self._tasks if not t.done()]
 
@@ -3904,8 +3954,8 @@ class WorkerPool:
         connection only between tokens, and a long prompt it is still evaluating can keep it busy
         for minutes. Hand it out again once it answers a request that waits for its model lock;
         probe it if that fails."""
-        if slot.state == "busy" and slot.lease_id == lease_id:
-            slot.state = "draining"
+        if slot.state is SlotState.BUSY and slot.lease_id == lease_id:
+            self._move(slot, SlotState.DRAINING)
             self._tasks.append(asyncio.create_task(self._wait_drained(slot), name="drain"))
             self._tasks = [t for t in self._tasks if not t.done()]
 
@@ -3915,21 +3965,21 @@ class WorkerPool:
         except WorkerError as exc:
             log.warning("%s did not come back after an abandoned request: %s", slot.worker.name,
                         exc)
-            if slot.state == "draining":
-                slot.state = "checking"
+            if slot.state is SlotState.DRAINING:
+                self._move(slot, SlotState.CHECKING)
                 await self._probe(slot)
             return
-        if slot.state == "draining" and not slot.worker.exited():
+        if slot.state is SlotState.DRAINING and not slot.worker.exited():
             self._hand_out(slot)
 
     async def _probe(self, slot: WorkerSlot) -> None:
         # a few pings, so that one stale connection does not cost a restart
         for attempt in range(self.timings.probe_attempts):
             alive = await slot.worker.ping()
-            if alive or slot.state != "checking":
+            if alive or slot.state is not SlotState.CHECKING:
                 break
             await asyncio.sleep(self.timings.ready_poll)
-        if slot.state != "checking":
+        if slot.state is not SlotState.CHECKING:
             return                                 # the supervisor saw it exit meanwhile
         if alive and not slot.worker.exited():
             self._hand_out(slot)
@@ -3961,14 +4011,15 @@ class WorkerPool:
     # -- reporting ------------------------------------------------------------------------------
 
     def healthy(self) -> int:
-        return sum(s.state in ("idle", "busy", "draining") for s in self.slots)
+        return sum(s.state in (SlotState.IDLE, SlotState.BUSY, SlotState.DRAINING)
+                   for s in self.slots)
 
     def waiting(self) -> int:
         return sum(not f.done() for f in self._waiters)
 
     def load(self) -> float:
         """Busy workers plus waiting requests, per worker: 0 idle, 1 all busy, more when queued."""
-        busy = sum(s.state == "busy" for s in self.slots)
+        busy = sum(s.state is SlotState.BUSY for s in self.slots)
         return (busy + self.waiting()) / max(1, len(self.slots))
 
     def status(self) -> str:
@@ -3978,7 +4029,7 @@ class WorkerPool:
         return "healthy" if self.healthy() == len(self.slots) else "degraded"
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"id": s.worker.name, "state": s.state, "pid": s.worker.pid,
+        return [{"id": s.worker.name, "state": s.state.value, "pid": s.worker.pid,
                  "port": s.worker.port, "restarts": s.restarts, "served": s.served}
                 for s in self.slots]
 

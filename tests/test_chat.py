@@ -576,3 +576,160 @@ def test_a_second_call_cut_off_by_max_tokens_leaves_no_fragment_in_the_content()
         assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["read_file"]
         await pool.stop()
     run(go())
+
+
+# -- the parts: a request prepared once, an attempt on a leased worker, peers behind PeerVoters ----
+
+class CountingRenderer(ls.PromptRenderer):
+    """A renderer that counts its renders."""
+
+    renders = 0
+
+    def render(self, messages, tools=()):
+        self.renders += 1
+        return super().render(messages, tools)
+
+
+def record_counts(workers):
+    """The texts the workers are asked to count, in order (their count_tokens, wrapped)."""
+    counted = []
+    for w in workers:
+        async def count(text, timeout=None, original=w.count_tokens):
+            counted.append(text)
+            return await original(text, timeout)
+        w.count_tokens = count
+    return counted
+
+
+def test_a_vote_prepares_its_request_once_and_counts_only_the_winner():
+    async def go():
+        workers = voters("Answer: 7 apples", "Answer: 7 apples", "Answer: 9 pears")
+        counted = record_counts(workers)
+        pool = await started_pool(workers)
+        renderer = CountingRenderer(None)
+        svc = ls.ChatService(pool, renderer, "fake-model", 100,
+                             ls.Config(mode="vote", adaptive=False))
+        reply, _, swarm = await svc.complete(request(swarm={"votes": 3}))
+        assert renderer.renders == 1
+        assert sorted(counted) == ["", "Answer: 7 apples", "hi there"]   # the winner, its prompt
+        assert reply["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        winner = next(c for c in swarm["candidates"] if c["winner"])
+        assert winner["tokens"] == 3                     # counted: the usage's
+        assert [c["tokens"] for c in swarm["candidates"] if not c["winner"]] == [1, 1]   # chunks
+        await pool.stop()
+    run(go())
+
+
+def test_one_workers_reply_and_a_vote_report_the_same_swarm_fields():
+    async def go():
+        pool = await started_pool(voters("Answer: 7", "Answer: 7"))
+        svc = chat_service(pool, mode="vote", adaptive=False)
+        _, _, single = await svc.complete(request(temperature=0))
+        _, _, voted = await svc.complete(request(swarm={"votes": 2}))
+        assert single["strategy"] == "single" and voted["strategy"] == "majority"
+        assert single.keys() == voted.keys()
+        assert single["candidates"][0].keys() == voted["candidates"][0].keys()
+        assert single["candidates"][0]["greedy"] is True
+        assert single["candidates"][0]["repeat"] is False
+        await pool.stop()
+    run(go())
+
+
+class WatchedWorker(FakeWorker):
+    """Counts its streams still open: a closed attempt must close its worker's stream at once."""
+
+    open_streams = 0
+
+    async def stream_chat(self, body, timeout, route="/v1/chat/completions"):
+        self.open_streams += 1
+        try:
+            async for chunk in super().stream_chat(body, timeout, route):
+                yield chunk
+        finally:
+            self.open_streams -= 1
+
+
+def test_an_attempt_holds_its_worker_until_its_deltas_end_or_it_is_closed():
+    async def go():
+        w = WatchedWorker(1, tokens=("a", "b", "c"))
+        pool = await started_pool([w])
+        generator = ls.Generator(pool, ls.Config(), 100)
+        prepared = ls.RequestPreparer(ls.PromptRenderer(None), 100).prepare(request())
+
+        def state():
+            return pool.describe()[0]["state"]
+
+        attempt = await generator.start(prepared)
+        assert state() == "busy"
+        await attempt.aclose()                           # never read: nothing ran on the worker
+        assert state() == "idle"
+        attempt = await generator.start(prepared, live=True)
+        deltas = attempt.deltas()
+        assert await deltas.__anext__() == "a" and w.open_streams == 1
+        with pytest.raises(RuntimeError):
+            attempt.deltas()                             # read once
+        await deltas.aclose()
+        assert w.open_streams == 0 and state() == "draining"   # it may still be generating
+        await asyncio.sleep(0.01)
+        assert state() == "idle"
+        gen = await (await generator.start(prepared, {"seed": 5})).run()
+        assert gen.text == "abc" and gen.counted and gen.usage()["completion_tokens"] == 1
+        assert w.requests[-1][1]["seed"] == 5 and state() == "idle"
+        await pool.stop()
+    run(go())
+
+
+class FakePeers:
+    """PeerVoters in process: peer name -> its answer (text, weight), the exception it fails
+    with, or None for a peer that never answers."""
+
+    def __init__(self, answers, wait):
+        self.answers, self.wait, self.tasks = answers, wait, []
+
+    def voters(self):
+        return list(self.answers)
+
+    def ask_all(self, req, temperature, started):
+        asks = [ls.PeerAsk("node-" + name, name, "10.0.0.9",
+                           asyncio.create_task(self._answer(name, outcome, started)))
+                for name, outcome in self.answers.items()]
+        self.tasks += [ask.task for ask in asks]
+        return asks
+
+    async def _answer(self, name, outcome, started):
+        await asyncio.sleep(0)
+        if outcome is None:
+            await asyncio.Event().wait()
+        if isinstance(outcome, Exception):
+            raise outcome
+        text, weight = outcome
+        gen = ls.Generation(parts=[text], worker="peer:" + name, attempts=1, started=started,
+                            prompt_tokens=2, completion_tokens=3, counted=True)
+        return ls.Candidate(worker=gen.worker, text=text, finish_reason="stop", latency=0.01,
+                            tokens=3, weight=weight), gen
+
+    def answer_wait(self, started):
+        return self.wait
+
+
+def test_the_vote_runner_adds_the_peers_answers_and_records_each_fate():
+    async def go():
+        pool = await started_pool(voters("Answer: 5", "Answer: 9"))
+        peers = FakePeers({"beta": ("Answer: 9", 2.0), "liar": ls.PeerError("bad signature"),
+                           "mute": None}, wait=0.05)
+        svc = ls.ChatService(pool, ls.PromptRenderer(None), "fake-model", 100,
+                             ls.Config(mode="vote", adaptive=False), peers=peers)
+        reply, _, swarm = await svc.complete(request(swarm={"votes": 2}))
+        assert reply["choices"][0]["message"]["content"] == "Answer: 9"
+        fates = {p["name"]: p for p in swarm["peers"]}
+        assert fates["beta"] == {"node": "node-beta", "name": "beta", "host": "10.0.0.9",
+                                 "status": "voted", "weight": 2.0, "latency_ms": 10.0}
+        assert fates["liar"]["status"] == "dropped" and fates["liar"]["reason"] == "bad signature"
+        assert fates["mute"]["status"] == "dropped" and "no answer within" in fates["mute"]["reason"]
+        assert all(task.done() for task in peers.tasks)   # the mute peer's question cancelled
+        peer = next(c for c in swarm["candidates"] if c["worker"] == "peer:beta")
+        assert peer["tokens"] == 3 and peer["weight"] == 2.0 and swarm["k"] == 2
+        _, _, swarm = await svc.complete(request(swarm={"votes": 2, "federate": False}))
+        assert "peers" not in swarm and len(peers.tasks) == 3    # not asked again
+        await pool.stop()
+    run(go())

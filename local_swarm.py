@@ -5926,6 +5926,122 @@ def messages_with_tool_text(messages: Sequence[dict[str, Any]], tools: Sequence[
     return out
 
 
+# ---- one generation: a request prepared once, run on one leased worker ----------------------------
+# Rules: a request is prepared once (PreparedRequest), before any worker is leased, and shared by
+# all its candidates, which differ only in sampling (temperature, seed) and worker. An Attempt is
+# accepted (worker leased, prompt known to fit) before its first delta: until then nothing has
+# reached the client and every refusal is an HTTPError. After that, a worker that fails is replaced
+# by another as long as nothing reached the client. Usage is counted by the worker's tokenizer,
+# and only where a reply reports it: a reply from one worker on that worker, a vote's winner once
+# the vote is done (VoteRunner).
+
+def surely_fits(prompt: str, n_ctx: int) -> bool:
+    """True when the prompt cannot exceed the context whatever the tokenizer: every token but BOS
+    and an inserted prefix space covers at least one byte. Such prompts are counted after
+    generation, off the time-to-first-token path."""
+    return len(prompt.encode("utf-8")) + TOKEN_BOUND_SLACK < n_ctx
+
+
+def check_fits(count: int, n_ctx: int) -> None:
+    """Raise 400 context_length_exceeded when a prompt of `count` tokens cannot be served."""
+    if count >= n_ctx:
+        raise HTTPError(400, f"This model's maximum context length is {n_ctx} tokens. However, "
+                        f"your messages resulted in {count} tokens. Please reduce the length of "
+                        "the messages.", code="context_length_exceeded", param="messages")
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request as its workers get it, built once (RequestPreparer.prepare) and shared by all its
+    candidates; each attempt adds only its own sampling. Nothing here is written after it is
+    built (`body` stays a dict because it goes to json.dumps as it is)."""
+
+    req: ChatRequest
+    prompt: str                        # the text the model's chat template renders for the worker
+    body: dict[str, Any]               # the worker's /v1/chat/completions body: messages, the
+                                       # request's sampling, tools and grammar where they apply
+    grammar: str | None = None         # the GBNF the whole reply follows; None: the reply is free
+    scan_tools: frozenset[str] | None = None   # the tools the call scanner watches for; None:
+                                               # calls the model starts are not finished for it
+    call_grammar: str | None = None    # finishes such a call (with scan_tools; built with the
+                                       # request, whether or not a call starts: ~1 ms for 17 tools)
+    completion_prompt: str = ""        # the prompt for that raw completion (without BOS, which
+                                       # the completion route adds itself)
+    answered: frozenset[str] = frozenset()     # the calls whose results end the conversation
+    prompt_tokens: int = 0             # the prompt's count by a worker's tokenizer; 0 when it
+                                       # surely fits and was not counted (or is not counted yet)
+    checked: bool = False              # known to fit the context: surely, or counted
+
+
+class RequestPreparer:
+    """Prepares requests for one model: its chat template (through the PromptRenderer), its call
+    syntax and its context size. Pure: no worker is asked."""
+
+    def __init__(self, renderer: PromptRenderer, n_ctx: int) -> None:
+        self.renderer = renderer
+        self.n_ctx = n_ctx
+        # The call syntax the model is prompted with: its template's, or Hermes' (our
+        # instruction) when the template does not render tools.
+        self.family = renderer.family if renderer.knows_tools else ""
+
+    def prepare(self, req: ChatRequest) -> PreparedRequest:
+        """The request as its workers get it; `checked` when its prompt surely fits (otherwise a
+        worker counts it before the request is accepted)."""
+        messages, tools = self._prompt_inputs(req)
+        prompt, grammar = self.renderer.render(messages, tools), self._grammar(req)
+        scanned, use = self._scanned(req), req.tool_use
+        return PreparedRequest(
+            req=req, prompt=prompt, body=_worker_body(messages, tools, req.sampling, grammar),
+            grammar=grammar, scan_tools=scanned,
+            call_grammar=call_grammar(use.specs, self.family, use.parallel) if scanned else None,
+            completion_prompt=self._completion_prompt(prompt) if scanned else "",
+            answered=answered_calls(req.messages) if use.active else frozenset(),
+            checked=surely_fits(prompt, self.n_ctx))
+
+    def _prompt_inputs(self, req: ChatRequest) -> tuple[list[dict[str, Any]], list[dict]]:
+        """The messages and tools the worker's chat template renders: tools only when calls are
+        allowed; for a template that does not render tools, the tools as an instruction."""
+        tools = list(req.tools) if req.tool_use.active else []
+        has_calls = any(m.get("tool_calls") or m["role"] == "tool" for m in req.messages)
+        if not (tools or has_calls):
+            return list(req.messages), []
+        if self.renderer.knows_tools:
+            return calls_as_text(req.messages, self.family), tools
+        return messages_with_tool_text(req.messages, tools), []
+
+    def _grammar(self, req: ChatRequest) -> str | None:
+        """The GBNF the whole reply must follow: a call for "required" or a named function, JSON
+        for response_format; None when the reply is free."""
+        use = req.tool_use
+        if use.forced:
+            return call_grammar(use.specs, self.family, use.parallel, use.only)
+        if req.response_schema is not None:
+            return schema_grammar(req.response_schema)
+        return None
+
+    def _scanned(self, req: ChatRequest) -> frozenset[str] | None:
+        """The tools to scan the reply for calls the model starts on its own ("auto"), when its
+        prompt can be continued exactly (rendered by the model's template); None otherwise."""
+        use = req.tool_use
+        if not use.active or use.forced or not self.renderer.exact or not req.swarm.constrain_calls:
+            return None
+        return frozenset(use.specs)
+
+    def _completion_prompt(self, prompt: str) -> str:
+        bos = self.renderer.bos
+        return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+
+
+def _worker_body(messages: list[dict[str, Any]], tools: list[dict], sampling: dict[str, Any],
+                 grammar: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": messages, **sampling}
+    if tools:
+        body["tools"] = tools
+    if grammar:
+        body["grammar"] = grammar
+    return body
+
+
 @dataclass
 class Generation:
     """What one request produced; filled in as tokens arrive."""
@@ -5942,10 +6058,20 @@ class Generation:
     call_ids: list[str] = field(default_factory=list)
     content: str = ""                 # with calls: the prose around them
     constrained: bool = False         # a call the model started was finished under the grammar
+    chunks: int = 0                   # content chunks streamed by the worker
+    counted: bool = False             # the usage is a tokenizer's count (a worker's, or a peer's)
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    @property
+    def tokens(self) -> int:
+        """Completion tokens: the tokenizer's count once counted, else the chunks streamed.
+        llama-cpp-python streams one token per chunk (a character split across tokens waits
+        for the rest), so the chunks are what the worker generated; a vote counts only its
+        winner with the tokenizer."""
+        return self.completion_tokens if self.counted else self.chunks
 
     @property
     def shown_text(self) -> str:
@@ -5971,20 +6097,279 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+def settle_calls(use: ToolUse, gen: Generation) -> None:
+    """Parse the finished text for calls (when `use` allows calls); with calls the reply finishes
+    with "tool_calls". A reply cut off by max_tokens in the middle of a further call keeps the
+    calls it finished, without the broken one's text in its content."""
+    if not use.active:
+        return
+    content, calls = parse_tool_calls(gen.text, use.specs, use.parallel)
+    if calls:
+        if gen.finish_reason == "length":
+            content = without_cut_call(content)
+        gen.calls, gen.content = calls, content
+        gen.call_ids = [new_call_id() for _ in calls]
+        gen.finish_reason = "tool_calls"
+
+
+async def _const(value: Any) -> Any:
+    return value
+
+
+class Generator:
+    """Runs requests on leased workers, one Attempt each, and counts usage with the workers'
+    tokenizer."""
+
+    def __init__(self, pool: WorkerPool, cfg: Config, n_ctx: int) -> None:
+        self.pool = pool
+        self.cfg = cfg                          # request_timeout, max_retries
+        self.n_ctx = n_ctx
+        self._added_tokens: int | None = None   # tokens the tokenizer adds to any text (BOS)
+
+    async def start(self, prepared: PreparedRequest, sampling: Mapping[str, Any] | None = None,
+                    prefer: Sequence[str] = (), *, live: bool = False, count: bool = True,
+                    gen: Generation | None = None) -> Attempt:
+        """Lease a worker (one named in `prefer` when idle) and make sure the prompt fits,
+        counting it on that worker unless prepared.checked. Returns the accepted Attempt, which
+        holds the lease until its deltas end or it is closed. `sampling` overrides the request's
+        (a candidate's temperature and seed); `live`: its deltas go to the client; `count`:
+        count usage on its worker when done; `gen`: the Generation to fill (a new one if None).
+        Raises HTTPError before acceptance (400 when the prompt does not fit or the worker
+        refused the request, 429/503 from the pool); WorkerError when retries run out first."""
+        attempt = Attempt(self, prepared, sampling or {}, prefer, live, count, gen)
+        await attempt.accept()
+        return attempt
+
+    async def accept(self, prepared: PreparedRequest) -> PreparedRequest:
+        """The request known to fit: as it is when checked, else with its prompt counted on a
+        leased worker. Raises HTTPError 400 context_length_exceeded, WorkerError when the
+        count fails."""
+        if prepared.checked:
+            return prepared
+        async with self.pool.lease() as worker:
+            count = await worker.count_tokens(prepared.prompt)
+        check_fits(count, self.n_ctx)
+        return dataclasses.replace(prepared, prompt_tokens=count, checked=True)
+
+    async def count_usage(self, worker: Worker, prompt: str, gen: Generation) -> None:
+        """Usage by the worker's tokenizer: the prompt (unless counted already) and the reply
+        (its count minus the tokens the tokenizer adds to any text, such as BOS). Raises
+        WorkerError."""
+        if self._added_tokens is None:
+            self._added_tokens = await worker.count_tokens("")
+        text = gen.text
+        prompt_count = (worker.count_tokens(prompt) if not gen.prompt_tokens
+                        else _const(gen.prompt_tokens))
+        text_count = worker.count_tokens(text) if text else _const(self._added_tokens)
+        gen.prompt_tokens, counted = await asyncio.gather(prompt_count, text_count)
+        gen.completion_tokens = max(0, counted - self._added_tokens)
+        gen.counted = True
+
+    async def count_winner(self, prepared: PreparedRequest, gen: Generation) -> None:
+        """Count a vote's winner (unless counted: a peer's answer comes with its peer's count) on
+        a worker leased for it, its own when idle. When no count can be had (the pool refuses,
+        the worker fails) the streamed chunks stand in, logged: the answer is not thrown away
+        for its usage."""
+        if gen.counted:
+            return
+        try:
+            async with self.pool.lease((gen.worker,)) as worker:
+                await self.count_usage(worker, prepared.prompt, gen)
+        except (WorkerError, HTTPError) as exc:
+            log.warning("the winner's usage is estimated (streamed chunks): %s", exc)
+            gen.completion_tokens = gen.chunks
+
+
+class Attempt:
+    """One request on one leased worker, accepted (Generator.start): deltas() yields the text a
+    client may see as it arrives, run() runs it to the end (a candidate's way). `generation`
+    fills in as it goes. A worker that fails is replaced by another and the request runs again
+    from the start, unless live text already went out or retries ran out. Closing the deltas,
+    or aclose(), closes the worker's stream, which stops its generation, and releases the lease
+    (the pool drains a worker left generating)."""
+
+    def __init__(self, generator: Generator, prepared: PreparedRequest,
+                 sampling: Mapping[str, Any], prefer: Sequence[str], live: bool, count: bool,
+                 gen: Generation | None) -> None:
+        self.generator = generator
+        self.prepared = prepared
+        self.sampling = {**prepared.req.sampling, **sampling}
+        self.body = {**prepared.body, **sampling}
+        self.prefer = tuple(prefer)
+        self.live = live                  # deltas go to the client: no retry once one went out
+        self.count = count                # count usage on the worker when done
+        self.generation = gen if gen is not None else Generation()
+        self.generation.prompt_tokens = prepared.prompt_tokens
+        self._lease: contextlib.AbstractAsyncContextManager | None = None
+        self._worker: Worker | None = None
+        self._deltas: AsyncIterator[str] | None = None
+
+    def deltas(self) -> AsyncIterator[str]:
+        """The text a client may see, as it arrives: all of it, unless calls are possible (then
+        the prose before a call; a forced call shows nothing). Read once. Raises WorkerError
+        when the worker failed and no retry is left, HTTPError 400 when a worker refused the
+        request."""
+        if self._deltas is not None:
+            raise RuntimeError("an attempt's deltas are read once")
+        self._deltas = self._generate()
+        return self._deltas
+
+    async def run(self) -> Generation:
+        """Run to the end; returns the Generation. Raises as deltas()."""
+        async with contextlib.aclosing(self.deltas()) as deltas:
+            async for _ in deltas:
+                pass                      # a candidate's text is read from its generation
+        return self.generation
+
+    async def aclose(self) -> None:
+        """Stop: close the worker's stream and release the lease. Safe to call again."""
+        if self._deltas is not None:
+            await self._deltas.aclose()
+        await self._release(None)         # deltas never started: no request on the worker
+
+    async def accept(self) -> None:
+        """Lease a worker and make sure the prompt fits, counting it on that worker unless
+        prepared.checked; a worker that fails the count is replaced like one that fails a
+        generation. Raises as Generator.start."""
+        while True:
+            worker = await self._acquire()
+            try:
+                if not self.prepared.checked:
+                    count = await worker.count_tokens(self.prepared.prompt)
+                    self.generation.prompt_tokens = count
+                    check_fits(count, self.generator.n_ctx)
+                return
+            except BaseException as exc:
+                await self._release(exc)
+                if not isinstance(exc, WorkerError):
+                    raise
+                self._after_failure(exc)
+
+    async def _generate(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                try:
+                    async with contextlib.aclosing(self._stream_from(self._leased())) as deltas:
+                        async for delta in deltas:
+                            yield delta
+                    if self.count:
+                        await self.generator.count_usage(self._leased(), self.prepared.prompt,
+                                                         self.generation)
+                    break
+                except WorkerError as exc:
+                    await self._release(exc)
+                    self._after_failure(exc)
+                    await self._acquire()
+        except BaseException as exc:      # closed, cancelled, or out of retries
+            await self._release(exc)
+            raise
+        await self._release(None)
+
+    def _leased(self) -> Worker:
+        assert self._worker is not None and self._lease is not None, "no worker leased"
+        return self._worker
+
+    async def _acquire(self) -> Worker:
+        """Lease a worker for the next try. Raises HTTPError when the pool refuses (429, 503)."""
+        self.generation.attempts += 1
+        lease = self.generator.pool.lease(self.prefer)
+        worker = await lease.__aenter__()         # left in _release: the lease spans accept()
+        self._lease, self._worker = lease, worker  # and the deltas, so it is held by hand
+        self.generation.worker = worker.name
+        return worker
+
+    async def _release(self, exc: BaseException | None) -> None:
+        """Give the lease back, once; `exc` tells the pool how the try ended (WorkerError: probe
+        the worker before reuse; cancelled or closed: drain it; None: done)."""
+        lease, self._lease = self._lease, None
+        if lease is not None and exc is None:
+            await lease.__aexit__(None, None, None)
+        elif lease is not None:
+            await lease.__aexit__(type(exc), exc, exc.__traceback__)
+
+    def _after_failure(self, exc: WorkerError) -> None:
+        """Decide whether a failed try is retried (returns) or ends the request (raises)."""
+        gen = self.generation
+        if exc.status is not None:       # the worker is up and answered this request with an
+            raise HTTPError(400, f"the worker refused the request: {exc}",    # error: another
+                            code="worker_rejected") from exc  # worker would too; a 5xx loops editors
+        if (self.live and gen.parts) or gen.attempts > self.generator.cfg.max_retries:
+            raise exc
+        gen.parts.clear()
+        gen.constrained = False
+        gen.first_token_at = None
+        gen.chunks = 0
+        log.warning("%s; retrying on another worker (attempt %d)", exc, gen.attempts + 1)
+
+    async def _stream_from(self, worker: Worker) -> AsyncIterator[str]:
+        """Yield the text a client may see as it arrives (see deltas), keeping the whole text in
+        the generation. A call the model starts on its own is finished under the call grammar."""
+        prepared, gen = self.prepared, self.generation
+        scanner = CallScanner(prepared.scan_tools) if prepared.scan_tools is not None else None
+        hidden = prepared.req.tool_use.forced
+        async with contextlib.aclosing(worker.stream_chat(
+                self.body, self.generator.cfg.request_timeout)) as chunks:
+            async for chunk in chunks:
+                choice = (chunk.get("choices") or [{}])[0]
+                text = choice.get("delta", {}).get("content")
+                if text:
+                    self._arrived(text)
+                    shown = "" if hidden else scanner.feed(text) if scanner else text
+                    if shown:
+                        yield shown
+                    if scanner is not None and scanner.start is not None:
+                        break                       # closing the stream stops the worker
+                if choice.get("finish_reason") in FINISH_REASONS:
+                    gen.finish_reason = choice["finish_reason"]
+        if scanner is not None and scanner.start is not None:
+            await self._constrained_call(worker, scanner.start)
+        elif scanner is not None and (tail := scanner.flush()):
+            yield tail
+        settle_calls(prepared.req.tool_use, gen)
+
+    def _arrived(self, text: str) -> None:
+        gen = self.generation
+        if gen.first_token_at is None:
+            gen.first_token_at = time.monotonic()
+        gen.parts.append(text)
+        gen.chunks += 1
+
+    async def _constrained_call(self, worker: Worker, start: int) -> None:
+        """The model began a tool call at text offset `start`: finish it under the call grammar,
+        so its name is an offered tool and its arguments fit that tool's schema (small models
+        invent names and shapes). A raw completion of the same prompt plus the prose before the
+        call, on the same worker, whose KV cache already holds all of it."""
+        gen = self.generation
+        prose = gen.text[:start]
+        gen.parts[:] = [prose]
+        gen.constrained = True
+        body = {k: v for k, v in self.sampling.items() if k in CONTINUATION_SAMPLING}
+        body.update(prompt=self.prepared.completion_prompt + prose,
+                    max_tokens=self.sampling.get("max_tokens"), grammar=self.prepared.call_grammar)
+        async with contextlib.aclosing(worker.stream_chat(
+                body, self.generator.cfg.request_timeout, route="/v1/completions")) as chunks:
+            async for chunk in chunks:
+                choice = (chunk.get("choices") or [{}])[0]
+                if choice.get("text"):
+                    gen.parts.append(choice["text"])
+                    gen.chunks += 1
+                if choice.get("finish_reason") in FINISH_REASONS:
+                    gen.finish_reason = choice["finish_reason"]
+
+
 # ---- consensus: how a request is answered, and the state of one vote ------------------------------
 # Rules: a request omitting temperature samples at the vote temperature, so the default request is
 # voted; temperature 0 sends one request (its candidates would be identical) unless the request
 # forces a vote; k is capped by the healthy workers. Candidates are whole replies generated in
 # parallel, one per worker; a failed one is dropped, not fatal. Adaptive mode starts with
 # ADAPTIVE_START candidates and adds more only while they disagree (adaptive_more); a majority
-# vote finishes early once its leader cannot be overtaken, cancelling the stragglers.
+# vote finishes early once its leader cannot be overtaken, cancelling the stragglers. Peer swarms
+# (PeerVoters) are asked as the vote starts; their answers join the tally once the local vote is
+# done, each as one candidate weighing what its own vote backed it with.
 
 ADAPTIVE_START = 2                  # candidates an adaptive vote starts with
 DEFAULT_MAX_VOTES = 5               # the default k is the instance count up to this
-KEEPALIVE_EVERY = 5.0               # seconds between SSE comments while a streamed vote runs
 AFFINITY_ENTRIES = 1024             # conversations remembered for affinity (least recent dropped)
-_PIECES = re.compile(r"\s*\S+\s*|\s+")  # a voted reply streams as word-sized deltas
-CALL_FRAGMENT = 64                  # characters of a call's arguments per streamed delta
 
 
 @dataclass(frozen=True)
@@ -5998,7 +6383,12 @@ class VotePlan:
     temperature: float
     affinity: bool
     anchor: bool = False          # the first candidate decodes greedily (temperature 0)
-    federate: bool = False              # peer swarms vote too (ChatService.plan decides)
+    federate: bool = False              # peer swarms vote too (VoteRunner.plan decides)
+
+    @property
+    def solo(self) -> bool:
+        """One worker answers, live when streamed: one local candidate and no peers."""
+        return self.k == 1 and not self.federate
 
     def temperature_of(self, i: int) -> float:
         """The temperature candidate i samples at."""
@@ -6055,11 +6445,12 @@ class AffinityMap:
 
 @dataclass
 class Ballot:
-    """One vote in progress: candidates as they arrive (with their generations), and the tally."""
+    """One request's answer in the making: its candidates as they arrive (with their generations)
+    and the tally; a request answered by one worker is a ballot of one (single_ballot)."""
 
     plan: VotePlan
     started: float = field(default_factory=time.monotonic)
-    launched: int = 0
+    launched: int = 0                 # candidates started (one worker's answer: its tries)
     failed: int = 0
     cancelled: int = 0
     entries: list[tuple[Candidate, Generation]] = field(default_factory=list)
@@ -6074,21 +6465,48 @@ class Ballot:
     def winner(self) -> Generation:
         return self.entries[self.vote.winner if self.vote else 0][1]
 
-    def describe(self) -> dict[str, Any]:
-        """The reply's `swarm` object: what the vote did."""
-        vote = self.vote or tally(self.candidates)
-        return {
-            "mode": self.plan.mode, "strategy": vote.strategy, "k": self.plan.k,
-            "samples": self.launched, "failed": self.failed, "cancelled": self.cancelled,
-            "confidence": round(vote.confidence, 4), "winner": self.entries[vote.winner][0].worker,
-            "votes": [len(group) for group in vote.groups],
-            "candidates": [{"worker": c.worker, "latency_ms": round(c.latency * 1000, 1),
-                            "tokens": c.tokens, "finish_reason": c.finish_reason,
-                            "score": round(vote.scores[i], 4), "winner": i == vote.winner,
-                            "constrained": c.constrained, "greedy": c.greedy, "repeat": c.repeat,
-                            "weight": round(c.weight, 4)}
-                           for i, c in enumerate(self.candidates)],
-            **({"peers": self.peers} if self.plan.federate else {})}
+
+def candidate_of(gen: Generation, started: float, greedy: bool, answered: frozenset[str]
+                 ) -> Candidate:
+    """A finished generation as a vote's candidate: its latency from monotonic `started`, its
+    calls canonical, a repeat when they only repeat the `answered` calls."""
+    calls = tuple(call.canonical() for call in gen.calls)
+    return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
+                     latency=time.monotonic() - started, tokens=gen.tokens, calls=calls,
+                     constrained=gen.constrained, greedy=greedy,
+                     repeat=bool(calls) and set(calls) <= answered)
+
+
+def single_ballot(plan: VotePlan, gen: Generation, answered: frozenset[str]) -> Ballot:
+    """The ballot of a request one worker answered: one candidate, strategy "single"; its
+    samples are the tries it took."""
+    candidate = candidate_of(gen, gen.started, plan.temperature_of(0) == 0, answered)
+    ballot = Ballot(plan, started=gen.started, launched=gen.attempts, entries=[(candidate, gen)])
+    ballot.vote = tally(ballot.candidates)
+    return ballot
+
+
+def swarm_report(ballot: Ballot) -> dict[str, Any]:
+    """The reply's `swarm` object, the same fields whether one worker answered or a vote did:
+    what the vote did, each candidate, and with peers asked, each peer's fate."""
+    plan, vote = ballot.plan, ballot.vote or tally(ballot.candidates)
+    return {
+        "mode": plan.mode, "strategy": vote.strategy, "k": plan.k,
+        "samples": ballot.launched, "failed": ballot.failed, "cancelled": ballot.cancelled,
+        "confidence": round(vote.confidence, 4), "winner": ballot.entries[vote.winner][0].worker,
+        "votes": [len(group) for group in vote.groups],
+        "candidates": [_candidate_report(candidate, gen, vote, i)
+                       for i, (candidate, gen) in enumerate(ballot.entries)],
+        **({"peers": ballot.peers} if plan.federate else {})}
+
+
+def _candidate_report(c: Candidate, gen: Generation, vote: Vote, i: int) -> dict[str, Any]:
+    """One candidate in the `swarm` object; its tokens are its generation's (Generation.tokens:
+    the winner's counted by the tokenizer, the others' streamed chunks)."""
+    return {"worker": c.worker, "latency_ms": round(c.latency * 1000, 1), "tokens": gen.tokens,
+            "finish_reason": c.finish_reason, "score": round(vote.scores[i], 4),
+            "winner": i == vote.winner, "constrained": c.constrained, "greedy": c.greedy,
+            "repeat": c.repeat, "weight": round(c.weight, 4)}
 
 
 def _seeds(req: ChatRequest, k: int) -> list[int]:
@@ -6098,210 +6516,58 @@ def _seeds(req: ChatRequest, k: int) -> list[int]:
     return [(base + i) % (2 ** 32) for i in range(k)]
 
 
-class ChatService:
-    """Turns a ChatRequest into worker calls and OpenAI-shaped replies."""
+async def _cancel_all(tasks: Collection[asyncio.Task]) -> None:
+    """Cancel the tasks and wait until each has unwound (their failures are theirs to report)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
-    def __init__(self, pool: WorkerPool, renderer: PromptRenderer, model_id: str, n_ctx: int,
-                 cfg: Config, clock: Callable[[], float] = time.time,
-                 federation: Any = None) -> None:
-        self.pool = pool
-        self.federation = federation            # a Federation (peers to ask), or None: local only
-        self.renderer = renderer
-        self.model_id = model_id
-        self.n_ctx = n_ctx
+
+@dataclass(frozen=True)
+class PeerAsk:
+    """A vote's question to one peer swarm: the peer as the `swarm` object names it, and the task
+    that answers (a weighted Candidate and its counted Generation; raises PeerError when the
+    peer fails)."""
+
+    node: str
+    name: str
+    host: str
+    task: asyncio.Task
+
+
+class PeerVoters(Protocol):
+    """Peer swarms that vote on this swarm's requests; the Federation section implements it. The
+    VoteRunner asks them as its candidates start and adds their answers once its own vote is
+    done, cancelling the questions still out."""
+
+    def voters(self) -> Sequence[object]:
+        """The peers that may vote now; empty: the vote stays local."""
+        ...
+
+    def ask_all(self, req: ChatRequest, temperature: float, started: float) -> list[PeerAsk]:
+        """Ask every voter at once, at the vote's temperature; `started`: the vote's start
+        (monotonic), from which peers' latencies are measured."""
+        ...
+
+    def answer_wait(self, started: float) -> float:
+        """Seconds the peers still get once the local vote, started at monotonic `started`, is
+        done (<= 0: none)."""
+        ...
+
+
+class VoteRunner:
+    """Answers prepared requests: plans each, runs one worker's attempt or a vote of candidates on
+    the Generator (finishing early once decided, growing an adaptive vote while candidates
+    disagree, dropping stragglers at the vote deadline), adds the peers' answers (PeerVoters),
+    counts the winner's usage, and remembers which workers served each conversation."""
+
+    def __init__(self, generator: Generator, pool: WorkerPool, cfg: Config,
+                 peers: PeerVoters | None = None) -> None:
+        self.generator = generator
+        self.pool = pool                        # for the plan: healthy workers, instances
         self.cfg = cfg
-        self.clock = clock
-        self._added_tokens: int | None = None   # tokens the tokenizer adds to any text (BOS)
+        self.peers = peers                      # None: this swarm's workers only
         self.affinity = AffinityMap()
-
-    def _check_fits(self, count: int) -> None:
-        """Raise 400 context_length_exceeded when a prompt of `count` tokens cannot be served."""
-        if count >= self.n_ctx:
-            raise HTTPError(400, f"This model's maximum context length is {self.n_ctx} tokens. "
-                            f"However, your messages resulted in {count} tokens. Please reduce "
-                            "the length of the messages.", code="context_length_exceeded",
-                            param="messages")
-
-    def surely_fits(self, prompt: str) -> bool:
-        """True when the prompt cannot exceed the context whatever the tokenizer: every token
-        but BOS and an inserted prefix space covers at least one byte. Such prompts are counted
-        after generation, off the time-to-first-token path."""
-        return len(prompt.encode("utf-8")) + TOKEN_BOUND_SLACK < self.n_ctx
-
-    # -- prompts and tool calls -------------------------------------------------------------------
-
-    def _prompt_inputs(self, req: ChatRequest) -> tuple[list[dict[str, Any]], list[dict]]:
-        """The messages and tools the worker's chat template renders: tools only when calls are
-        allowed; for a template that does not render tools, the tools as an instruction."""
-        tools = list(req.tools) if req.tool_use.active else []
-        has_calls = any(m.get("tool_calls") or m["role"] == "tool" for m in req.messages)
-        if not (tools or has_calls):
-            return list(req.messages), []
-        if self.renderer.knows_tools:
-            return calls_as_text(req.messages, self.call_family()), tools
-        return messages_with_tool_text(req.messages, tools), []
-
-    def render_prompt(self, req: ChatRequest) -> str:
-        return self.renderer.render(*self._prompt_inputs(req))
-
-    def call_family(self) -> str:
-        """The call syntax the model is prompted with: its template's, or Hermes' (our
-        instruction) when the template does not render tools."""
-        return self.renderer.family if self.renderer.knows_tools else ""
-
-    def _grammar(self, req: ChatRequest) -> str | None:
-        """The GBNF the whole reply must follow: a call for "required" or a named function, JSON
-        for response_format; None when the reply is free."""
-        use = req.tool_use
-        if use.forced:
-            return call_grammar(use.specs, self.call_family(), use.parallel, use.only)
-        if req.response_schema is not None:
-            return schema_grammar(req.response_schema)
-        return None
-
-    def _worker_body(self, req: ChatRequest) -> dict[str, Any]:
-        messages, tools = self._prompt_inputs(req)
-        body: dict[str, Any] = {"messages": messages, **req.sampling}
-        if tools:
-            body["tools"] = tools
-        grammar = self._grammar(req)
-        if grammar:
-            body["grammar"] = grammar
-        return body
-
-    def _scanner(self, req: ChatRequest) -> CallScanner | None:
-        """A scanner for calls the model starts on its own ("auto"), when its prompt can be
-        continued exactly (rendered by the model's template)."""
-        use = req.tool_use
-        if not use.active or use.forced or not self.renderer.exact or not req.swarm.constrain_calls:
-            return None
-        return CallScanner(use.specs)
-
-    async def _constrained_call(self, worker: Any, req: ChatRequest, gen: Generation,
-                                prompt: str, start: int) -> None:
-        """The model began a tool call at text offset `start`: finish it under the call grammar,
-        so its name is an offered tool and its arguments fit that tool's schema (small models
-        invent names and shapes). A raw completion of the same prompt (`prompt`, as rendered
-        for the request) plus the prose before the call, on the same worker, whose KV cache
-        already holds all of it."""
-        prose = gen.text[:start]
-        gen.parts[:] = [prose]
-        gen.constrained = True
-        use = req.tool_use
-        if self.renderer.bos and prompt.startswith(self.renderer.bos):
-            prompt = prompt[len(self.renderer.bos):]    # the completion route adds BOS itself
-        body = {k: v for k, v in req.sampling.items() if k in CONTINUATION_SAMPLING}
-        body.update(prompt=prompt + prose, max_tokens=req.sampling.get("max_tokens"),
-                    grammar=call_grammar(use.specs, self.call_family(), use.parallel))
-        async with contextlib.aclosing(worker.stream_chat(
-                body, self.cfg.request_timeout, route="/v1/completions")) as chunks:
-            async for chunk in chunks:
-                choice = (chunk.get("choices") or [{}])[0]
-                if choice.get("text"):
-                    gen.parts.append(choice["text"])
-                if choice.get("finish_reason") in FINISH_REASONS:
-                    gen.finish_reason = choice["finish_reason"]
-
-    @staticmethod
-    def settle_calls(req: ChatRequest, gen: Generation) -> None:
-        """Parse the finished text for calls (when calls are allowed); with calls the reply
-        finishes with "tool_calls". A reply cut off by max_tokens in the middle of a further
-        call keeps the calls it finished, without the broken one's text in its content."""
-        if not req.tool_use.active:
-            return
-        content, calls = parse_tool_calls(gen.text, req.tool_use.specs, req.tool_use.parallel)
-        if calls:
-            if gen.finish_reason == "length":
-                content = without_cut_call(content)
-            gen.calls, gen.content = calls, content
-            gen.call_ids = [new_call_id() for _ in calls]
-            gen.finish_reason = "tool_calls"
-
-    async def generate(self, req: ChatRequest, gen: Generation, live: bool,
-                       prompt: str | None = None, checked: bool = False,
-                       prefer: Sequence[str] = ()) -> AsyncIterator[str]:
-        """Yield "" once the request is accepted (worker leased, prompt known to fit), then each
-        text delta. A worker failure is retried on another worker unless `live` deltas already
-        went to the client. `prompt` is the rendered prompt when the caller has it; `checked`
-        when its length was checked already. Raises HTTPError before acceptance; WorkerError when
-        retries run out."""
-        prompt = self.render_prompt(req) if prompt is None else prompt
-        accepted = checked
-        if checked:
-            yield ""
-        while True:
-            gen.attempts += 1
-            try:
-                async with self.pool.lease(prefer) as worker:
-                    gen.worker = worker.name
-                    if not accepted:
-                        if not self.surely_fits(prompt):
-                            gen.prompt_tokens = await worker.count_tokens(prompt)
-                            self._check_fits(gen.prompt_tokens)
-                        accepted = True
-                        yield ""
-                    async for delta in self._stream_from(worker, req, gen, prompt):
-                        yield delta
-                    if live and not (req.include_usage or log.isEnabledFor(logging.DEBUG)):
-                        return                     # nobody reads usage: spare the worker calls
-                    await self._count_usage(worker, prompt, gen)
-                    return
-            except WorkerError as exc:
-                self._after_failure(exc, gen, live)
-
-    def _after_failure(self, exc: WorkerError, gen: Generation, live: bool) -> None:
-        """Decide whether a failed attempt is retried (returns) or ends the request (raises)."""
-        if exc.status is not None:       # the worker is up and answered this request with an
-            raise HTTPError(400, f"the worker refused the request: {exc}",    # error: another
-                            code="worker_rejected") from exc  # worker would too; a 5xx loops editors
-        if (live and gen.parts) or gen.attempts > self.cfg.max_retries:
-            raise exc
-        gen.parts.clear()
-        gen.constrained = False
-        gen.first_token_at = None
-        log.warning("%s; retrying on another worker (attempt %d)", exc, gen.attempts + 1)
-
-    async def _stream_from(self, worker: Any, req: ChatRequest, gen: Generation, prompt: str
-                           ) -> AsyncIterator[str]:
-        """Yield the text a client may see as it arrives (all of it, unless calls are possible:
-        then the prose before a call; a forced call shows nothing), keeping the whole text in
-        `gen`. A call the model starts on its own is finished under the call grammar."""
-        scanner = self._scanner(req)
-        hidden = req.tool_use.forced
-        async with contextlib.aclosing(worker.stream_chat(
-                self._worker_body(req), self.cfg.request_timeout)) as chunks:
-            async for chunk in chunks:
-                choice = (chunk.get("choices") or [{}])[0]
-                text = choice.get("delta", {}).get("content")
-                if text:
-                    if gen.first_token_at is None:
-                        gen.first_token_at = time.monotonic()
-                    gen.parts.append(text)
-                    shown = "" if hidden else scanner.feed(text) if scanner else text
-                    if shown:
-                        yield shown
-                    if scanner is not None and scanner.start is not None:
-                        break                       # closing the stream stops the worker
-                if choice.get("finish_reason") in FINISH_REASONS:
-                    gen.finish_reason = choice["finish_reason"]
-        if scanner is not None and scanner.start is not None:
-            await self._constrained_call(worker, req, gen, prompt, scanner.start)
-        elif scanner is not None and (tail := scanner.flush()):
-            yield tail
-        self.settle_calls(req, gen)
-
-    async def _count_usage(self, worker: Any, prompt: str, gen: Generation) -> None:
-        """Usage by the worker's tokenizer: the prompt (unless counted already) and the reply
-        (its count minus the tokens the tokenizer adds to any text, such as BOS)."""
-        if self._added_tokens is None:
-            self._added_tokens = await worker.count_tokens("")
-        text = gen.text
-        prompt_count = worker.count_tokens(prompt) if not gen.prompt_tokens else _const(gen.prompt_tokens)
-        text_count = worker.count_tokens(text) if text else _const(self._added_tokens)
-        gen.prompt_tokens, counted = await asyncio.gather(prompt_count, text_count)
-        gen.completion_tokens = max(0, counted - self._added_tokens)
-
-    # -- consensus --------------------------------------------------------------------------------
 
     def plan(self, req: ChatRequest) -> VotePlan:
         """vote_plan, federated when peers can vote: the request does not opt out, it is not
@@ -6309,62 +6575,56 @@ class ChatService:
         peer repeat the same greedy reply) and a compatible peer is live. A federated plan
         votes even with one local candidate: the peers' answers make up the rest."""
         plan = vote_plan(req, self.cfg, self.pool.healthy(), len(self.pool.slots))
-        if (self.federation is None or req.swarm.federate is False or plan.mode == "fastest"
+        if (self.peers is None or req.swarm.federate is False or plan.mode == "fastest"
                 or (plan.temperature == 0 and not req.swarm.force_vote)
-                or not self.federation.voters()):
+                or not self.peers.voters()):
             return plan
         return dataclasses.replace(plan, federate=True, mode="vote")
 
-    async def accept(self, req: ChatRequest) -> tuple[str, int]:
-        """The rendered prompt and its token count (0 when it surely fits and was not counted).
-        Raises HTTPError 400 context_length_exceeded."""
-        prompt = self.render_prompt(req)
-        if self.surely_fits(prompt):
-            return prompt, 0
-        async with self.pool.lease() as worker:
-            count = await worker.count_tokens(prompt)
-        self._check_fits(count)
-        return prompt, count
-
-    def _preferred(self, req: ChatRequest, plan: VotePlan) -> tuple[str, ...]:
+    def preferred(self, req: ChatRequest, plan: VotePlan) -> tuple[str, ...]:
+        """The workers that served the conversation's last turn, best first (their KV caches
+        hold its prefix); () without affinity."""
         return self.affinity.get(conversation_key(req.messages)) if plan.affinity else ()
 
-    def _remember(self, req: ChatRequest, plan: VotePlan, workers: Sequence[str]) -> None:
+    def remember(self, req: ChatRequest, plan: VotePlan, workers: Sequence[str]) -> None:
+        """Note the workers that served this turn, for the conversation's next."""
         if plan.affinity and workers:
             self.affinity.put(conversation_key(req.messages), workers)
 
-    async def _candidate(self, req: ChatRequest, temperature: float, prompt: str,
-                         prompt_tokens: int, seed: int, started: float, prefer: Sequence[str]
-                         ) -> tuple[Candidate, Generation]:
-        """One whole candidate at `temperature` and its own seed."""
-        sub = dataclasses.replace(req, sampling={**req.sampling, "temperature": temperature,
-                                                 "seed": seed})
-        gen = Generation(prompt_tokens=prompt_tokens)
-        async for _ in self.generate(sub, gen, live=False, prompt=prompt, checked=True,
-                                     prefer=prefer):
-            pass
-        calls = tuple(call.canonical() for call in gen.calls)
-        return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
-                         latency=time.monotonic() - started, tokens=gen.completion_tokens,
-                         calls=calls, constrained=gen.constrained, greedy=temperature == 0,
-                         repeat=bool(calls) and set(calls) <= answered_calls(req.messages)), gen
+    async def run(self, prepared: PreparedRequest, plan: VotePlan) -> Ballot:
+        """The request answered as planned: by one worker (a solo plan, counted on it) or by a
+        vote. Raises HTTPError (400 when the prompt does not fit or a worker refused the
+        request, 429/503 from the pool), WorkerError when no worker could answer."""
+        if not plan.solo:
+            return await self.vote(await self.generator.accept(prepared), plan)
+        attempt = await self.start_solo(prepared, plan)
+        gen = await attempt.run()
+        self.remember(prepared.req, plan, [gen.worker])
+        return single_ballot(plan, gen, prepared.answered)
 
-    async def vote(self, req: ChatRequest, plan: VotePlan, prompt: str, prompt_tokens: int
-                   ) -> Ballot:
-        """Run the vote: launch candidates, collect them as they finish, stop early when the
-        vote is decided or adaptive mode is satisfied, cancel the rest. Raises WorkerError when
-        every candidate failed, HTTPError when a worker refused the request itself."""
+    async def start_solo(self, prepared: PreparedRequest, plan: VotePlan, *, live: bool = False,
+                         count: bool = True, gen: Generation | None = None) -> Attempt:
+        """A solo plan's one attempt, accepted: at the plan's first temperature, on the worker
+        that served the conversation's last turn when it is idle. Raises as Generator.start."""
+        return await self.generator.start(prepared, {"temperature": plan.temperature_of(0)},
+                                          self.preferred(prepared.req, plan), live=live,
+                                          count=count, gen=gen)
+
+    async def vote(self, prepared: PreparedRequest, plan: VotePlan) -> Ballot:
+        """Run the vote on an accepted request: launch candidates, collect them as they finish,
+        stop early when the vote is decided or adaptive mode is satisfied, cancel the rest, add
+        the peers' answers, then count the winner. Raises WorkerError when every candidate
+        failed, HTTPError when a worker refused the request itself."""
         ballot, pending = Ballot(plan), set()
-        seeds, prefer = _seeds(req, plan.k), self._preferred(req, plan)
-        asked = self.federation.ask_all(req, plan, ballot.started) if plan.federate else {}
+        seeds, prefer = _seeds(prepared.req, plan.k), self.preferred(prepared.req, plan)
+        asks = self._ask_peers(prepared.req, plan, ballot.started)
 
         def launch(count: int) -> None:
             for _ in range(max(0, min(count, plan.k - ballot.launched))):
                 i = ballot.launched
                 ballot.launched += 1
                 pending.add(asyncio.create_task(self._candidate(
-                    req, plan.temperature_of(i), prompt, prompt_tokens, seeds[i], ballot.started,
-                    prefer[i:i + 1])))
+                    prepared, plan.temperature_of(i), seeds[i], ballot.started, prefer[i:i + 1])))
 
         try:
             launch(min(plan.k, ADAPTIVE_START) if plan.adaptive else plan.k)
@@ -6373,15 +6633,25 @@ class ChatService:
             finally:
                 ballot.cancelled = len(pending)
                 await _cancel_all(pending)
-            self._remember(req, plan, [c.worker for c in ballot.candidates])
-            if asked:
-                await self.federation.collect(ballot, asked)
+            self.remember(prepared.req, plan, [c.worker for c in ballot.candidates])
+            if asks:
+                await self._add_peers(ballot, asks)
         finally:
-            await _cancel_all(asked)
+            await _cancel_all([ask.task for ask in asks])
         if not ballot.entries:
             raise WorkerError(f"all {ballot.launched} candidates failed")
         ballot.vote = tally(ballot.candidates, ballot.strategy)
+        await self.generator.count_winner(prepared, ballot.winner())
         return ballot
+
+    async def _candidate(self, prepared: PreparedRequest, temperature: float, seed: int,
+                         started: float, prefer: Sequence[str]) -> tuple[Candidate, Generation]:
+        """One whole candidate at `temperature` and its own seed, not counted (only the winner
+        is, once the vote is done)."""
+        attempt = await self.generator.start(prepared, {"temperature": temperature, "seed": seed},
+                                             prefer, count=False)
+        gen = await attempt.run()
+        return candidate_of(gen, started, temperature == 0, prepared.answered), gen
 
     async def _collect_until_settled(self, ballot: Ballot, pending: set,
                                      launch: Callable[[int], None]) -> None:
@@ -6421,148 +6691,44 @@ class ChatService:
             else:
                 ballot.entries.append(task.result())
 
-    # -- replies -----------------------------------------------------------------------------------
+    def _ask_peers(self, req: ChatRequest, plan: VotePlan, started: float) -> list[PeerAsk]:
+        if not plan.federate or self.peers is None:
+            return []
+        return self.peers.ask_all(req, plan.temperature, started)
 
-    async def complete(self, req: ChatRequest) -> tuple[dict[str, Any], Generation, dict]:
-        """A whole (non-streamed) chat.completion object, its generation and `swarm` object."""
-        plan = self.plan(req)
-        if plan.k == 1 and not plan.federate:
-            gen = Generation()
-            sub = dataclasses.replace(req, sampling={**req.sampling,
-                                                     "temperature": plan.temperature_of(0)})
-            async for _ in self.generate(sub, gen, live=False, prefer=self._preferred(req, plan)):
-                pass
-            self._remember(req, plan, [gen.worker])
-            swarm = single_swarm(plan, gen)
-        else:
-            prompt, prompt_tokens = await self.accept(req)
-            ballot = await self.vote(req, plan, prompt, prompt_tokens)
-            gen, swarm = ballot.winner(), ballot.describe()
-        reply = {"id": new_completion_id(), "object": "chat.completion", "created": int(self.clock()),
-                 "model": self.reply_model(req),
-                 "choices": [{"index": 0, "message": gen.message(),
-                              "logprobs": None, "finish_reason": gen.finish_reason}],
-                 "usage": gen.usage(), "swarm": swarm}
-        return reply, gen, swarm
-
-    async def open_stream(self, req: ChatRequest, gen: Generation) -> tuple[AsyncIterator[bytes],
-                                                                           VotePlan]:
-        """Accept the request (raising HTTPError if it cannot be served), then return the SSE
-        byte stream: live from one worker (k = 1), or the voted winner after the vote."""
-        plan = self.plan(req)
-        if plan.k > 1 or plan.federate:
-            prompt, prompt_tokens = await self.accept(req)
-            return self._voted_sse(req, plan, prompt, prompt_tokens, gen), plan
-        sub = dataclasses.replace(req, sampling={**req.sampling,
-                                                 "temperature": plan.temperature_of(0)})
-        deltas = self.generate(sub, gen, live=True, prefer=self._preferred(req, plan))
-        try:
-            await deltas.__anext__()              # leased and counted, or raised
-        except BaseException:
-            await deltas.aclose()
-            raise
-        return self._sse(req, plan, gen, deltas), plan
-
-    def _frame(self, req: ChatRequest) -> ChunkFrame:
-        return ChunkFrame(new_completion_id(), int(self.clock()), self.reply_model(req),
-                          req.include_usage)
-
-    async def _sse(self, req: ChatRequest, plan: VotePlan, gen: Generation,
-                   deltas: AsyncIterator[str]) -> AsyncIterator[bytes]:
-        frame = self._frame(req)
-        try:
-            yield frame.role()
-            shown = 0
-            async for text in deltas:
-                shown += len(text)
-                yield frame.content(text)
-            if not gen.calls and gen.text[shown:]:
-                yield frame.content(gen.text[shown:])   # held back as a possible call, was not
-            for event in frame.calls(gen):
-                yield event
-            self._remember(req, plan, [gen.worker])
-            for event in closing_events(frame, req, gen, single_swarm(plan, gen)):
-                yield event
-        except WorkerError as exc:
-            log.error("stream broken after output began: %s", exc)
-            yield sse_json(HTTPError(502, f"the worker failed mid-stream: {exc}", "server_error",
-                                     code="worker_failed").body())
-        finally:
-            await deltas.aclose()
-        yield SSE_DONE
-
-    async def _voted_sse(self, req: ChatRequest, plan: VotePlan, prompt: str, prompt_tokens: int,
-                         gen: Generation) -> AsyncIterator[bytes]:
-        """Role chunk at once, SSE comments while the vote runs (so clients do not time out),
-        then the winner as word-sized deltas, the finish chunk and the `swarm` object."""
-        frame = self._frame(req)
-        yield frame.role()
-        task = asyncio.create_task(self.vote(req, plan, prompt, prompt_tokens))
-        try:
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_EVERY)
-                if not done:
-                    yield sse_comment("voting")
-            ballot = task.result()
-        except (WorkerError, HTTPError) as exc:
-            yield sse_json(HTTPError(502, f"the vote failed: {exc}", "server_error",
-                                     code="vote_failed").body())
-            yield SSE_DONE
-            return
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        winner = ballot.winner()
-        _adopt(gen, winner)
-        for piece in _PIECES.findall(winner.shown_text):
-            yield frame.content(piece)
-        for event in frame.calls(winner):
-            yield event
-        for event in closing_events(frame, req, winner, ballot.describe()):
-            yield event
-        yield SSE_DONE
-
-    def reply_model(self, req: ChatRequest) -> str:
-        return req.model if req.model in (SWARM_MODEL_ID, self.model_id) else self.model_id
+    async def _add_peers(self, ballot: Ballot, asks: list[PeerAsk]) -> None:
+        """Add the peers' answers to a ballot whose local vote is done, waiting as long as the
+        peers are given; a peer that failed or is late is dropped, logged and listed in
+        ballot.peers with why."""
+        wait = max(0.0, self.peers.answer_wait(ballot.started)) if self.peers else 0.0
+        done, _ = await asyncio.wait([ask.task for ask in asks], timeout=wait)
+        for ask in asks:
+            entry = {"node": ask.node, "name": ask.name, "host": ask.host}
+            exc = ask.task.exception() if ask.task in done else None
+            if ask.task in done and exc is None:
+                candidate, gen = ask.task.result()
+                ballot.entries.append((candidate, gen))
+                ballot.peers.append({**entry, "status": "voted",
+                                     "weight": round(candidate.weight, 4),
+                                     "latency_ms": round(candidate.latency * 1000, 1)})
+                continue
+            reason = str(exc) if exc else f"no answer within {wait:.1f} s"
+            if exc is not None and not isinstance(exc, PeerError):
+                log.error("federation: asking %s failed", ask.name, exc_info=exc)
+            log.warning("federation: %s (%s) dropped from the vote: %s", ask.name, ask.host,
+                        reason)
+            ballot.peers.append({**entry, "status": "dropped", "reason": reason})
 
 
-def _adopt(gen: Generation, winner: Generation) -> None:
-    """Copy the winner into the request's Generation (what the request log reports)."""
-    for name in ("parts", "finish_reason", "prompt_tokens", "completion_tokens", "worker",
-                 "attempts", "first_token_at"):
-        setattr(gen, name, getattr(winner, name))
+# ---- replies: a whole chat.completion, or an SSE stream -------------------------------------------
+# Rules: a reply from one worker streams live as the worker generates; a voted reply streams only
+# once the vote is done (its role chunk at once, then SSE comments every KEEPALIVE_EVERY so clients
+# do not time out), as word-sized deltas. Calls go out as tool_calls deltas; the `swarm` object
+# rides on the last chunk.
 
-
-def closing_events(frame: "ChunkFrame", req: ChatRequest, gen: Generation, swarm: dict
-                   ) -> list[bytes]:
-    """The closing events: the finish chunk, then the usage chunk when asked for; the `swarm`
-    object rides on the last of them."""
-    if not req.include_usage:
-        return [frame.finish(gen.finish_reason, swarm)]
-    return [frame.finish(gen.finish_reason), frame.usage(gen.usage(), swarm)]
-
-
-def single_swarm(plan: VotePlan, gen: Generation) -> dict[str, Any]:
-    """The `swarm` object of a reply that had one candidate."""
-    latency = (time.monotonic() - gen.started) * 1000
-    return {"mode": plan.mode, "strategy": "single", "k": 1, "samples": gen.attempts, "failed": 0,
-            "cancelled": 0, "confidence": 1.0, "winner": gen.worker, "votes": [1],
-            "candidates": [{"worker": gen.worker, "latency_ms": round(latency, 1),
-                            "tokens": gen.completion_tokens, "finish_reason": gen.finish_reason,
-                            "score": 1.0, "winner": True, "constrained": gen.constrained,
-                            "weight": 1.0}]}
-
-
-async def _const(value: Any) -> Any:
-    return value
-
-
-async def _cancel_all(tasks: Collection[asyncio.Task]) -> None:
-    """Cancel the tasks and wait until each has unwound (their failures are theirs to report)."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+KEEPALIVE_EVERY = 5.0               # seconds between SSE comments while a streamed vote runs
+_PIECES = re.compile(r"\s*\S+\s*|\s+")  # a voted reply streams as word-sized deltas
+CALL_FRAGMENT = 64                  # characters of a call's arguments per streamed delta
 
 
 def new_completion_id() -> str:
@@ -6626,6 +6792,127 @@ class ChunkFrame:
     def usage(self, usage: dict[str, int], swarm: dict | None = None) -> bytes:
         return self._event([], ',"usage":' + json.dumps(usage, separators=(",", ":")), swarm)
 
+
+def closing_events(frame: ChunkFrame, req: ChatRequest, gen: Generation, swarm: dict
+                   ) -> list[bytes]:
+    """The closing events: the finish chunk, then the usage chunk when asked for; the `swarm`
+    object rides on the last of them."""
+    if not req.include_usage:
+        return [frame.finish(gen.finish_reason, swarm)]
+    return [frame.finish(gen.finish_reason), frame.usage(gen.usage(), swarm)]
+
+
+def _adopt(gen: Generation, winner: Generation) -> None:
+    """Copy the winner into the request's Generation (what the request log reports)."""
+    for name in ("parts", "finish_reason", "prompt_tokens", "completion_tokens", "worker",
+                 "attempts", "first_token_at"):
+        setattr(gen, name, getattr(winner, name))
+
+
+class ChatService:
+    """The chat API's replies for one model: a whole chat.completion (complete) or an SSE byte
+    stream (open_stream), from one worker or a vote. Each request is prepared once
+    (RequestPreparer); the VoteRunner answers it, on the Generator's attempts."""
+
+    def __init__(self, pool: WorkerPool, renderer: PromptRenderer, model_id: str, n_ctx: int,
+                 cfg: Config, clock: Callable[[], float] = time.time,
+                 peers: PeerVoters | None = None) -> None:
+        self.model_id = model_id
+        self.clock = clock
+        self.preparer = RequestPreparer(renderer, n_ctx)
+        self.generator = Generator(pool, cfg, n_ctx)
+        self.votes = VoteRunner(self.generator, pool, cfg, peers)
+
+    async def complete(self, req: ChatRequest) -> tuple[dict[str, Any], Generation, dict]:
+        """A whole (non-streamed) chat.completion object, its generation and `swarm` object.
+        Raises HTTPError (4xx; 429/503 from the pool), WorkerError when no worker could answer."""
+        ballot = await self.votes.run(self.preparer.prepare(req), self.votes.plan(req))
+        gen, swarm = ballot.winner(), swarm_report(ballot)
+        reply = {"id": new_completion_id(), "object": "chat.completion", "created": int(self.clock()),
+                 "model": self.reply_model(req),
+                 "choices": [{"index": 0, "message": gen.message(),
+                              "logprobs": None, "finish_reason": gen.finish_reason}],
+                 "usage": gen.usage(), "swarm": swarm}
+        return reply, gen, swarm
+
+    async def open_stream(self, req: ChatRequest, gen: Generation) -> tuple[AsyncIterator[bytes],
+                                                                           VotePlan]:
+        """Accept the request (raising HTTPError if it cannot be served, WorkerError when no
+        worker could take it), then return the SSE byte stream and the plan: live from one worker
+        (a solo plan; `gen` is its generation), or the voted winner after the vote (copied into
+        `gen`)."""
+        plan, prepared = self.votes.plan(req), self.preparer.prepare(req)
+        if not plan.solo:
+            prepared = await self.generator.accept(prepared)
+            return self._voted_sse(req, plan, prepared, gen), plan
+        count = req.include_usage or log.isEnabledFor(logging.DEBUG)  # else nobody reads usage:
+        attempt = await self.votes.start_solo(prepared, plan, live=True,  # spare the worker calls
+                                              count=count, gen=gen)
+        return self._sse(req, plan, attempt), plan
+
+    def _frame(self, req: ChatRequest) -> ChunkFrame:
+        return ChunkFrame(new_completion_id(), int(self.clock()), self.reply_model(req),
+                          req.include_usage)
+
+    async def _sse(self, req: ChatRequest, plan: VotePlan, attempt: Attempt
+                   ) -> AsyncIterator[bytes]:
+        gen, frame = attempt.generation, self._frame(req)
+        try:
+            yield frame.role()
+            shown = 0
+            async for text in attempt.deltas():
+                shown += len(text)
+                yield frame.content(text)
+            if not gen.calls and gen.text[shown:]:
+                yield frame.content(gen.text[shown:])   # held back as a possible call, was not
+            for event in frame.calls(gen):
+                yield event
+            self.votes.remember(req, plan, [gen.worker])
+            swarm = swarm_report(single_ballot(plan, gen, attempt.prepared.answered))
+            for event in closing_events(frame, req, gen, swarm):
+                yield event
+        except WorkerError as exc:
+            log.error("stream broken after output began: %s", exc)
+            yield sse_json(HTTPError(502, f"the worker failed mid-stream: {exc}", "server_error",
+                                     code="worker_failed").body())
+        finally:
+            await attempt.aclose()
+        yield SSE_DONE
+
+    async def _voted_sse(self, req: ChatRequest, plan: VotePlan, prepared: PreparedRequest,
+                         gen: Generation) -> AsyncIterator[bytes]:
+        """Role chunk at once, SSE comments while the vote runs (so clients do not time out),
+        then the winner as word-sized deltas, the finish chunk and the `swarm` object."""
+        frame = self._frame(req)
+        yield frame.role()
+        task = asyncio.create_task(self.votes.vote(prepared, plan))
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_EVERY)
+                if not done:
+                    yield sse_comment("voting")
+            ballot = task.result()
+        except (WorkerError, HTTPError) as exc:
+            yield sse_json(HTTPError(502, f"the vote failed: {exc}", "server_error",
+                                     code="vote_failed").body())
+            yield SSE_DONE
+            return
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        winner = ballot.winner()
+        _adopt(gen, winner)
+        for piece in _PIECES.findall(winner.shown_text):
+            yield frame.content(piece)
+        for event in frame.calls(winner):
+            yield event
+        for event in closing_events(frame, req, winner, swarm_report(ballot)):
+            yield event
+        yield SSE_DONE
+
+    def reply_model(self, req: ChatRequest) -> str:
+        return req.model if req.model in (SWARM_MODEL_ID, self.model_id) else self.model_id
 
 
 # =====================================================================================================
@@ -7027,8 +7314,9 @@ class _BeaconProtocol(asyncio.DatagramProtocol):
 
 class Federation:
     """This swarm's part in a federation: the beacons it sends, the peers it hears and polls, and
-    the signed calls it makes to them. start(port) opens the UDP socket on the listener's port
-    and starts the beacon task; stop() ends both and closes the client it made."""
+    the signed calls it makes to them; the chat path's PeerVoters. start(port) opens the UDP
+    socket on the listener's port and starts the beacon task; stop() ends both and closes the
+    client it made."""
 
     def __init__(self, cfg: Config, model_id: str, instances: int, load: Callable[[], float],
                  clock: Callable[[], float] = time.time, client: Any = None) -> None:
@@ -7188,52 +7476,35 @@ class Federation:
                  if p.instances > 0 and (self.cfg.any_model or p.model == self.model_id)]
         return sorted(peers, key=lambda p: p.load)[:MAX_VOTE_PEERS]
 
-    def ask_all(self, req: ChatRequest, plan: VotePlan, started: float
-                ) -> dict[asyncio.Task, Peer]:
-        """Ask every voter at once; the tasks, each to its peer (see collect())."""
-        body = json.dumps(peer_request_body(req, plan.temperature), separators=(",", ":")).encode()
-        return {asyncio.create_task(self.ask(peer, body, req, started)): peer
-                for peer in self.voters()}
+    def ask_all(self, req: ChatRequest, temperature: float, started: float) -> list[PeerAsk]:
+        """Ask every voter at once, at `temperature` (PeerVoters): one PeerAsk per peer."""
+        body = json.dumps(peer_request_body(req, temperature), separators=(",", ":")).encode()
+        return [PeerAsk(peer.node, peer.name, peer.host,
+                        asyncio.create_task(self.ask(peer, body, req, started)))
+                for peer in self.voters()]
+
+    def answer_wait(self, started: float) -> float:
+        """Seconds the peers still get once the local vote, started at monotonic `started`, is
+        done (PeerVoters): as long again as it took (at least PEER_MIN_WAIT), within
+        peer_timeout of its start."""
+        now = time.monotonic()
+        return min(max(now - started, PEER_MIN_WAIT), started + self.cfg.peer_timeout - now)
 
     async def ask(self, peer: Peer, body: bytes, req: ChatRequest, started: float
                   ) -> tuple[Candidate, Generation]:
-        """One peer's vote as a weighted candidate and its generation. Its tool calls are parsed
-        here, against the request's tools, like a local worker's. Raises PeerError."""
+        """One peer's vote as a weighted candidate and its generation, counted by the peer. Its
+        tool calls are parsed here, against the request's tools, like a local worker's. Raises
+        PeerError."""
         answer = parse_vote_reply(await self.call(peer.url, "POST", VOTE_PATH, body), peer.node)
         finish = "stop" if answer.finish_reason == "tool_calls" else answer.finish_reason
         gen = Generation(parts=[answer.text], finish_reason=finish, worker=PEER_PREFIX + peer.name,
                          prompt_tokens=answer.prompt_tokens, attempts=1, started=started,
-                         completion_tokens=answer.completion_tokens)
-        ChatService.settle_calls(req, gen)
+                         completion_tokens=answer.completion_tokens, counted=True)
+        settle_calls(req.tool_use, gen)
         return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
                          latency=time.monotonic() - started, tokens=gen.completion_tokens,
                          calls=tuple(call.canonical() for call in gen.calls),
                          weight=answer.weight), gen
-
-    async def collect(self, ballot: Ballot, asked: dict[asyncio.Task, Peer]) -> None:
-        """Add the peers' answers to a ballot whose local vote is done. Peers get as long again as
-        the local vote took (at least PEER_MIN_WAIT), within peer_timeout of its start; a peer
-        that failed or is late is dropped, logged and listed in ballot.peers with why."""
-        now = time.monotonic()
-        wait = min(max(now - ballot.started, PEER_MIN_WAIT),
-                   ballot.started + self.cfg.peer_timeout - now)
-        done, _ = await asyncio.wait(asked, timeout=max(0.0, wait))
-        for task, peer in asked.items():
-            entry = {"node": peer.node, "name": peer.name, "host": peer.host}
-            if task in done and task.exception() is None:
-                candidate, gen = task.result()
-                ballot.entries.append((candidate, gen))
-                ballot.peers.append({**entry, "status": "voted",
-                                     "weight": round(candidate.weight, 4),
-                                     "latency_ms": round(candidate.latency * 1000, 1)})
-                continue
-            exc = task.exception() if task in done else None
-            reason = str(exc) if exc else f"no answer within {max(wait, 0.0):.1f} s"
-            if exc is not None and not isinstance(exc, PeerError):
-                log.error("federation: asking %s failed", peer.name, exc_info=exc)
-            log.warning("federation: %s (%s) dropped from the vote: %s", peer.name, peer.host,
-                        reason)
-            ballot.peers.append({**entry, "status": "dropped", "reason": reason})
 
     # -- views ------------------------------------------------------------------------------------
 
@@ -7526,7 +7797,7 @@ class Swarm:
         else:
             log.info("%s", FEDERATION_OFF)
         chat = ChatService(self.pool, renderer, self.model_id, self.plan.ctx, self.cfg,
-                           federation=self.federation)
+                           peers=self.federation)
         app = SwarmApp(self.cfg, self.pool, chat, self.model_id, self.federation)
         self.server = HttpServer(app.handle, self.cfg.http, self.cfg.host, self.cfg.port,
                                  self.cfg.cors_origins)

@@ -29,7 +29,8 @@ import pytest
 
 import local_swarm as ls
 from conftest import READY_LINE, ROOT, WAIT_TIMEOUT, until, wait_for
-from test_workers import started_pool, voters
+from test_chat import voters
+from test_workers import started_pool
 
 SECRET = "correct horse battery staple"
 OTHER = "another secret entirely"
@@ -408,7 +409,7 @@ async def node(*answers, name="alpha", secret=SECRET, model=MODEL, interval=0.3,
     workers = voters(*answers)
     pool = await started_pool(workers)
     fed = ls.Federation(cfg, model, len(workers), pool.load, clock=clock)
-    chat = ls.ChatService(pool, ls.PromptRenderer(None), model, 100, cfg, federation=fed)
+    chat = ls.ChatService(pool, ls.PromptRenderer(None), model, 100, cfg, peers=fed)
     server = ls.HttpServer(ls.FederationApp(fed, chat).handle, cfg.http, "127.0.0.1", port, ())
     await server.start()
     await fed.start(server.port)

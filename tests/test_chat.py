@@ -1,0 +1,735 @@
+"""The chat path over small in-process fake workers (fail on cue): one generation on a leased
+worker (retries, context checks, refusals, calls finished under the grammar), the vote runner
+(majority, anchor, early finish, adaptive growth, affinity) and the reply writer (whole replies and
+SSE). The real workers are exercised in test_e2e.py and test_e2e_tools.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+import local_swarm as ls
+from test_workers import FakeWorker as PoolFakeWorker
+from test_workers import NeverReadyWorker, run, started_pool
+
+
+class FakeWorker(PoolFakeWorker):
+    """The pool tests' scripted worker, whose stream lets other tasks run after each chunk as a
+    real worker's network reads do: a candidate holds its worker while it generates, so the
+    candidates of one vote land on different workers."""
+
+    async def stream_chat(self, body, timeout, route="/v1/chat/completions"):
+        async for chunk in super().stream_chat(body, timeout, route):
+            yield chunk
+            await asyncio.sleep(0)
+
+
+# -- chat service over fake workers: retries --------------------------------------------------------
+
+def chat_service(pool, n_ctx=100, **cfg):
+    """A ChatService over fake workers; mode "fastest" (one candidate) unless cfg says."""
+    cfg = {"mode": "fastest", **cfg}
+    return ls.ChatService(pool, ls.PromptRenderer(None), "fake-model", n_ctx, ls.Config(**cfg))
+
+
+def request(stream=False, text="hi there", **extra):
+    return ls.parse_chat_request({"messages": [{"role": "user", "content": text}],
+                                  "stream": stream, **extra})
+
+
+def test_whole_reply_retried_on_another_worker_after_midway_death(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
+
+    async def go():
+        a, b = FakeWorker(1, die_after=1), FakeWorker(2)
+        pool = await started_pool([a, b])
+        reply, gen, _ = await chat_service(pool).complete(request())
+        assert reply["choices"][0]["message"]["content"] == "Hello"
+        assert gen.attempts == 2 and gen.worker == "worker-2"
+        await pool.stop()
+    run(go())
+
+
+def test_stream_not_retried_once_content_was_sent(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
+
+    async def go():
+        pool = await started_pool([FakeWorker(1, die_after=1), FakeWorker(2)])
+        gen = ls.Generation()
+        stream, _ = await chat_service(pool).open_stream(request(stream=True), gen)
+        events = [e async for e in stream]
+        assert b'"content":"Hel"' in events[1]
+        assert b'"worker_failed"' in events[-2] and events[-1] == ls.SSE_DONE
+        assert gen.attempts == 1
+        await pool.stop()
+    run(go())
+
+
+def test_context_overflow_refused_before_generation():
+    async def go():
+        w = FakeWorker(1)
+        w.gate = asyncio.Event()                 # a generation would hang here
+        pool = await started_pool([w])
+        with pytest.raises(ls.HTTPError) as info:
+            await chat_service(pool, n_ctx=5).complete(request(text="one two three four five six"))
+        assert info.value.status == 400 and info.value.code == "context_length_exceeded"
+        assert pool.describe()[0]["state"] == "idle"
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("status", [422, 500])
+def test_a_worker_answering_an_error_is_not_retried_and_gives_400(status):
+    """A live worker that answers this request with an error (a template that cannot render it)
+    would answer the same on every worker: 400 at once, never a 5xx that editors retry."""
+    async def go():
+        a, b = FakeWorker(1), FakeWorker(2)
+        a.refuse = b.refuse = status
+        pool = await started_pool([a, b])
+        with pytest.raises(ls.HTTPError) as info:
+            await chat_service(pool).complete(request())
+        assert info.value.status == 400 and info.value.code == "worker_rejected"
+        assert getattr(a, "chats", 0) + getattr(b, "chats", 0) == 1
+        assert [d["state"] for d in pool.describe()] == ["idle", "idle"]
+        await pool.stop()
+    run(go())
+
+
+def test_retries_run_out_into_worker_error(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
+
+    async def go():
+        workers = [FakeWorker(1, die_after=0), FakeWorker(2, die_after=0)]
+        pool = await started_pool(workers)
+        svc = chat_service(pool, max_retries=1)
+        with pytest.raises(ls.WorkerError):
+            await svc.complete(request())
+        await pool.stop()
+    run(go())
+
+
+# -- the API while no worker is ready ---------------------------------------------------------------
+
+def test_health_is_503_while_initializing_and_200_once_a_worker_is_ready():
+    async def go():
+        gate = asyncio.Event()
+
+        class GatedWorker(FakeWorker):
+            async def wait_ready(self, timeout):
+                await gate.wait()
+
+        pool = ls.WorkerPool([GatedWorker(1), NeverReadyWorker(2)], queue_size=4,
+                             start_timeout=300)
+        cfg = ls.Config(api_key="k")
+        app = ls.SwarmApp(cfg, pool, chat_service(pool), "m")
+        await pool.start()
+        for path in ("/health", "/v1/health"):
+            reply = await app.handle(ls.Request("GET", path, path, "HTTP/1.1", (), b""))
+            assert reply.status == 503 and ("Retry-After", "5") in reply.headers
+            assert json.loads(reply.body)["status"] == "initializing"
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+        chat = ls.Request("POST", "/v1/chat/completions", "/v1/chat/completions", "HTTP/1.1",
+                          (("x-api-key", "k"),), body)
+        with pytest.raises(ls.HTTPError) as info:
+            await app.handle(chat)
+        assert info.value.status == 503 and info.value.code == "swarm_starting"
+        gate.set()
+        await pool.wait_any_ready(5)
+        reply = await app.handle(ls.Request("GET", "/health", "/health", "HTTP/1.1", (), b""))
+        assert reply.status == 200 and json.loads(reply.body)["status"] == "degraded"
+        await pool.stop()
+    run(go())
+
+
+# -- consensus over fake workers -------------------------------------------------------------------
+
+def voters(*answers, gated=()):
+    """Fake workers, one per answer text; those whose index is in `gated` wait on a gate."""
+    workers = [FakeWorker(i + 1, tokens=(text,)) for i, text in enumerate(answers)]
+    for i in gated:
+        workers[i].gate = asyncio.Event()
+    return workers
+
+
+def test_majority_vote_picks_the_agreed_answer_and_reports_it():
+    async def go():
+        pool = await started_pool(voters("The answer is 41.", "So the answer is 42.",
+                                         "The answer is 42."))
+        svc = chat_service(pool, mode="vote", adaptive=False)
+        reply, gen, swarm = await svc.complete(request(text="6 x 7?", swarm={"votes": 3}))
+        assert "42" in reply["choices"][0]["message"]["content"]
+        assert reply["swarm"] is swarm and swarm["strategy"] == "majority"
+        assert swarm["k"] == 3 and swarm["samples"] == 3 and sorted(swarm["votes"]) == [1, 2]
+        assert swarm["confidence"] == pytest.approx(2 / 3, abs=1e-3)
+        assert sum(c["winner"] for c in swarm["candidates"]) == 1
+        assert swarm["winner"] in ("worker-2", "worker-3")
+        await pool.stop()
+    run(go())
+
+
+def test_the_anchor_candidate_decodes_greedily_and_wins_a_split_vote():
+    """A request that leaves temperature to the swarm: candidate 0 runs at temperature 0 and
+    wins a 1-1 split; with an explicit temperature or "anchor": false every candidate samples."""
+    async def go():
+        workers = voters("Answer: 5", "Answer: 9")
+        pool = await started_pool(workers)
+        svc = chat_service(pool, mode="vote", adaptive=False)
+
+        def temperatures():
+            return {w.name: w.requests[-1][1]["temperature"] for w in workers}
+
+        reply, _, swarm = await svc.complete(request(swarm={"votes": 2}))
+        temps = temperatures()
+        assert sorted(temps.values()) == [0.0, 0.7]
+        greedy_worker = next(name for name, t in temps.items() if t == 0.0)
+        assert swarm["winner"] == greedy_worker
+        assert [c["greedy"] for c in swarm["candidates"] if c["winner"]] == [True]
+        expected = {"worker-1": "Answer: 5", "worker-2": "Answer: 9"}[greedy_worker]
+        assert reply["choices"][0]["message"]["content"] == expected
+        for extra in ({"swarm": {"votes": 2, "anchor": False}},
+                      {"temperature": 0.7, "swarm": {"votes": 2}}):
+            _, _, swarm = await svc.complete(request(**extra))
+            assert sorted(temperatures().values()) == [0.7, 0.7], extra
+            assert not any(c["greedy"] for c in swarm["candidates"])
+        await pool.stop()
+    run(go())
+
+
+def test_early_finish_cancels_the_straggler():
+    async def go():
+        workers = voters("Answer: 7", "Answer: 7", "Answer: 7", gated=(2,))
+        pool = await started_pool(workers)
+        svc = chat_service(pool, mode="vote", adaptive=False)
+        plan = ls.VotePlan(mode="vote", k=3, adaptive=False, temperature=0.7, affinity=False)
+        prepared = svc.preparer.prepare(request(text="3 + 4?"))
+        assert prepared.prompt == "3 + 4?" and prepared.checked
+        ballot = await svc.votes.vote(prepared, plan)
+        assert len(ballot.entries) == 2 and ballot.cancelled == 1
+        assert ls.swarm_report(ballot)["confidence"] == 1.0
+        await asyncio.sleep(0.01)
+        # the straggler's worker may still be evaluating the prompt: it drains before reuse
+        assert [d["state"] for d in pool.describe()] == ["idle", "idle", "draining"]
+        workers[2].gate.set()                    # its model lock comes free
+        await asyncio.sleep(0.01)
+        assert [d["state"] for d in pool.describe()] == ["idle"] * 3
+        await pool.stop()
+    run(go())
+
+
+def test_a_drained_worker_that_never_frees_is_probed_and_restarted(monkeypatch):
+    monkeypatch.setattr(ls, "DRAIN_TIMEOUT", 0.01)
+
+    async def go():
+        w = FakeWorker(1)
+        w.gate = asyncio.Event()
+
+        async def stuck(text, timeout=None):
+            raise ls.WorkerError("worker-1: /extras/tokenize/count: ReadTimeout")
+        pool = await started_pool([w])
+        task = asyncio.create_task(chat_service(pool).complete(request()))
+        await asyncio.sleep(0.01)
+        w.count_tokens, w.mute = stuck, True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if w.starts == 2:
+                break
+        assert w.starts == 2                     # probed, did not answer, restarted
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("answers,samples", [
+    (("Answer: 5", "Answer: 5", "Answer: 9"), 2),      # the first two agree: stop at 2
+    (("Answer: 5", "Answer: 9", "Answer: 5"), 3),      # they disagree: one more
+])
+def test_adaptive_vote_adds_candidates_only_while_they_disagree(answers, samples):
+    async def go():
+        pool = await started_pool(voters(*answers))
+        svc = chat_service(pool, mode="vote", adaptive=True)
+        _, _, swarm = await svc.complete(request(swarm={"votes": 3}))
+        assert swarm["samples"] == samples
+        await pool.stop()
+    run(go())
+
+
+def test_a_failing_worker_is_dropped_from_the_vote(monkeypatch):
+    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
+
+    async def go():
+        workers = voters("Answer: 3", "Answer: 3", "Answer: 3")
+        workers[0].die_after = 0
+        pool = await started_pool(workers)
+        svc = chat_service(pool, mode="vote", adaptive=False, max_retries=0)
+        reply, _, swarm = await svc.complete(request(swarm={"votes": 3}))
+        assert swarm["failed"] == 1 and len(swarm["candidates"]) == 2
+        assert reply["choices"][0]["message"]["content"] == "Answer: 3"
+        await pool.stop()
+    run(go())
+
+
+def test_temperature_zero_sends_one_request_unless_forced():
+    async def go():
+        pool = await started_pool(voters("a", "a", "a"))
+        svc = chat_service(pool, mode="vote")
+        _, _, swarm = await svc.complete(request(temperature=0, swarm={"votes": 3}))
+        assert swarm["strategy"] == "single" and swarm["k"] == 1
+        _, _, swarm = await svc.complete(request(temperature=0,
+                                                 swarm={"votes": 3, "force_vote": True}))
+        assert swarm["k"] == 3 and swarm["strategy"] != "single"
+        await pool.stop()
+    run(go())
+
+
+def test_streamed_vote_sends_keepalives_then_the_winner(monkeypatch):
+    monkeypatch.setattr(ls, "KEEPALIVE_EVERY", 0.02)
+
+    async def go():
+        workers = voters("The answer is 8 apples.", "The answer is 8 apples.", gated=(0, 1))
+        pool = await started_pool(workers)
+        svc = chat_service(pool, mode="vote", adaptive=False)
+        gen = ls.Generation()
+        stream, plan = await svc.open_stream(request(stream=True, swarm={"votes": 2},
+                                                     stream_options={"include_usage": True}), gen)
+        assert plan.k == 2
+        events = []
+        async for event in stream:
+            events.append(event)
+            if event.startswith(b": ") and len(events) == 3:
+                for w in workers:
+                    w.gate.set()
+        assert events[1].startswith(b": voting")
+        chunks = [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text == "The answer is 8 apples."
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+        assert chunks[-1]["swarm"]["strategy"] == "majority" and "swarm" not in chunks[-2]
+        assert events[-1] == ls.SSE_DONE and gen.text == text
+        await pool.stop()
+    run(go())
+
+
+def test_next_turn_goes_to_the_worker_that_served_the_last():
+    async def go():
+        pool = await started_pool(voters("x", "y", "z"))
+        svc = chat_service(pool)                         # one candidate: the affinity is visible
+        first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        async with pool.lease(), pool.lease():          # only worker-3 is free for turn 1
+            _, gen1, _ = await svc.complete(ls.parse_chat_request({"messages": first}))
+        assert gen1.worker == "worker-3"
+        turn2 = first + [{"role": "assistant", "content": "z"}, {"role": "user", "content": "more"}]
+        _, gen2, _ = await svc.complete(ls.parse_chat_request({"messages": turn2}))
+        assert gen2.worker == "worker-3"
+        _, gen3, _ = await svc.complete(ls.parse_chat_request(
+            {"messages": turn2, "swarm": {"affinity": False}}))
+        assert gen3.worker == "worker-1"                 # without affinity: the first idle one
+        await pool.stop()
+    run(go())
+
+
+# -- chat service over fake workers: tool calls ------------------------------------------------------
+
+QWEN_LIKE = ("{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}"
+             "{% endfor %}</tools> <tool_call><|im_end|>\n{% endif %}"
+             "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+             "{% endfor %}{{ '<|im_start|>assistant\\n' }}")
+READ_TOOL = {"type": "function", "function": {
+    "name": "read_file", "description": "Read a file",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
+                   "required": ["path"]}}}
+CALL_TEXT = '<tool_call>\n{"name": "read_file", "arguments": {"path": "a.txt"}}\n</tool_call>'
+
+
+def tool_service(pool, **cfg):
+    cfg = {"mode": "fastest", **cfg}
+    return ls.ChatService(pool, ls.PromptRenderer(QWEN_LIKE), "fake-model", 10_000,
+                          ls.Config(**cfg))
+
+
+def tool_request(stream=False, **extra):
+    return request(stream=stream, text="read a.txt", tools=[READ_TOOL], **extra)
+
+
+def chunks_of(text, size=3):
+    return tuple(text[i:i + size] for i in range(0, len(text), size))
+
+
+def sse_payloads(events):
+    return [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+
+
+def test_a_call_the_model_starts_is_finished_under_the_grammar_and_returned_as_tool_calls():
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of("Let me look.\n" + CALL_TEXT.replace(
+            "read_file", "read_package_json")))
+        w.completion = chunks_of(CALL_TEXT)
+        pool = await started_pool([w])
+        reply, gen, _ = await tool_service(pool).complete(tool_request())
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Let me look."
+        [call] = choice["message"]["tool_calls"]
+        assert call["type"] == "function" and call["id"].startswith("call_") and len(call["id"]) > 5
+        assert call["function"]["name"] == "read_file"
+        assert json.loads(call["function"]["arguments"]) == {"path": "a.txt"}
+        (chat_route, chat_body), (route, body) = w.requests
+        assert chat_route == "/v1/chat/completions" and chat_body["tools"] == [READ_TOOL]
+        assert route == "/v1/completions" and "read_file" in body["grammar"]
+        assert body["prompt"].endswith("<|im_start|>assistant\nLet me look.\n")
+        await pool.stop()
+    run(go())
+
+
+def test_prose_with_parentheses_is_no_call_and_needs_no_second_request():
+    text = "Call read_file(path) to see it; f(x) = 2x.\n{\"city\": \"Paris\"}"
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(text))
+        pool = await started_pool([w])
+        reply, _, _ = await tool_service(pool).complete(tool_request())
+        message = reply["choices"][0]["message"]
+        assert message == {"role": "assistant", "content": text}
+        assert reply["choices"][0]["finish_reason"] == "stop" and len(w.requests) == 1
+        await pool.stop()
+    run(go())
+
+
+def test_streamed_call_is_deltas_in_the_shape_clients_validate():
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(CALL_TEXT))
+        w.completion = chunks_of(CALL_TEXT)
+        pool = await started_pool([w])
+        gen = ls.Generation()
+        stream, _ = await tool_service(pool).open_stream(
+            tool_request(stream=True, stream_options={"include_usage": True}), gen)
+        chunks = sse_payloads([e async for e in stream])
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert not any(d.get("content") for d in deltas)          # no call text as content
+        calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+        first = calls[0][0]
+        assert first["index"] == 0 and first["id"].startswith("call_")
+        assert first["type"] == "function" and first["function"]["name"] == "read_file"
+        assert all(set(c[0]) == {"index", "function"} for c in calls[1:])
+        args = "".join(c[0]["function"]["arguments"] for c in calls)
+        assert json.loads(args) == {"path": "a.txt"}
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finishes[-1] == "tool_calls" and chunks[-1]["choices"] == []
+        assert "usage" in chunks[-1] and "swarm" in chunks[-1]
+        await pool.stop()
+    run(go())
+
+
+def test_tool_choice_none_sends_no_tools_and_parses_nothing():
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(CALL_TEXT))
+        pool = await started_pool([w])
+        reply, _, _ = await tool_service(pool).complete(tool_request(tool_choice="none"))
+        assert reply["choices"][0]["message"] == {"role": "assistant", "content": CALL_TEXT}
+        [(_, body)] = w.requests
+        assert "tools" not in body and "grammar" not in body
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "read_file"}}])
+def test_required_and_named_choices_constrain_the_whole_reply(choice):
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(CALL_TEXT))
+        pool = await started_pool([w])
+        reply, _, _ = await tool_service(pool).complete(tool_request(tool_choice=choice))
+        assert reply["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "read_file"
+        [(route, body)] = w.requests
+        assert route == "/v1/chat/completions" and "read_file" in body["grammar"]
+        await pool.stop()
+    run(go())
+
+
+def test_a_vote_over_calls_takes_the_majority_call():
+    other = CALL_TEXT.replace("a.txt", "b.txt")
+    async def go():
+        workers = [FakeWorker(1, tokens=chunks_of(other)), FakeWorker(2, tokens=(CALL_TEXT,)),
+                   FakeWorker(3, tokens=(CALL_TEXT,))]
+        for w in workers:
+            w.completion = w.tokens
+        pool = await started_pool(workers)
+        svc = tool_service(pool, mode="vote", votes=3, adaptive=False)
+        reply, _, swarm = await svc.complete(tool_request())
+        call = reply["choices"][0]["message"]["tool_calls"][0]
+        assert json.loads(call["function"]["arguments"]) == {"path": "a.txt"}
+        assert swarm["strategy"] == "majority" and swarm["votes"][0] == 2
+        await pool.stop()
+    run(go())
+
+
+def test_constrain_calls_off_parses_the_models_own_text():
+    invented = CALL_TEXT.replace("read_file", "read_package_json")
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(invented))
+        pool = await started_pool([w])
+        reply, _, _ = await tool_service(pool).complete(
+            tool_request(swarm={"constrain_calls": False}))
+        assert reply["choices"][0]["message"] == {"role": "assistant", "content": invented}
+        assert [route for route, _ in w.requests] == ["/v1/chat/completions"]
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("body,cfg,anchor,temps", [
+    ({}, {}, True, (0.0, 0.7, 0.7)),                                  # temperature left to the swarm
+    ({"temperature": 0.9}, {}, False, (0.9, 0.9, 0.9)),               # the client chose
+    ({"swarm": {"anchor": False}}, {}, False, (0.7, 0.7, 0.7)),       # the request opts out
+    ({}, {"anchor": False}, False, (0.7, 0.7, 0.7)),                  # --no-anchor
+    ({"swarm": {"anchor": True}}, {"anchor": False}, True, (0.0, 0.7, 0.7)),  # request beats flag
+])
+def test_vote_plan_anchor(body, cfg, anchor, temps):
+    req = ls.parse_chat_request({"messages": [{"role": "user", "content": "hi"}],
+                                 "swarm": {"votes": 3, **body.pop("swarm", {})}, **body})
+    plan = ls.vote_plan(req, ls.Config(**cfg), healthy=3, instances=3)
+    assert plan.anchor is anchor and plan.k == 3
+    assert tuple(plan.temperature_of(i) for i in range(3)) == temps
+
+
+def test_anchor_option_must_be_a_boolean():
+    with pytest.raises(ls.HTTPError) as err:
+        ls.parse_chat_request({"messages": [{"role": "user", "content": "hi"}],
+                               "swarm": {"anchor": "yes"}})
+    assert err.value.status == 400 and err.value.param == "swarm.anchor"
+
+
+ANSWERED_READ = [{"role": "user", "content": "read a.txt"},
+                 {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "call_1", "type": "function", "function": {
+                         "name": "read_file", "arguments": '{"path": "a.txt"}'}}]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+
+
+def answered_read_request(*more_messages):
+    """A 3-vote request whose conversation ends on the result of read_file(a.txt) (then
+    `more_messages`); calls are parsed from the text as written (no grammar)."""
+    return ls.parse_chat_request({"messages": ANSWERED_READ + list(more_messages),
+                                  "tools": [READ_TOOL], "temperature": 0.7,
+                                  "swarm": {"votes": 3, "constrain_calls": False}})
+
+
+def test_a_candidate_that_repeats_the_answered_call_loses_to_one_that_moves_on():
+    """The conversation ends on the result of read_file(a.txt). Two candidates call it again,
+    one answers in text: the answer wins, though the repeat has the larger group."""
+    async def go():
+        workers = [FakeWorker(1, tokens=chunks_of(CALL_TEXT)),
+                   FakeWorker(2, tokens=chunks_of(CALL_TEXT)),
+                   FakeWorker(3, tokens=("It says 42.",))]
+        pool = await started_pool(workers)
+        svc = tool_service(pool, mode="vote", adaptive=False)
+        req = answered_read_request()
+        reply, _, swarm = await svc.complete(req)
+        assert reply["choices"][0]["message"]["content"] == "It says 42."
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert sorted(c["repeat"] for c in swarm["candidates"]) == [False, True, True]
+
+        # the same calls after a user turn are no repeat: the bigger group wins again
+        req = answered_read_request({"role": "assistant", "content": "It says 42."},
+                                    {"role": "user", "content": "read it again"})
+        reply, _, swarm = await svc.complete(req)
+        assert reply["choices"][0]["finish_reason"] == "tool_calls"
+        assert not any(c["repeat"] for c in swarm["candidates"])
+        await pool.stop()
+    run(go())
+
+
+class RepeatOnce(FakeWorker):
+    """Calls read_file(a.txt) again on its first chat, answers in text after that."""
+
+    async def stream_chat(self, body, timeout, route="/v1/chat/completions"):
+        self.tokens = chunks_of(CALL_TEXT) if getattr(self, "chats", 0) == 0 else ("It says 42.",)
+        async for chunk in super().stream_chat(body, timeout, route):
+            yield chunk
+
+
+def test_two_agreeing_repeats_do_not_end_an_adaptive_vote():
+    """Adaptive votes stop once the first two agree, unless what they agree on is a repeat: then
+    the rest of the budget is spent, and the candidate that moves on wins."""
+    async def go():
+        workers = [RepeatOnce(1), RepeatOnce(2), FakeWorker(3, tokens=("It says 42.",))]
+        pool = await started_pool(workers)
+        svc = tool_service(pool, mode="vote", adaptive=True)
+        req = answered_read_request()
+        reply, _, swarm = await svc.complete(req)
+        assert swarm["samples"] == 3 and swarm["cancelled"] == 0
+        assert [c["repeat"] for c in swarm["candidates"]][:2] == [True, True]
+        assert reply["choices"][0]["message"]["content"] == "It says 42."
+        await pool.stop()
+    run(go())
+
+
+def test_a_second_call_cut_off_by_max_tokens_leaves_no_fragment_in_the_content():
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of("Let me look.\n" + CALL_TEXT))
+        w.completion = chunks_of(CALL_TEXT + '\n<tool_call>\n{"name": "read_file", "argu')
+        w.completion_finish = "length"
+        pool = await started_pool([w])
+        reply, _, _ = await tool_service(pool).complete(tool_request())
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Let me look."
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["read_file"]
+        await pool.stop()
+    run(go())
+
+
+# -- the parts: a request prepared once, an attempt on a leased worker, peers behind PeerVoters ----
+
+class CountingRenderer(ls.PromptRenderer):
+    """A renderer that counts its renders."""
+
+    renders = 0
+
+    def render(self, messages, tools=()):
+        self.renders += 1
+        return super().render(messages, tools)
+
+
+def record_counts(workers):
+    """The texts the workers are asked to count, in order (their count_tokens, wrapped)."""
+    counted = []
+    for w in workers:
+        async def count(text, timeout=None, original=w.count_tokens):
+            counted.append(text)
+            return await original(text, timeout)
+        w.count_tokens = count
+    return counted
+
+
+def test_a_vote_prepares_its_request_once_and_counts_only_the_winner():
+    async def go():
+        workers = voters("Answer: 7 apples", "Answer: 7 apples", "Answer: 9 pears")
+        counted = record_counts(workers)
+        pool = await started_pool(workers)
+        renderer = CountingRenderer(None)
+        svc = ls.ChatService(pool, renderer, "fake-model", 100,
+                             ls.Config(mode="vote", adaptive=False))
+        reply, _, swarm = await svc.complete(request(swarm={"votes": 3}))
+        assert renderer.renders == 1
+        assert sorted(counted) == ["", "Answer: 7 apples", "hi there"]   # the winner, its prompt
+        assert reply["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        winner = next(c for c in swarm["candidates"] if c["winner"])
+        assert winner["tokens"] == 3                     # counted: the usage's
+        assert [c["tokens"] for c in swarm["candidates"] if not c["winner"]] == [1, 1]   # chunks
+        await pool.stop()
+    run(go())
+
+
+def test_one_workers_reply_and_a_vote_report_the_same_swarm_fields():
+    async def go():
+        pool = await started_pool(voters("Answer: 7", "Answer: 7"))
+        svc = chat_service(pool, mode="vote", adaptive=False)
+        _, _, single = await svc.complete(request(temperature=0))
+        _, _, voted = await svc.complete(request(swarm={"votes": 2}))
+        assert single["strategy"] == "single" and voted["strategy"] == "majority"
+        assert single.keys() == voted.keys()
+        assert single["candidates"][0].keys() == voted["candidates"][0].keys()
+        assert single["candidates"][0]["greedy"] is True
+        assert single["candidates"][0]["repeat"] is False
+        await pool.stop()
+    run(go())
+
+
+class WatchedWorker(FakeWorker):
+    """Counts its streams still open: a closed attempt must close its worker's stream at once."""
+
+    open_streams = 0
+
+    async def stream_chat(self, body, timeout, route="/v1/chat/completions"):
+        self.open_streams += 1
+        try:
+            async for chunk in super().stream_chat(body, timeout, route):
+                yield chunk
+        finally:
+            self.open_streams -= 1
+
+
+def test_an_attempt_holds_its_worker_until_its_deltas_end_or_it_is_closed():
+    async def go():
+        w = WatchedWorker(1, tokens=("a", "b", "c"))
+        pool = await started_pool([w])
+        generator = ls.Generator(pool, ls.Config(), 100)
+        prepared = ls.RequestPreparer(ls.PromptRenderer(None), 100).prepare(request())
+
+        def state():
+            return pool.describe()[0]["state"]
+
+        attempt = await generator.start(prepared)
+        assert state() == "busy"
+        await attempt.aclose()                           # never read: nothing ran on the worker
+        assert state() == "idle"
+        attempt = await generator.start(prepared, live=True)
+        deltas = attempt.deltas()
+        assert await deltas.__anext__() == "a" and w.open_streams == 1
+        with pytest.raises(RuntimeError):
+            attempt.deltas()                             # read once
+        await deltas.aclose()
+        assert w.open_streams == 0 and state() == "draining"   # it may still be generating
+        await asyncio.sleep(0.01)
+        assert state() == "idle"
+        gen = await (await generator.start(prepared, {"seed": 5})).run()
+        assert gen.text == "abc" and gen.counted and gen.usage()["completion_tokens"] == 1
+        assert w.requests[-1][1]["seed"] == 5 and state() == "idle"
+        await pool.stop()
+    run(go())
+
+
+class FakePeers:
+    """PeerVoters in process: peer name -> its answer (text, weight), the exception it fails
+    with, or None for a peer that never answers."""
+
+    def __init__(self, answers, wait):
+        self.answers, self.wait, self.tasks = answers, wait, []
+
+    def voters(self):
+        return list(self.answers)
+
+    def ask_all(self, req, temperature, started):
+        asks = [ls.PeerAsk("node-" + name, name, "10.0.0.9",
+                           asyncio.create_task(self._answer(name, outcome, started)))
+                for name, outcome in self.answers.items()]
+        self.tasks += [ask.task for ask in asks]
+        return asks
+
+    async def _answer(self, name, outcome, started):
+        await asyncio.sleep(0)
+        if outcome is None:
+            await asyncio.Event().wait()
+        if isinstance(outcome, Exception):
+            raise outcome
+        text, weight = outcome
+        gen = ls.Generation(parts=[text], worker="peer:" + name, attempts=1, started=started,
+                            prompt_tokens=2, completion_tokens=3, counted=True)
+        return ls.Candidate(worker=gen.worker, text=text, finish_reason="stop", latency=0.01,
+                            tokens=3, weight=weight), gen
+
+    def answer_wait(self, started):
+        return self.wait
+
+
+def test_the_vote_runner_adds_the_peers_answers_and_records_each_fate():
+    async def go():
+        pool = await started_pool(voters("Answer: 5", "Answer: 9"))
+        peers = FakePeers({"beta": ("Answer: 9", 2.0), "liar": ls.PeerError("bad signature"),
+                           "mute": None}, wait=0.05)
+        svc = ls.ChatService(pool, ls.PromptRenderer(None), "fake-model", 100,
+                             ls.Config(mode="vote", adaptive=False), peers=peers)
+        reply, _, swarm = await svc.complete(request(swarm={"votes": 2}))
+        assert reply["choices"][0]["message"]["content"] == "Answer: 9"
+        fates = {p["name"]: p for p in swarm["peers"]}
+        assert fates["beta"] == {"node": "node-beta", "name": "beta", "host": "10.0.0.9",
+                                 "status": "voted", "weight": 2.0, "latency_ms": 10.0}
+        assert fates["liar"]["status"] == "dropped" and fates["liar"]["reason"] == "bad signature"
+        assert fates["mute"]["status"] == "dropped" and "no answer within" in fates["mute"]["reason"]
+        assert all(task.done() for task in peers.tasks)   # the mute peer's question cancelled
+        peer = next(c for c in swarm["candidates"] if c["worker"] == "peer:beta")
+        assert peer["tokens"] == 3 and peer["weight"] == 2.0 and swarm["k"] == 2
+        _, _, swarm = await svc.complete(request(swarm={"votes": 2, "federate": False}))
+        assert "peers" not in swarm and len(peers.tasks) == 3    # not asked again
+        await pool.stop()
+    run(go())

@@ -13,14 +13,17 @@ Run it:
 LOCAL_SWARM_<NAME> variables, then the settings file (~/.config/local-swarm/config.json), then
 defaults; the first start in a terminal asks for the main ones (see the First run section).
 
-The daemon is one asyncio process. It supervises N `python -m llama_cpp.server` subprocesses bound
-to 127.0.0.1, each serving one request at a time, and exposes /v1/models, /v1/chat/completions
-(streaming and not) and /health on a hand-written HTTP/1.1 + Server-Sent-Events server.
+The daemon is one asyncio process. Once its llama.cpp build exists it runs on that build's
+packages alone (`python -I -S`, see isolate). It supervises N `python -m llama_cpp.server`
+subprocesses bound to 127.0.0.1, each serving one request at a time, and exposes /v1/models,
+/v1/chat/completions (streaming and not) and /health on a hand-written HTTP/1.1 +
+Server-Sent-Events server.
 
-Sections, in dependency order (grep for "# ====" for a table of contents):
-    constants, errors, config, HTTP/SSE protocol, HTTP server, hardware and build, models,
-    workers, worker pool, voting, tool calls (parsing, grammars), chat API, federation, server
-    wiring, first run, CLI.
+Sections, in dependency order: each uses only the ones before it (grep for "# ====" for a table
+of contents; tests/test_layout.py checks both):
+    Constants, Errors, Config, HTTP/1.1 and SSE protocol, HTTP server, Hardware and build, Models,
+    Bundles, Workers, Worker pool, Voting, Tool calls, Chat API, Federation, Server wiring,
+    First run, CLI.
 
 With a shared secret (--secret or LOCAL_SWARM_SECRET), swarms on one network find each other by
 signed UDP beacons and vote together: each request's candidates are joined by the best answers of
@@ -240,6 +243,20 @@ class ModelError(SwarmError):
 class StartupError(SwarmError):
     """The daemon's own code failed while starting (an import, a probe that raised something
     other than a network error): no worker restart can fix it, so the start stops at once."""
+
+
+class SettingsError(SwarmError):
+    """A setting with a bad value; the message names its source (file and key, variable, flag)."""
+
+
+class SetupCancelled(SwarmError):
+    """The setup ended without saving (Ctrl-C, end of input, no acceptable answer). `status` is
+    the exit status: 130 after Ctrl-C, as a shell reports SIGINT, else 1."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 
 # =====================================================================================================
@@ -2193,6 +2210,7 @@ def ensure_build(builds_dir: Path, hw: Hardware, progress: Callable[[str], None]
         raise
 
 
+# ---- running on the build's packages ---------------------------------------------------------------
 # The daemon and its workers run on the build's site folder alone, whatever the user's Python
 # holds (other versions of httpx, anyio, typing_extensions, pydantic... in site-packages, user site
 # or PYTHONPATH): each runs in an interpreter started with -I (no PYTHON* variables, no user site,
@@ -2442,21 +2460,13 @@ def doctor_report(hw: Hardware, key: str, plan: Plan | None, model: ModelInfo | 
     return "\n".join(lines)
 
 
-# ---- bundles (air-gapped copies) --------------------------------------------------------------------
-# A bundle is a folder that runs with no network on a machine of the same OS, arch and Python:
-#     local_swarm.py, README.md, pyproject.toml
-#     llama_builds/<key>/        this machine's build (build.json and the site folder)
-#     llama_builds/sdist/        llama-cpp-python's source, for a machine whose build key differs
-#     llama_builds/wheelhouse/   every wheel the site holds, plus what compiling the source needs
-#                                (scikit-build-core and its deps, cmake, ninja, pip)
-#     llama_builds/bundle.json   the OS, arch and Python it was made for
-#     models/                    the model file(s); discovery looks here first
-# Where builds_dir holds a wheelhouse, every build is offline (_offline_job): pip gets --no-index
-# and the wheelhouse only, and none of pip's configuration, so nothing reaches for a network or an
-# index the target may not have. Nothing in the folder names the path it was made at: the site's
-# console scripts (absolute shebangs; workers run `python -m`), .pth files (never read: the site
-# is a PYTHONPATH entry, not a site directory) and direct_url.json (the wheel's path) are removed,
-# and make_bundle checks every other file for the builder's paths before it reports success.
+# ---- offline builds (in a bundle) ------------------------------------------------------------------
+# Where builds_dir holds a wheelhouse (a bundle: see the Bundles section), every build is offline
+# (_offline_job): pip gets --no-index and the wheelhouse only, and none of pip's configuration, so
+# nothing reaches for a network or an index the target may not have. A site folder names no path
+# it was made at (make_site_relocatable): the site's console scripts (absolute shebangs; workers
+# run `python -m`), .pth files (never read: the bootstrap puts the site on sys.path, it is not a
+# site directory) and direct_url.json (the wheel's path) are removed.
 
 
 def _offline_job(job: _BuildJob) -> _BuildJob:
@@ -2515,209 +2525,6 @@ def make_site_relocatable(site: Path) -> None:
             kept = [line for line in lines
                     if not line.startswith(f"{direct_url.parent.name}/direct_url.json,")]
             record.write_text("".join(kept), encoding="utf-8")
-
-
-def _canonical_name(name: str) -> str:
-    """A distribution name as pip compares them (PEP 503): lower case, runs of -_. as one -."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def site_requirements(site: Path) -> list[str]:
-    """`name==version` for every distribution installed in a site folder, by name, except
-    llama-cpp-python (a bundle ships its source: the wheel is compiled for one build key)."""
-    pins = []
-    for metadata in sorted(site.glob("*.dist-info/METADATA")):
-        with open(metadata, "rb") as handle:
-            head = handle.read(MAX_METADATA_HEAD).decode("utf-8", errors="replace")
-        headers = HeaderParser().parsestr(head, headersonly=True)
-        name, version = headers.get("Name"), headers.get("Version")
-        if name and version and _canonical_name(name) != "llama-cpp-python":
-            pins.append(f"{name}=={version}")
-    return sorted(pins, key=str.lower)
-
-
-def sdist_build_requirements(sdist: Path) -> list[str]:
-    """build-system.requires of the source archive's top-level pyproject.toml (for
-    llama-cpp-python: scikit-build-core). Raises BuildError when the archive has none."""
-    try:
-        with tarfile.open(sdist) as archive:
-            for member in archive:
-                if member.isfile() and re.fullmatch(r"[^/]+/pyproject\.toml", member.name):
-                    if member.size > MAX_PYPROJECT_BYTES:
-                        break
-                    extracted = archive.extractfile(member)
-                    project = tomllib.loads(extracted.read().decode("utf-8")) if extracted else {}
-                    return [str(req) for req in project.get("build-system", {}).get("requires", [])]
-    except (OSError, tarfile.TarError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BuildError(f"cannot read the build requirements of {sdist}: {exc}") from exc
-    raise BuildError(f"{sdist} has no usable pyproject.toml")
-
-
-def wheelhouse_requirements(site: Path, sdist: Path) -> list[str]:
-    """What a bundle's wheelhouse must hold: the site's distributions at their installed versions
-    (a rebuilt site gets the same ones), the sdist's build backend, and OFFLINE_BUILD_TOOLS.
-    `pip download` adds the dependencies of the last two."""
-    return [*site_requirements(site), *sdist_build_requirements(sdist), *OFFLINE_BUILD_TOOLS]
-
-
-def find_path_references(root: Path, needles: Iterable[str]) -> list[Path]:
-    """Files under root whose bytes contain one of `needles` (absolute paths), in sorted order.
-    Archives and models (UNSCANNED_SUFFIXES) are skipped; symlinked folders are not followed."""
-    wanted = [needle.encode() for needle in set(needles) if needle]
-    found = []
-    for path in _walk_files(root):
-        if path.name.endswith(UNSCANNED_SUFFIXES) or path.is_symlink() or _file_size(path) == 0:
-            continue
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            if any(data.find(needle) != -1 for needle in wanted):
-                found.append(path)
-    return found
-
-
-def _bundle_needles(dest: Path, build: BuildInfo, builds_dir: Path, cache_dir: Path) -> set[str]:
-    """The builder's paths that no file in a bundle may contain: where the bundle is written,
-    where this module, the build and the model cache are. A path at most one level below the
-    root ("/", "/root") is left out: every machine has it, and it appears in harmless text."""
-    paths = {dest, HERE, Path(builds_dir).absolute(), build.dir, build.dir.resolve(),
-             Path(cache_dir).absolute()}
-    return {str(path) for path in paths if len(path.parts) > 2}
-
-
-def _bundle_staging(dest: Path) -> Path:
-    """A fresh <dest>.partial folder to write the bundle in (a folder under the bundle's name is
-    always complete; a failed attempt's .partial is replaced). BuildError when dest exists and is
-    not an empty folder: a bundle never mixes with other files."""
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise BuildError(f"{dest} exists and is not an empty folder; choose a new one")
-    staging = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def _copy_build(build: BuildInfo, builds: Path) -> Path:
-    """Copy the finished build (its record and site folder; not the log, which names the builder's
-    paths, nor the wheel, compiled for this key only) into builds/<key>, following a symlinked
-    build folder. Returns the copy's site folder, made relocatable."""
-    source = build.dir.resolve()
-    target = builds / build.key
-    target.mkdir(parents=True)
-    shutil.copy2(source / BUILD_RECORD, target / BUILD_RECORD)
-    site = target / "site"
-    shutil.copytree(source / "site", site)
-    make_site_relocatable(site)
-    return site
-
-
-def _bundle_sdist(job: _BuildJob, sources: Iterable[Path]) -> Path:
-    """llama-cpp-python's source archive in the bundle: copied from the first of `sources` (sdist
-    folders) that has it, else downloaded into the bundle."""
-    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-    target = job.builds_dir / SDIST_DIR / name
-    for folder in sources:
-        if (folder / name).is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(folder / name, target)
-            return target
-    return _ensure_sdist(job)
-
-
-def _copy_model(model: Path, models: Path) -> list[Path]:
-    """Copy the model file into `models` (each part of a split model), each name ending in .gguf
-    (an Ollama blob has none) so discovery there finds it. Returns the copies, first part first."""
-    split = SPLIT_GGUF_RE.search(model.name)
-    if split:
-        prefix = model.name[:split.start()]
-        parts = sorted(path for path in model.parent.iterdir()
-                       if path.name.startswith(prefix) and SPLIT_GGUF_RE.search(path.name))
-    else:
-        parts = [model]
-    models.mkdir(parents=True, exist_ok=True)
-    copies = []
-    for part in parts:
-        name = part.name if part.name.lower().endswith(".gguf") else part.name + ".gguf"
-        copies.append(Path(shutil.copy2(part, models / name)))
-    return copies
-
-
-def _folder_bytes(root: Path) -> int:
-    """Total size of the files under root."""
-    return sum(_file_size(path) for path in _walk_files(root))
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """A bundle written by make_bundle: its folder, total size, and what it holds."""
-
-    dir: Path
-    bytes: int
-    build_key: str
-    models: tuple[Path, ...]
-    wheels: tuple[str, ...]
-
-
-def make_bundle(dest: Path, build: BuildInfo, model: Path, hw: Hardware, builds_dir: Path,
-                cache_dir: Path, progress: Callable[[str], None] = print_progress,
-                pip: Sequence[str] = PIP,
-                pip_options: Sequence[str] = ()) -> Bundle:
-    """Write a bundle (see the section comment) of `build` and `model` into dest, which must be
-    new or empty; it is written in <dest>.partial and renamed when complete. Needs the network
-    only for the wheelhouse (pip download) and for the sdist when builds_dir has none. Raises
-    BuildError when a step fails (the .partial folder keeps the log), or when a written file
-    names one of the builder's paths (the list is in the message)."""
-    dest = Path(dest).absolute()
-    staging = _bundle_staging(dest)
-    builds = staging / "llama_builds"
-    site = _copy_program(staging, build, Path(builds_dir))
-    work = staging / ".bundle-work"   # the log of the pip steps; removed once they succeed
-    job = _BuildJob(info=dataclasses.replace(build, dir=work), hw=hw, builds_dir=builds,
-                    pip=tuple(pip), pip_options=tuple(pip_options), extra_packages=(),
-                    progress=progress, progress_every=BUILD_PROGRESS_EVERY)
-    work.mkdir()
-    sdist = _bundle_sdist(job, [Path(builds_dir) / SDIST_DIR, build.dir.resolve().parent / SDIST_DIR])
-    progress("bundle: downloading the wheels the build installs and needs")
-    _run_logged(job, "downloading wheels", [
-        *job.pip, "download", "--only-binary", ":all:", "-d", str(builds / WHEELHOUSE),
-        *wheelhouse_requirements(site, sdist), *job.pip_options])
-    shutil.rmtree(work)
-    progress(f"bundle: copying the model {model}")
-    models = [dest / BUNDLE_MODELS / path.name
-              for path in _copy_model(Path(model), staging / BUNDLE_MODELS)]
-    _write_bundle_record(builds, hw, build, models)
-    _check_no_path_references(staging, _bundle_needles(dest, build, builds_dir, cache_dir)
-                              | {str(staging)})
-    size = _folder_bytes(staging)
-    wheels = tuple(sorted(path.name for path in (builds / WHEELHOUSE).glob("*.whl")))
-    os.replace(staging, dest)   # replaces an empty dest folder; a non-empty one was refused
-    return Bundle(dir=dest, bytes=size, build_key=build.key, models=tuple(models), wheels=wheels)
-
-
-def _copy_program(staging: Path, build: BuildInfo, builds_dir: Path) -> Path:
-    """Copy BUNDLE_FILES, the builds README and the build into staging; returns the copied site."""
-    for name in BUNDLE_FILES:
-        if (HERE / name).is_file():
-            shutil.copy2(HERE / name, staging / name)
-    site = _copy_build(build, staging / "llama_builds")
-    if (builds_dir / "README.md").is_file():
-        shutil.copy2(builds_dir / "README.md", staging / "llama_builds" / "README.md")
-    return site
-
-
-def _write_bundle_record(builds: Path, hw: Hardware, build: BuildInfo, models: Sequence[Path]) -> None:
-    """llama_builds/bundle.json: what the bundle is for (checked before an offline build)."""
-    record = {"os": hw.os, "arch": hw.arch, "python_tag": hw.python_tag, "build_key": build.key,
-              "models": [path.name for path in models], "swarm_version": VERSION,
-              "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (builds / BUNDLE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-
-def _check_no_path_references(dest: Path, needles: set[str]) -> None:
-    """BuildError listing the files under dest that contain one of the builder's paths."""
-    found = find_path_references(dest, needles)
-    if found:
-        listed = "\n".join(f"  {path}" for path in found[:20])
-        raise BuildError(f"the bundle in {dest} is not relocatable: these files name a path of "
-                         f"this machine ({', '.join(sorted(needles))}):\n{listed}")
 
 
 # =====================================================================================================
@@ -3489,6 +3296,224 @@ def _checked_model_path(path: Path) -> Path:
     if not _has_gguf_magic(path):
         raise ModelError(f"{path} is not a GGUF model file")
     return path
+
+
+# =====================================================================================================
+# Bundles
+# =====================================================================================================
+# A bundle is a folder that runs with no network on a machine of the same OS, arch and Python:
+#     local_swarm.py, README.md, pyproject.toml
+#     llama_builds/<key>/        this machine's build (build.json and the site folder)
+#     llama_builds/sdist/        llama-cpp-python's source, for a machine whose build key differs
+#     llama_builds/wheelhouse/   every wheel the site holds, plus what compiling the source needs
+#                                (scikit-build-core and its deps, cmake, ninja, pip)
+#     llama_builds/bundle.json   the OS, arch and Python it was made for
+#     models/                    the model file(s); discovery looks here first
+# A build in a bundle is offline (see Hardware and build). Nothing in the folder names the path it
+# was made at: make_bundle checks every file for the builder's paths before it reports success.
+
+
+def _canonical_name(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): lower case, runs of -_. as one -."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def site_requirements(site: Path) -> list[str]:
+    """`name==version` for every distribution installed in a site folder, by name, except
+    llama-cpp-python (a bundle ships its source: the wheel is compiled for one build key)."""
+    pins = []
+    for metadata in sorted(site.glob("*.dist-info/METADATA")):
+        with open(metadata, "rb") as handle:
+            head = handle.read(MAX_METADATA_HEAD).decode("utf-8", errors="replace")
+        headers = HeaderParser().parsestr(head, headersonly=True)
+        name, version = headers.get("Name"), headers.get("Version")
+        if name and version and _canonical_name(name) != "llama-cpp-python":
+            pins.append(f"{name}=={version}")
+    return sorted(pins, key=str.lower)
+
+
+def sdist_build_requirements(sdist: Path) -> list[str]:
+    """build-system.requires of the source archive's top-level pyproject.toml (for
+    llama-cpp-python: scikit-build-core). Raises BuildError when the archive has none."""
+    try:
+        with tarfile.open(sdist) as archive:
+            for member in archive:
+                if member.isfile() and re.fullmatch(r"[^/]+/pyproject\.toml", member.name):
+                    if member.size > MAX_PYPROJECT_BYTES:
+                        break
+                    extracted = archive.extractfile(member)
+                    project = tomllib.loads(extracted.read().decode("utf-8")) if extracted else {}
+                    return [str(req) for req in project.get("build-system", {}).get("requires", [])]
+    except (OSError, tarfile.TarError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BuildError(f"cannot read the build requirements of {sdist}: {exc}") from exc
+    raise BuildError(f"{sdist} has no usable pyproject.toml")
+
+
+def wheelhouse_requirements(site: Path, sdist: Path) -> list[str]:
+    """What a bundle's wheelhouse must hold: the site's distributions at their installed versions
+    (a rebuilt site gets the same ones), the sdist's build backend, and OFFLINE_BUILD_TOOLS.
+    `pip download` adds the dependencies of the last two."""
+    return [*site_requirements(site), *sdist_build_requirements(sdist), *OFFLINE_BUILD_TOOLS]
+
+
+def find_path_references(root: Path, needles: Iterable[str]) -> list[Path]:
+    """Files under root whose bytes contain one of `needles` (absolute paths), in sorted order.
+    Archives and models (UNSCANNED_SUFFIXES) are skipped; symlinked folders are not followed."""
+    wanted = [needle.encode() for needle in set(needles) if needle]
+    found = []
+    for path in _walk_files(root):
+        if path.name.endswith(UNSCANNED_SUFFIXES) or path.is_symlink() or _file_size(path) == 0:
+            continue
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if any(data.find(needle) != -1 for needle in wanted):
+                found.append(path)
+    return found
+
+
+def _bundle_needles(dest: Path, build: BuildInfo, builds_dir: Path, cache_dir: Path) -> set[str]:
+    """The builder's paths that no file in a bundle may contain: where the bundle is written,
+    where this module, the build and the model cache are. A path at most one level below the
+    root ("/", "/root") is left out: every machine has it, and it appears in harmless text."""
+    paths = {dest, HERE, Path(builds_dir).absolute(), build.dir, build.dir.resolve(),
+             Path(cache_dir).absolute()}
+    return {str(path) for path in paths if len(path.parts) > 2}
+
+
+def _bundle_staging(dest: Path) -> Path:
+    """A fresh <dest>.partial folder to write the bundle in (a folder under the bundle's name is
+    always complete; a failed attempt's .partial is replaced). BuildError when dest exists and is
+    not an empty folder: a bundle never mixes with other files."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BuildError(f"{dest} exists and is not an empty folder; choose a new one")
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _copy_build(build: BuildInfo, builds: Path) -> Path:
+    """Copy the finished build (its record and site folder; not the log, which names the builder's
+    paths, nor the wheel, compiled for this key only) into builds/<key>, following a symlinked
+    build folder. Returns the copy's site folder, made relocatable."""
+    source = build.dir.resolve()
+    target = builds / build.key
+    target.mkdir(parents=True)
+    shutil.copy2(source / BUILD_RECORD, target / BUILD_RECORD)
+    site = target / "site"
+    shutil.copytree(source / "site", site)
+    make_site_relocatable(site)
+    return site
+
+
+def _bundle_sdist(job: _BuildJob, sources: Iterable[Path]) -> Path:
+    """llama-cpp-python's source archive in the bundle: copied from the first of `sources` (sdist
+    folders) that has it, else downloaded into the bundle."""
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    target = job.builds_dir / SDIST_DIR / name
+    for folder in sources:
+        if (folder / name).is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, target)
+            return target
+    return _ensure_sdist(job)
+
+
+def _copy_model(model: Path, models: Path) -> list[Path]:
+    """Copy the model file into `models` (each part of a split model), each name ending in .gguf
+    (an Ollama blob has none) so discovery there finds it. Returns the copies, first part first."""
+    split = SPLIT_GGUF_RE.search(model.name)
+    if split:
+        prefix = model.name[:split.start()]
+        parts = sorted(path for path in model.parent.iterdir()
+                       if path.name.startswith(prefix) and SPLIT_GGUF_RE.search(path.name))
+    else:
+        parts = [model]
+    models.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for part in parts:
+        name = part.name if part.name.lower().endswith(".gguf") else part.name + ".gguf"
+        copies.append(Path(shutil.copy2(part, models / name)))
+    return copies
+
+
+def _folder_bytes(root: Path) -> int:
+    """Total size of the files under root."""
+    return sum(_file_size(path) for path in _walk_files(root))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle written by make_bundle: its folder, total size, and what it holds."""
+
+    dir: Path
+    bytes: int
+    build_key: str
+    models: tuple[Path, ...]
+    wheels: tuple[str, ...]
+
+
+def make_bundle(dest: Path, build: BuildInfo, model: Path, hw: Hardware, builds_dir: Path,
+                cache_dir: Path, progress: Callable[[str], None] = print_progress,
+                pip: Sequence[str] = PIP,
+                pip_options: Sequence[str] = ()) -> Bundle:
+    """Write a bundle (see the section comment) of `build` and `model` into dest, which must be
+    new or empty; it is written in <dest>.partial and renamed when complete. Needs the network
+    only for the wheelhouse (pip download) and for the sdist when builds_dir has none. Raises
+    BuildError when a step fails (the .partial folder keeps the log), or when a written file
+    names one of the builder's paths (the list is in the message)."""
+    dest = Path(dest).absolute()
+    staging = _bundle_staging(dest)
+    builds = staging / "llama_builds"
+    site = _copy_program(staging, build, Path(builds_dir))
+    work = staging / ".bundle-work"   # the log of the pip steps; removed once they succeed
+    job = _BuildJob(info=dataclasses.replace(build, dir=work), hw=hw, builds_dir=builds,
+                    pip=tuple(pip), pip_options=tuple(pip_options), extra_packages=(),
+                    progress=progress, progress_every=BUILD_PROGRESS_EVERY)
+    work.mkdir()
+    sdist = _bundle_sdist(job, [Path(builds_dir) / SDIST_DIR, build.dir.resolve().parent / SDIST_DIR])
+    progress("bundle: downloading the wheels the build installs and needs")
+    _run_logged(job, "downloading wheels", [
+        *job.pip, "download", "--only-binary", ":all:", "-d", str(builds / WHEELHOUSE),
+        *wheelhouse_requirements(site, sdist), *job.pip_options])
+    shutil.rmtree(work)
+    progress(f"bundle: copying the model {model}")
+    models = [dest / BUNDLE_MODELS / path.name
+              for path in _copy_model(Path(model), staging / BUNDLE_MODELS)]
+    _write_bundle_record(builds, hw, build, models)
+    _check_no_path_references(staging, _bundle_needles(dest, build, builds_dir, cache_dir)
+                              | {str(staging)})
+    size = _folder_bytes(staging)
+    wheels = tuple(sorted(path.name for path in (builds / WHEELHOUSE).glob("*.whl")))
+    os.replace(staging, dest)   # replaces an empty dest folder; a non-empty one was refused
+    return Bundle(dir=dest, bytes=size, build_key=build.key, models=tuple(models), wheels=wheels)
+
+
+def _copy_program(staging: Path, build: BuildInfo, builds_dir: Path) -> Path:
+    """Copy BUNDLE_FILES, the builds README and the build into staging; returns the copied site."""
+    for name in BUNDLE_FILES:
+        if (HERE / name).is_file():
+            shutil.copy2(HERE / name, staging / name)
+    site = _copy_build(build, staging / "llama_builds")
+    if (builds_dir / "README.md").is_file():
+        shutil.copy2(builds_dir / "README.md", staging / "llama_builds" / "README.md")
+    return site
+
+
+def _write_bundle_record(builds: Path, hw: Hardware, build: BuildInfo, models: Sequence[Path]) -> None:
+    """llama_builds/bundle.json: what the bundle is for (checked before an offline build)."""
+    record = {"os": hw.os, "arch": hw.arch, "python_tag": hw.python_tag, "build_key": build.key,
+              "models": [path.name for path in models], "swarm_version": VERSION,
+              "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (builds / BUNDLE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _check_no_path_references(dest: Path, needles: set[str]) -> None:
+    """BuildError listing the files under dest that contain one of the builder's paths."""
+    found = find_path_references(dest, needles)
+    if found:
+        listed = "\n".join(f"  {path}" for path in found[:20])
+        raise BuildError(f"the bundle in {dest} is not relocatable: these files name a path of "
+                         f"this machine ({', '.join(sorted(needles))}):\n{listed}")
 
 
 # =====================================================================================================
@@ -5537,6 +5562,7 @@ SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
 TOKEN_BOUND_SLACK = 8               # tokens a tokenizer may add beyond one per byte (BOS, prefix space)
 CONTINUATION_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
+MAX_VOTES = 16                      # candidates one request may ask for (swarm.votes)
 
 
 def _invalid(message: str, param: str | None = None, code: str | None = "invalid_value") -> HTTPError:
@@ -5623,9 +5649,6 @@ def _history_calls(calls: Any, where: str) -> list[dict[str, Any]]:
         out.append({"id": str(call.get("id") or f"call_{i}"), "type": "function",
                     "function": {"name": function["name"], "arguments": args}})
     return out
-
-
-MAX_VOTES = 16                      # candidates one request may ask for
 
 
 @dataclass(frozen=True)
@@ -7984,19 +8007,6 @@ MAX_SETTINGS_FILE = 64 * 1024           # a settings file is a few hundred bytes
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 MAX_SETUP_ATTEMPTS = 20                 # bad answers to one question before the setup gives up
-
-
-class SettingsError(SwarmError):
-    """A setting with a bad value; the message names its source (file and key, variable, flag)."""
-
-
-class SetupCancelled(SwarmError):
-    """The setup ended without saving (Ctrl-C, end of input, no acceptable answer). `status` is
-    the exit status: 130 after Ctrl-C, as a shell reports SIGINT, else 1."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 JSON_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false",

@@ -4118,10 +4118,10 @@ class WorkerPool:
                         if s.worker.name in prefer else len(prefer))
         return ranked[0] if ranked else None
 
-    async def _acquire(self, prefer: Sequence[str] = ()) -> tuple[WorkerSlot, int]:
-        """Wait for a worker (an idle preferred one first). Raises HTTPError 429 when the waiting
-        line is full, 503 with Retry-After while no worker has been ready yet (a client that
-        waited minutes on a silent socket would take the swarm for dead)."""
+    def check_serving(self) -> None:
+        """Raise HTTPError 503 while the pool cannot take a request: shutting down, or starting
+        (no worker ready yet; with Retry-After, at once: a client that waited minutes on a
+        silent socket would take the swarm for dead)."""
         if self._stopping:
             raise HTTPError(503, "the swarm is shutting down", "server_error", code="shutting_down")
         if self.status() == "initializing":
@@ -4129,6 +4129,11 @@ class WorkerPool:
                             f"{'is' if len(self.slots) == 1 else 'are'} still loading the model; "
                             "retry in a few seconds", "server_error", code="swarm_starting",
                             headers=[("Retry-After", str(STARTING_RETRY_AFTER))])
+
+    async def _acquire(self, prefer: Sequence[str] = ()) -> tuple[WorkerSlot, int]:
+        """Wait for a worker (an idle preferred one first). Raises HTTPError 429 when the waiting
+        line is full, 503 as check_serving does."""
+        self.check_serving()
         slot = self._idle_slot(prefer)
         if slot is not None:
             self._lease_to(slot)
@@ -7733,6 +7738,7 @@ class SwarmApp:
 
     async def chat_completions(self, request: Request) -> Response:
         req = parse_chat_request(request.json())
+        self.pool.check_serving()      # before any plan: a vote may lease only inside its stream
         try:
             if not req.stream:
                 reply, gen, swarm = await self.chat.complete(req)

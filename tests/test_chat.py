@@ -128,12 +128,14 @@ def test_health_is_503_while_initializing_and_200_once_a_worker_is_ready():
             reply = await app.handle(ls.Request("GET", path, path, "HTTP/1.1", (), b""))
             assert reply.status == 503 and ("Retry-After", "5") in reply.headers
             assert json.loads(reply.body)["status"] == "initializing"
-        body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
-        chat = ls.Request("POST", "/v1/chat/completions", "/v1/chat/completions", "HTTP/1.1",
-                          (("x-api-key", "k"),), body)
-        with pytest.raises(ls.HTTPError) as info:
-            await app.handle(chat)
-        assert info.value.status == 503 and info.value.code == "swarm_starting"
+        for stream in (False, True):          # refused before any byte of a 200 stream
+            body = json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                               "stream": stream}).encode()
+            chat = ls.Request("POST", "/v1/chat/completions", "/v1/chat/completions",
+                              "HTTP/1.1", (("x-api-key", "k"),), body)
+            with pytest.raises(ls.HTTPError) as info:
+                await app.handle(chat)
+            assert info.value.status == 503 and info.value.code == "swarm_starting"
         gate.set()
         await pool.wait_any_ready(5)
         reply = await app.handle(ls.Request("GET", "/health", "/health", "HTTP/1.1", (), b""))

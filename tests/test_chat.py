@@ -11,7 +11,7 @@ import pytest
 
 import local_swarm as ls
 from test_workers import FakeWorker as PoolFakeWorker
-from test_workers import NeverReadyWorker, run, started_pool
+from test_workers import QUICK_RESTART, SLOW_RESTART, NeverReadyWorker, run, started_pool
 
 
 class FakeWorker(PoolFakeWorker):
@@ -38,12 +38,10 @@ def request(stream=False, text="hi there", **extra):
                                   "stream": stream, **extra})
 
 
-def test_whole_reply_retried_on_another_worker_after_midway_death(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
-
+def test_whole_reply_retried_on_another_worker_after_midway_death():
     async def go():
         a, b = FakeWorker(1, die_after=1), FakeWorker(2)
-        pool = await started_pool([a, b])
+        pool = await started_pool([a, b], timings=SLOW_RESTART)
         reply, gen, _ = await chat_service(pool).complete(request())
         assert reply["choices"][0]["message"]["content"] == "Hello"
         assert gen.attempts == 2 and gen.worker == "worker-2"
@@ -51,11 +49,10 @@ def test_whole_reply_retried_on_another_worker_after_midway_death(monkeypatch):
     run(go())
 
 
-def test_stream_not_retried_once_content_was_sent(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
-
+def test_stream_not_retried_once_content_was_sent():
     async def go():
-        pool = await started_pool([FakeWorker(1, die_after=1), FakeWorker(2)])
+        pool = await started_pool([FakeWorker(1, die_after=1), FakeWorker(2)],
+                                   timings=SLOW_RESTART)
         gen = ls.Generation()
         stream, _ = await chat_service(pool).open_stream(request(stream=True), gen)
         events = [e async for e in stream]
@@ -96,12 +93,10 @@ def test_a_worker_answering_an_error_is_not_retried_and_gives_400(status):
     run(go())
 
 
-def test_retries_run_out_into_worker_error(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (0.01,))
-
+def test_retries_run_out_into_worker_error():
     async def go():
         workers = [FakeWorker(1, die_after=0), FakeWorker(2, die_after=0)]
-        pool = await started_pool(workers)
+        pool = await started_pool(workers, timings=QUICK_RESTART)
         svc = chat_service(pool, max_retries=1)
         with pytest.raises(ls.WorkerError):
             await svc.complete(request())
@@ -219,16 +214,14 @@ def test_early_finish_cancels_the_straggler():
     run(go())
 
 
-def test_a_drained_worker_that_never_frees_is_probed_and_restarted(monkeypatch):
-    monkeypatch.setattr(ls, "DRAIN_TIMEOUT", 0.01)
-
+def test_a_drained_worker_that_never_frees_is_probed_and_restarted():
     async def go():
         w = FakeWorker(1)
         w.gate = asyncio.Event()
 
         async def stuck(text, timeout=None):
             raise ls.WorkerError("worker-1: /extras/tokenize/count: ReadTimeout")
-        pool = await started_pool([w])
+        pool = await started_pool([w], timings=ls.PoolTimings(drain_timeout=0.01))
         task = asyncio.create_task(chat_service(pool).complete(request()))
         await asyncio.sleep(0.01)
         w.count_tokens, w.mute = stuck, True
@@ -257,13 +250,11 @@ def test_adaptive_vote_adds_candidates_only_while_they_disagree(answers, samples
     run(go())
 
 
-def test_a_failing_worker_is_dropped_from_the_vote(monkeypatch):
-    monkeypatch.setattr(ls, "RESTART_BACKOFF", (5.0,))
-
+def test_a_failing_worker_is_dropped_from_the_vote():
     async def go():
         workers = voters("Answer: 3", "Answer: 3", "Answer: 3")
         workers[0].die_after = 0
-        pool = await started_pool(workers)
+        pool = await started_pool(workers, timings=SLOW_RESTART)
         svc = chat_service(pool, mode="vote", adaptive=False, max_retries=0)
         reply, _, swarm = await svc.complete(request(swarm={"votes": 3}))
         assert swarm["failed"] == 1 and len(swarm["candidates"]) == 2

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import hmac
 import importlib.util
@@ -127,6 +128,9 @@ GPU_WORKER_OVERHEAD_BYTES = 500 * 2**20 # CUDA/HIP context + compute buffers per
 MAX_AUTO_INSTANCES = 8                  # beyond this, more workers mostly add memory traffic
 GPU_WORKER_THREADS = 2                  # the GPU does the math; threads only feed it
 DEFAULT_CTX = 8192
+NATIVE_SLOTS = 8                        # llama-server slots: a k=5 vote plus other conversations
+NATIVE_CONTEXTS = 4                     # its shared KV cache holds this many full contexts
+WORKER_KINDS = ("native", "python")     # llama.cpp's llama-server; llama-cpp-python's server
 ROOMY_CTX = 16384                       # coding agents send ~7,500-token prompts
 ROOMY_CTX_HEADROOM = 0.5                # take ROOMY_CTX only if it costs at most this share of budget
 KV_BYTES_PER_VALUE = 2                  # f16 KV cache
@@ -313,7 +317,8 @@ class Config:
     port: int = 8000
     api_key: str | None = None
     model: str | None = None                  # path to a .gguf; None: discover, else fetch the default
-    instances: int | None = None
+    worker: str = "native"                    # WORKER_KINDS: llama-server, or llama_cpp.server
+    instances: int | None = None              # python workers, or native slots
     ctx: int | None = None
     threads: int | None = None                # threads per worker
     log_level: str = "info"
@@ -465,8 +470,11 @@ SETTINGS = (
     Setting("model", str, "a .gguf path, or a known id to fetch (qwen2.5-coder-0.5b, smollm2-135m, "
             "qwen2.5-coder-1.5b); default: the first model found locally, else qwen2.5-coder-0.5b",
             _not_empty),
-    Setting("instances", int, "number of workers (default: from RAM, cores and the model size)",
-            _at_least(1)),
+    Setting("worker", str, "native (default): llama.cpp's own llama-server, one process whose "
+            "slots share the prompt of a vote's candidates; python: llama-cpp-python's server, "
+            "one process per worker", choices=WORKER_KINDS),
+    Setting("instances", int, "number of workers (python) or slots (native) (default: from "
+            "RAM, cores and the model size)", _at_least(1)),
     Setting("ctx", int, "context size of each worker in tokens (default: from memory and the "
             "model's trained context)", _at_least(1)),
     Setting("threads", int, "threads per worker (default: physical cores divided among the "
@@ -2306,6 +2314,13 @@ class Plan:
     memory_budget: int
     gpu_layers: int
     reasons: tuple[str, ...]
+    kind: str = "python"          # the worker kind (WORKER_KINDS)
+    slots: int = 1                # native: requests one process serves at once (instances = slots)
+    kv_tokens: int = 0            # native: the KV cache its slots share (tokens)
+
+    @property
+    def processes(self) -> int:
+        return max(1, self.instances // self.slots)
 
 
 def _count(number: int, noun: str) -> str:
@@ -2430,6 +2445,55 @@ def plan(hw: Hardware, model: ModelInfo, cfg_instances: int | None = None,
                 gpu_layers=-1 if gpu else 0, reasons=tuple(reasons))
 
 
+def native_plan(hw: Hardware, model: ModelInfo, cfg_slots: int | None = None,
+                cfg_ctx: int | None = None, cfg_threads: int | None = None) -> Plan:
+    """The plan for llama-server: one process, so that a lone request's prompt is evaluated on
+    every core; slots for a vote's candidates and concurrent conversations; one KV cache that
+    the slots share, each conversation up to the context.
+
+    Rule: threads = physical cores (GPU: 2); slots = NATIVE_SLOTS or --instances; context as
+    for the python kind (one worker's worth); KV cache = context x NATIVE_CONTEXTS, less when
+    the memory budget holds less, never under one context (the candidates of a vote share
+    their prompt's cells, so one context's worth serves a whole vote)."""
+    gpu = hw.backend != "cpu"
+    budget, _, budget_reason = _memory_budget(hw)
+    fixed = GPU_WORKER_OVERHEAD_BYTES if gpu else WORKER_OVERHEAD_BYTES
+    ctx, ctx_reason = _choose_ctx(model, cfg_ctx, 1, budget, fixed, True)
+    per_token = max(1, kv_bytes_per_token(model))
+    room = (budget - model.size_bytes - fixed) // per_token
+    kv_tokens = max(ctx, min(ctx * NATIVE_CONTEXTS, room // ctx * ctx))
+    slots = cfg_slots or NATIVE_SLOTS
+    slots_reason = (f"{_count(slots, 'slot')} set by --instances" if cfg_slots else
+                    f"{_count(slots, 'slot')}: a vote's candidates and concurrent "
+                    "conversations")
+    threads = cfg_threads or (min(hw.physical_cores, GPU_WORKER_THREADS) if gpu
+                              else hw.physical_cores)
+    threads_reason = (f"{_count(threads, 'thread')} set by --threads" if cfg_threads else
+                      f"{_count(threads, 'thread')}: one llama-server process evaluates a lone "
+                      f"prompt on {'the GPU' if gpu else 'every physical core'}")
+    kv = kv_tokens * per_token
+    reasons = [budget_reason, ctx_reason + " per conversation",
+               f"KV cache {_gib(kv)}: {kv_tokens} tokens shared by the slots (a conversation "
+               f"holds up to {ctx}; a vote's candidates share their prompt)", slots_reason,
+               threads_reason]
+    needed = model.size_bytes + kv + fixed
+    if needed > budget:
+        reasons.append(f"warning: llama-server needs ~{_gib(needed)}, over the {_gib(budget)} "
+                       "budget")
+    return Plan(instances=slots, threads=threads, threads_batch=threads, ctx=ctx,
+                kv_bytes_per_worker=kv, weights_bytes=model.size_bytes, memory_budget=budget,
+                gpu_layers=-1 if gpu else 0, reasons=tuple(reasons), kind="native", slots=slots,
+                kv_tokens=kv_tokens)
+
+
+def plan_summary(plan: Plan) -> str:
+    """"2 workers x 1 thread" (python), "1 llama-server x 8 slots, 2 threads" (native)."""
+    if plan.kind == "native":
+        return (f"{plan.processes} llama-server x {_count(plan.slots, 'slot')}, "
+                f"{_count(plan.threads, 'thread')}")
+    return f"{_count(plan.instances, 'worker')} x {_count(plan.threads, 'thread')}"
+
+
 def _flags_summary(flags: frozenset[str]) -> str:
     """The instruction-set flags that matter for llama.cpp, in a fixed order; "none reported"."""
     shown = [flag for flag in REPORTED_CPU_FLAGS if flag in flags]
@@ -2454,8 +2518,8 @@ def doctor_report(hw: Hardware, key: str, plan: Plan | None, model: ModelInfo | 
     lines.append(f"Model:     {model.name} ({model.arch}, {_gib(model.size_bytes)}) {model.path}"
                  if model else "Model:     none found yet (the first start downloads the default)")
     if plan is not None:
-        lines.append(f"Plan:      {_count(plan.instances, 'worker')} x "
-                     f"{_count(plan.threads, 'thread')}, ctx {plan.ctx}, gpu_layers {plan.gpu_layers}")
+        lines.append(f"Plan:      {plan_summary(plan)}, ctx {plan.ctx}, "
+                     f"gpu_layers {plan.gpu_layers}")
         lines += [f"  - {reason}" for reason in plan.reasons]
     return "\n".join(lines)
 
@@ -3570,6 +3634,21 @@ class Worker(Protocol):
     def log_path(self) -> Path:
         """The file its output goes to (its tail explains a failed start)."""
 
+    @property
+    def group(self) -> str:
+        """The process it runs in: its own name, or a llama-server's name shared by its slots
+        (requests that reuse one another's prompt go to one group)."""
+
+    @property
+    def takes_prompt(self) -> bool:
+        """True: the chat path sends it the prompt rendered by the model's template, on
+        /v1/completions (it applies no chat template of its own); False: chat messages."""
+
+    @property
+    def shares_prompt(self) -> bool:
+        """True: a request with n > 1 evaluates its prompt once and decodes the n choices
+        together (a vote's candidates go to it as one request)."""
+
     async def start(self) -> None:
         """Spawn the process; returns before the model is loaded. Raises OSError if the spawn
         fails."""
@@ -3614,6 +3693,9 @@ class WorkerSpec:
     env: dict[str, str]
     log_dir: Path
     python: str = sys.executable
+    binary: Path | None = None    # the native kind: llama-server (None: the python kind)
+    slots: int = 1                # the native kind: requests one process serves at once
+    kv_tokens: int = 0            # the native kind: its one KV cache, which the slots share
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -3722,6 +3804,67 @@ def _as_httpcore_errors(timeout_error: type, network_error: type) -> Iterator[No
         raise network_error(str(exc) or type(exc).__name__) from exc
 
 
+async def post_json(client: Any, base: str, path: str, name: str, body: dict[str, Any],
+                    timeout: float) -> dict[str, Any]:
+    """POST body to worker `name` at base + path; its JSON reply. Raises WorkerError (with
+    .status when it answered with an error)."""
+    import httpx
+    try:
+        reply = await client.post(base + path, json=body, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise WorkerError(f"{name}: {path}: {exc!r}") from exc
+    if reply.status_code != 200:
+        raise WorkerError(f"{name}: {path} answered {reply.status_code}: {reply.text[:300]}",
+                          status=reply.status_code)
+    return reply.json()
+
+
+async def stream_sse(client: Any, url: str, name: str, body: dict[str, Any], timeout: float
+                     ) -> AsyncIterator[dict]:
+    """POST a streaming request to a worker's url; yield each chunk (a dict) until [DONE].
+
+    Raises WorkerError if the worker refuses, breaks the stream or ends it without [DONE].
+    Closing this generator closes the connection, which stops the worker's generation.
+    """
+    import httpx
+    body = {**body, "stream": True}
+    try:
+        async with client.stream("POST", url, json=body,
+                                 timeout=httpx.Timeout(timeout, connect=5.0)) as reply:
+            if reply.status_code != 200:
+                text = (await reply.aread()).decode("utf-8", "replace")
+                raise WorkerError(f"{name} answered {reply.status_code}: {text[:300]}",
+                                  status=reply.status_code)
+            decoder = SSEDecoder()
+            async for raw in reply.aiter_raw():
+                for data in decoder.feed(raw):
+                    if data == "[DONE]":
+                        return
+                    yield json.loads(data)
+    except httpx.HTTPError as exc:
+        raise WorkerError(f"{name}: stream broken: {exc!r}") from exc
+    except json.JSONDecodeError as exc:
+        raise WorkerError(f"{name}: bad chunk: {exc}") from exc
+    raise WorkerError(f"{name}: stream ended without [DONE]")
+
+
+async def stop_process(proc: asyncio.subprocess.Process | None,
+                       grace: float = WORKER_STOP_GRACE) -> None:
+    """SIGTERM, wait up to grace seconds, then SIGKILL; always reaps the process; never raises."""
+    if proc is None or proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+    if proc.stdin is not None:
+        proc.stdin.close()
+
+
 class LlamaCppPythonWorker:
     """One `python -m llama_cpp.server` process and the HTTP calls the swarm makes to it: a
     Worker."""
@@ -3748,6 +3891,13 @@ class LlamaCppPythonWorker:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
+
+    @property
+    def group(self) -> str:
+        return self.name
+
+    takes_prompt = False      # llama_cpp.server applies the model's chat template itself
+    shares_prompt = False     # it takes no `n`: one choice per request
 
     def argv(self) -> list[str]:
         """The command line: llama_cpp.server with every knob explicit (FIELD_NOTES: the defaults
@@ -3803,61 +3953,198 @@ class LlamaCppPythonWorker:
 
     async def _post_json(self, path: str, body: dict[str, Any], timeout: float
                          ) -> dict[str, Any]:
-        import httpx
-        try:
-            reply = await self.client.post(self.url + path, json=body, timeout=timeout)
-        except httpx.HTTPError as exc:
-            raise WorkerError(f"{self.name}: {path}: {exc!r}") from exc
-        if reply.status_code != 200:
-            raise WorkerError(f"{self.name}: {path} answered {reply.status_code}: "
-                              f"{reply.text[:300]}", status=reply.status_code)
-        return reply.json()
+        return await post_json(self.client, self.url, path, self.name, body, timeout)
 
-    async def stream_chat(self, body: dict[str, Any], timeout: float,
-                          route: str = "/v1/chat/completions") -> AsyncIterator[dict]:
+    def stream_chat(self, body: dict[str, Any], timeout: float,
+                    route: str = "/v1/chat/completions") -> AsyncIterator[dict]:
         """POST a streaming request (a chat, or a raw completion on route /v1/completions); yield
-        each chunk (a dict) until [DONE].
-
-        Raises WorkerError if the worker refuses, breaks the stream or ends it without [DONE].
-        Closing this generator closes the connection, which stops the worker's generation.
-        """
-        import httpx
-        body = {**body, "stream": True}
-        try:
-            async with self.client.stream("POST", self.url + route, json=body,
-                                          timeout=httpx.Timeout(timeout, connect=5.0)) as reply:
-                if reply.status_code != 200:
-                    text = (await reply.aread()).decode("utf-8", "replace")
-                    raise WorkerError(f"{self.name} answered {reply.status_code}: {text[:300]}",
-                                      status=reply.status_code)
-                decoder = SSEDecoder()
-                async for raw in reply.aiter_raw():
-                    for data in decoder.feed(raw):
-                        if data == "[DONE]":
-                            return
-                        yield json.loads(data)
-        except httpx.HTTPError as exc:
-            raise WorkerError(f"{self.name}: stream broken: {exc!r}") from exc
-        except json.JSONDecodeError as exc:
-            raise WorkerError(f"{self.name}: bad chunk: {exc}") from exc
-        raise WorkerError(f"{self.name}: stream ended without [DONE]")
+        each chunk (a dict) until [DONE]. See stream_sse."""
+        return stream_sse(self.client, self.url + route, self.name, body, timeout)
 
     async def stop(self, grace: float = WORKER_STOP_GRACE) -> None:
         """SIGTERM, wait up to grace seconds, then SIGKILL; always reaps the process."""
-        proc = self.process
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), grace)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-        if proc.stdin is not None:
-            proc.stdin.close()
+        await stop_process(self.process, grace)
 
+
+
+# ---- the native kind: llama.cpp's own llama-server ------------------------------------------------
+# One llama-server process serves `slots` requests at once from one KV cache that its slots share
+# (--kv-unified, each slot capped at the per-conversation context), and answers a request with
+# n > 1 by evaluating the prompt once and decoding the n choices in one batch. The pool leases its
+# slots: each is a NativeWorker (a Worker) over the shared NativeServer, so the pool's states,
+# restarts and /health stay per slot while the process is one. A slot that stops the process stops
+# it for every slot; each slot's supervisor then starts it again, and the first one to do so starts
+# the process the others adopt. The chat path sends it prompts rendered by the model's own template
+# (it is started without --jinja: it parses no calls of its own).
+
+NATIVE_CACHE_RAM_MIB = 1024        # host memory for prompts of idle slots (llama-server: 8192)
+# Keeps a native process from outliving the daemon where PR_SET_PDEATHSIG does not exist (macOS,
+# Windows): python -I -S -c NATIVE_LIFELINE BINARY ARGS runs the binary as its child and kills it
+# when its stdin (the daemon's end of the pipe) closes, or passes SIGTERM on to it.
+NATIVE_LIFELINE = (
+    "import os, signal, subprocess, sys, threading\n"
+    "child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)\n"
+    "def _watch():\n"
+    "    try:\n"
+    "        while sys.stdin.buffer.read(4096):\n"
+    "            pass\n"
+    "    finally:\n"
+    "        child.kill()\n"
+    "        os._exit(0)\n"
+    "threading.Thread(target=_watch, daemon=True).start()\n"
+    "if hasattr(signal, 'SIGTERM'):\n"
+    "    signal.signal(signal.SIGTERM, lambda *_: child.terminate())\n"
+    "sys.exit(child.wait())\n"
+)
+
+
+def native_argv(spec: WorkerSpec, port: int, lifeline: bool = False) -> list[str]:
+    """llama-server's command line for `spec` (every knob explicit); under NATIVE_LIFELINE when
+    `lifeline` (where the OS cannot tie the process to the daemon by itself)."""
+    assert spec.binary is not None, "a native worker needs the llama-server binary"
+    gpu_layers = "all" if spec.gpu_layers < 0 else str(spec.gpu_layers)
+    args = [str(spec.binary), "--model", str(spec.model), "--alias", spec.model_id,
+            "--host", "127.0.0.1", "--port", str(port),
+            "--ctx-size", str(max(spec.kv_tokens, spec.n_ctx)), "--parallel", str(spec.slots),
+            "--kv-unified", "--kv-unified-per-slot", str(spec.n_ctx),
+            "--threads", str(spec.threads), "--threads-batch", str(spec.threads_batch),
+            "--n-gpu-layers", gpu_layers, "--cache-ram", str(NATIVE_CACHE_RAM_MIB),
+            "--no-webui", "--metrics"]
+    return [spec.python, *ISOLATED_FLAGS, "-c", NATIVE_LIFELINE, *args] if lifeline else args
+
+
+class NativeServer:
+    """One llama-server process shared by its slots (NativeWorker): started once however many
+    slots ask, replaced when it has exited, stopped for all."""
+
+    def __init__(self, spec: WorkerSpec, client: Any, launcher: Launcher = launch_process,
+                 lifeline: bool | None = None) -> None:
+        self.spec = spec
+        self.client = client                  # an httpx.AsyncClient shared by the pool
+        self.launcher = launcher
+        self.lifeline = (parent_death_signal() is None) if lifeline is None else lifeline
+        self.port = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self.starts = 0                       # processes started so far
+        self._lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return f"worker-{self.spec.index}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.spec.log_dir / f"{self.name}.log"
+
+    def exited(self) -> bool:
+        return self.process is None or self.process.returncode is not None
+
+    async def start(self) -> None:
+        """Start the process unless it runs (another slot started it): a fresh port each time."""
+        async with self._lock:
+            if not self.exited():
+                return
+            self.port = free_port()
+            self.process = await self.launcher(native_argv(self.spec, self.port, self.lifeline),
+                                               self.spec.env, self.log_path)
+            self.starts += 1
+            log.debug("%s: pid %s on port %d (%d slots)", self.name, self.process.pid,
+                      self.port, self.spec.slots)
+
+    async def wait_exit(self) -> int | None:
+        return await self.process.wait() if self.process else None
+
+    async def ping(self) -> bool:
+        """True if it answers GET /health with 200 within 2 s (503 while loading the model)."""
+        import httpx
+        try:
+            reply = await self.client.get(self.url + "/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
+
+    async def stop(self, grace: float = WORKER_STOP_GRACE) -> None:
+        await stop_process(self.process, grace)
+
+
+class NativeWorker:
+    """One slot of a llama-server process (NativeServer): a Worker. Its start adopts the process
+    when a sibling slot started it already."""
+
+    takes_prompt = True
+    shares_prompt = True
+
+    def __init__(self, server: NativeServer, slot: int) -> None:
+        self.server = server
+        self.slot = slot
+
+    @property
+    def name(self) -> str:
+        return f"{self.server.name}.{self.slot}"
+
+    @property
+    def group(self) -> str:
+        return self.server.name
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.process.pid if self.server.process else None
+
+    @property
+    def log_path(self) -> Path:
+        return self.server.log_path
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    def exited(self) -> bool:
+        return self.server.exited()
+
+    async def wait_exit(self) -> int | None:
+        return await self.server.wait_exit()
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Poll GET /health until it answers 200. Raises WorkerError if the process exits or the
+        deadline passes (with the tail of its log)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.exited():
+                raise WorkerError(f"{self.server.name} exited while loading:\n"
+                                  f"{tail_lines(self.log_path, WORKER_LOG_TAIL)}")
+            if await self.ping():
+                return
+            await asyncio.sleep(WORKER_READY_POLL)
+        raise WorkerError(f"{self.server.name} not ready after {timeout:.0f} s; see "
+                          f"{self.log_path}")
+
+    async def ping(self) -> bool:
+        return await self.server.ping()
+
+    async def count_tokens(self, text: str, timeout: float = COUNT_TIMEOUT) -> int:
+        """Tokens in text by the model's tokenizer (special tokens parsed, BOS added), as
+        llama-cpp-python's count route gives them. Answered at once, between batches."""
+        data = await post_json(self.server.client, self.server.url, "/tokenize", self.name,
+                               {"content": text, "add_special": True, "parse_special": True},
+                               timeout)
+        return len(data["tokens"])
+
+    def stream_chat(self, body: dict[str, Any], timeout: float,
+                    route: str = "/v1/completions") -> AsyncIterator[dict]:
+        """Each chunk of a streamed generation (see stream_sse); `n` in body gives n choices,
+        their chunks interleaved, each with its `index`."""
+        return stream_sse(self.server.client, self.server.url + route, self.name, body, timeout)
+
+    async def stop(self, grace: float = WORKER_STOP_GRACE) -> None:
+        """Stop the process (every slot of it); never raises."""
+        await self.server.stop(grace)
 
 
 # =====================================================================================================
@@ -4226,6 +4513,26 @@ class WorkerPool:
         finally:
             self._service_time = 0.8 * self._service_time + 0.2 * (time.monotonic() - started)
             self._release(slot, lease_id)
+
+    def idle_lease(self, names: Collection[str]) -> contextlib.AbstractAsyncContextManager | None:
+        """A lease on an idle worker among `names`, taken as the block is entered (enter it at
+        once); None when none of them is idle: the caller goes on with what it holds rather
+        than wait while holding leases (two such waits would deadlock)."""
+        if self._stopping or not any(s.state is SlotState.IDLE and s.worker.name in names
+                                     for s in self.slots):
+            return None
+        return self.lease(tuple(names))
+
+    def siblings(self, name: str) -> tuple[str, ...]:
+        """Worker `name` and the others of its process, it first (the slots of one llama-server
+        share a process; a python worker is alone in its own)."""
+        group = next((s.worker.group for s in self.slots if s.worker.name == name), None)
+        return (name, *(s.worker.name for s in self.slots
+                        if s.worker.group == group and s.worker.name != name))
+
+    def shares_prompt(self) -> bool:
+        """True when the workers generate several choices from one prompt pass (Worker)."""
+        return bool(self.slots) and all(s.worker.shares_prompt for s in self.slots)
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -5993,9 +6300,11 @@ class PreparedRequest:
                                                # calls the model starts are not finished for it
     family: str = ""                   # the call syntax the model is prompted with: the grammar
                                        # that finishes such a call is built only when one starts
-    completion_prompt: str = ""        # the prompt for that raw completion (without BOS, which
-                                       # the completion route adds itself)
+    completion_prompt: str = ""        # the prompt for a raw completion (without BOS, which the
+                                       # completion route adds itself): what a worker that takes
+                                       # prompts gets, and where a call the model starts goes on
     answered: frozenset[str] = frozenset()     # the calls whose results end the conversation
+    exact: bool = False                # `prompt` is what the model's own template renders
     prompt_tokens: int = 0             # the prompt's count by a worker's tokenizer; 0 when it
                                        # surely fits and was not counted (or is not counted yet)
     checked: bool = False              # known to fit the context: surely, or counted
@@ -6021,9 +6330,9 @@ class RequestPreparer:
         return PreparedRequest(
             req=req, prompt=prompt, body=_worker_body(messages, tools, req.sampling, grammar),
             grammar=grammar, scan_tools=scanned, family=self.family,
-            completion_prompt=self._completion_prompt(prompt) if scanned else "",
+            completion_prompt=self._completion_prompt(prompt),
             answered=answered_calls(req.messages) if use.active else frozenset(),
-            checked=surely_fits(prompt, self.n_ctx))
+            exact=self.renderer.exact, checked=surely_fits(prompt, self.n_ctx))
 
     def _prompt_inputs(self, req: ChatRequest) -> tuple[list[dict[str, Any]], list[dict]]:
         """The messages and tools the worker's chat template renders: tools only when calls are
@@ -6069,6 +6378,36 @@ def _worker_body(messages: list[dict[str, Any]], tools: list[dict], sampling: di
     return body
 
 
+def worker_request(prepared: PreparedRequest, worker: Worker, sampling: Mapping[str, Any]
+                   ) -> tuple[str, dict[str, Any]]:
+    """The route and body of a generation on `worker`, with `sampling` over the request's: the
+    chat body for a worker that applies the template itself; the rendered prompt on
+    /v1/completions for one that takes prompts (with the chosen tokens' log-probabilities), or,
+    when the template could not be rendered here, the chat body without tools."""
+    if not worker.takes_prompt:
+        return "/v1/chat/completions", {**prepared.body, **sampling}
+    if not prepared.exact:
+        body = {k: v for k, v in prepared.body.items() if k != "tools"}
+        return "/v1/chat/completions", {**body, **sampling, "logprobs": True, "top_logprobs": 1}
+    body = {"prompt": prepared.completion_prompt, **prepared.req.sampling, **sampling,
+            "logprobs": 1}
+    if prepared.grammar:
+        body["grammar"] = prepared.grammar
+    return "/v1/completions", body
+
+
+def chunk_text(choice: Mapping[str, Any]) -> str:
+    """The text one streamed choice carries: a completion's `text` or a chat delta's content."""
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+def chunk_logprobs(choice: Mapping[str, Any]) -> list[float]:
+    """The log-probabilities of the tokens one streamed choice carries ([] when not asked)."""
+    entries = (choice.get("logprobs") or {}).get("content") or ()
+    return [float(e["logprob"]) for e in entries
+            if isinstance(e, dict) and isinstance(e.get("logprob"), (int, float))]
+
+
 @dataclass
 class Generation:
     """What one request produced; filled in as tokens arrive."""
@@ -6086,6 +6425,7 @@ class Generation:
     content: str = ""                 # with calls: the prose around them
     constrained: bool = False         # a call the model started was finished under the grammar
     chunks: int = 0                   # content chunks streamed by the worker
+    logprobs: list[float] = field(default_factory=list)   # each token's, when the worker gives them
     counted: bool = False             # the usage is a tokenizer's count (a worker's, or a peer's)
 
     @property
@@ -6206,6 +6546,31 @@ class Generator:
             log.warning("the winner's usage is estimated (streamed chunks): %s", exc)
             gen.completion_tokens = gen.chunks
 
+    async def finish_call(self, worker: Worker, prepared: PreparedRequest,
+                          sampling: Mapping[str, Any], gen: Generation, start: int) -> None:
+        """The model began a tool call at text offset `start` of gen: finish it under the call
+        grammar, so its name is an offered tool and its arguments fit that tool's schema (small
+        models invent names and shapes). A raw completion of the same prompt plus the prose
+        before the call, on `worker`, whose KV cache already holds all of it. Raises
+        WorkerError."""
+        prose = gen.text[:start]
+        gen.parts[:] = [prose]
+        gen.constrained = True
+        use = prepared.req.tool_use
+        body = {k: v for k, v in sampling.items() if k in CONTINUATION_SAMPLING}
+        body.update(prompt=prepared.completion_prompt + prose,   # max_tokens null: no limit
+                    max_tokens=sampling.get("max_tokens"),       # (a completion's is 16)
+                    grammar=call_grammar(use.specs, prepared.family, use.parallel))
+        async with contextlib.aclosing(worker.stream_chat(
+                body, self.cfg.request_timeout, route="/v1/completions")) as chunks:
+            async for chunk in chunks:
+                choice = (chunk.get("choices") or [{}])[0]
+                if choice.get("text"):
+                    gen.parts.append(choice["text"])
+                    gen.chunks += 1
+                if choice.get("finish_reason") in FINISH_REASONS:
+                    gen.finish_reason = choice["finish_reason"]
+
 
 class Attempt:
     """One request on one leased worker, accepted (Generator.start): deltas() yields the text a
@@ -6221,7 +6586,7 @@ class Attempt:
         self.generator = generator
         self.prepared = prepared
         self.sampling = {**prepared.req.sampling, **sampling}
-        self.body = {**prepared.body, **sampling}
+        self.overrides = dict(sampling)
         self.prefer = tuple(prefer)
         self.live = live                  # deltas go to the client: no retry once one went out
         self.count = count                # count usage on the worker when done
@@ -6323,6 +6688,7 @@ class Attempt:
         if (self.live and gen.parts) or gen.attempts > self.generator.cfg.max_retries:
             raise exc
         gen.parts.clear()
+        gen.logprobs.clear()
         gen.constrained = False
         gen.first_token_at = None
         gen.chunks = 0
@@ -6334,11 +6700,13 @@ class Attempt:
         prepared, gen = self.prepared, self.generation
         scanner = CallScanner(prepared.scan_tools) if prepared.scan_tools is not None else None
         hidden = prepared.req.tool_use.forced
+        route, body = worker_request(prepared, worker, self.overrides)
         async with contextlib.aclosing(worker.stream_chat(
-                self.body, self.generator.cfg.request_timeout)) as chunks:
+                body, self.generator.cfg.request_timeout, route)) as chunks:
             async for chunk in chunks:
                 choice = (chunk.get("choices") or [{}])[0]
-                text = choice.get("delta", {}).get("content")
+                gen.logprobs.extend(chunk_logprobs(choice))
+                text = chunk_text(choice)
                 if text:
                     self._arrived(text)
                     shown = "" if hidden else scanner.feed(text) if scanner else text
@@ -6349,7 +6717,7 @@ class Attempt:
                 if choice.get("finish_reason") in FINISH_REASONS:
                     gen.finish_reason = choice["finish_reason"]
         if scanner is not None and scanner.start is not None:
-            await self._constrained_call(worker, scanner.start)
+            await self.generator.finish_call(worker, prepared, self.sampling, gen, scanner.start)
         elif scanner is not None and (tail := scanner.flush()):
             yield tail
         settle_calls(prepared.req.tool_use, gen)
@@ -6360,31 +6728,6 @@ class Attempt:
             gen.first_token_at = time.monotonic()
         gen.parts.append(text)
         gen.chunks += 1
-
-    async def _constrained_call(self, worker: Worker, start: int) -> None:
-        """The model began a tool call at text offset `start`: finish it under the call grammar,
-        so its name is an offered tool and its arguments fit that tool's schema (small models
-        invent names and shapes). A raw completion of the same prompt plus the prose before the
-        call, on the same worker, whose KV cache already holds all of it."""
-        gen = self.generation
-        prose = gen.text[:start]
-        gen.parts[:] = [prose]
-        gen.constrained = True
-        use = self.prepared.req.tool_use
-        body = {k: v for k, v in self.sampling.items() if k in CONTINUATION_SAMPLING}
-        body.update(prompt=self.prepared.completion_prompt + prose,
-                    max_tokens=self.sampling.get("max_tokens"),
-                    grammar=call_grammar(use.specs, self.prepared.family, use.parallel))
-        async with contextlib.aclosing(worker.stream_chat(
-                body, self.generator.cfg.request_timeout, route="/v1/completions")) as chunks:
-            async for chunk in chunks:
-                choice = (chunk.get("choices") or [{}])[0]
-                if choice.get("text"):
-                    gen.parts.append(choice["text"])
-                    gen.chunks += 1
-                if choice.get("finish_reason") in FINISH_REASONS:
-                    gen.finish_reason = choice["finish_reason"]
-
 
 # ---- consensus: how a request is answered, and the state of one vote ------------------------------
 # Rules: a request omitting temperature samples at the vote temperature, so the default request is
@@ -6584,6 +6927,155 @@ class PeerVoters(Protocol):
         ...
 
 
+class CandidateBatch:
+    """Candidates one process generates from one prompt pass (a worker that shares prompts): one
+    request with n choices on n slots leased together, each choice a candidate whose result is
+    ready as soon as its choice finishes. It starts once `after` is done (the anchor, whose slot
+    then holds the prompt), takes the first lease as it comes (the conversation's group first)
+    and as many more idle slots of that process as it has candidates; the candidates it could
+    not place go to a batch of their own (`rest`). A call a choice starts is finished under the
+    call grammar once that choice ends. A failure fails every candidate not yet done."""
+
+    def __init__(self, runner: VoteRunner, prepared: PreparedRequest, temperature: float,
+                 seed: int, count: int, started: float, prefer: Sequence[str],
+                 after: asyncio.Task | None = None) -> None:
+        self.runner = runner
+        self.prepared = prepared
+        self.sampling = {"temperature": temperature, "seed": seed}
+        self.started = started
+        self.prefer = tuple(prefer)
+        self.after = after
+        loop = asyncio.get_running_loop()
+        self.futures: list[asyncio.Future] = [loop.create_future() for _ in range(count)]
+        self.rest: CandidateBatch | None = None
+        self.task = asyncio.create_task(self._run(), name="candidate-batch")
+
+    async def result(self, i: int) -> tuple[Candidate, Generation]:
+        """Candidate i and its generation, once its choice is done. Raises as the batch failed."""
+        return await asyncio.shield(self.futures[i])
+
+    async def cancel(self) -> None:
+        """Stop the batch (closing its stream stops every choice) and the batches it spun off."""
+        await _cancel_all([self.task])
+        if self.rest is not None:
+            await self.rest.cancel()
+        for fut in self.futures:
+            if not fut.done():
+                fut.cancel()
+
+    async def _run(self) -> None:
+        try:
+            if self.after is not None:
+                await asyncio.wait([self.after])
+                if not self.after.cancelled() and self.after.exception() is None:
+                    _, anchor = self.after.result()   # its slot holds the prompt now
+                    self.prefer = self.runner.pool.siblings(anchor.worker)
+            async with contextlib.AsyncExitStack() as stack:
+                workers = await self._lease_slots(stack)
+                await self._generate(workers)
+        except Exception as exc:          # any failure is every open candidate's
+            for fut in self.futures:
+                if not fut.done():
+                    fut.set_exception(exc)
+
+    async def _lease_slots(self, stack: contextlib.AsyncExitStack) -> list[Worker]:
+        """The first lease as it comes, then idle slots of the same process without waiting;
+        the candidates left over go to their own batch."""
+        pool = self.runner.pool
+        first = await stack.enter_async_context(pool.lease(self.prefer))
+        names, workers = pool.siblings(first.name), [first]
+        while len(workers) < len(self.futures) and (lease := pool.idle_lease(names)) is not None:
+            workers.append(await stack.enter_async_context(lease))
+        if len(workers) < len(self.futures):
+            left = self.futures[len(workers):]
+            self.rest = CandidateBatch(self.runner, self.prepared, self.sampling["temperature"],
+                                       self.sampling["seed"] + len(workers), len(left),
+                                       self.started, names)
+            for mine, theirs in zip(left, self.rest.futures):
+                theirs.add_done_callback(functools.partial(_pass_on, mine))
+        return workers
+
+    async def _generate(self, workers: list[Worker]) -> None:
+        """One request with n = len(workers) choices; each choice's text, log-probabilities and
+        finish go to its generation, and a finished choice resolves its candidate."""
+        prepared, cfg = self.prepared, self.runner.cfg
+        gens = [Generation(worker=w.name, attempts=1, started=self.started,
+                           prompt_tokens=prepared.prompt_tokens) for w in workers]
+        scanners = [CallScanner(prepared.scan_tools) if prepared.scan_tools is not None else None
+                    for _ in workers]
+        route, body = worker_request(prepared, workers[0], {**self.sampling, "n": len(workers)})
+        finishing: list[asyncio.Task] = []
+        try:
+            async with contextlib.aclosing(workers[0].stream_chat(
+                    body, cfg.request_timeout, route)) as chunks:
+                async for chunk in chunks:
+                    for choice in chunk.get("choices") or ():
+                        i = choice.get("index", 0)
+                        if not isinstance(i, int) or not 0 <= i < len(gens) \
+                                or self.futures[i].done():
+                            continue
+                        self._arrived(gens[i], scanners[i], choice)
+                        if choice.get("finish_reason") in FINISH_REASONS:
+                            gens[i].finish_reason = choice["finish_reason"]
+                            finishing.append(asyncio.create_task(
+                                self._finish(workers[i], gens[i], scanners[i], i)))
+            await asyncio.gather(*finishing)
+        except WorkerError as exc:
+            if exc.status is not None:     # the worker refused the request: so would any other
+                raise HTTPError(400, f"the worker refused the request: {exc}",
+                                code="worker_rejected") from exc
+            raise
+        finally:
+            await _cancel_all(finishing)
+        for i, gen in enumerate(gens):     # a stream that ended without a choice's finish
+            if not self.futures[i].done():
+                await self._finish(workers[i], gen, scanners[i], i)
+
+    @staticmethod
+    def _arrived(gen: Generation, scanner: CallScanner | None, choice: Mapping[str, Any]) -> None:
+        text = chunk_text(choice)
+        if not text or (scanner is not None and scanner.start is not None):
+            return                        # after a call's start the grammar writes the rest
+        if gen.first_token_at is None:
+            gen.first_token_at = time.monotonic()
+        gen.parts.append(text)
+        gen.chunks += 1
+        gen.logprobs.extend(chunk_logprobs(choice))
+        if scanner is not None:
+            scanner.feed(text)
+
+    async def _finish(self, worker: Worker, gen: Generation, scanner: CallScanner | None,
+                      i: int) -> None:
+        """Candidate i is done: its call finished under the grammar if it started one, its calls
+        settled, its future resolved."""
+        if self.futures[i].done():
+            return
+        if scanner is not None and scanner.start is not None:
+            try:
+                await self.runner.generator.finish_call(worker, self.prepared,
+                                                        {**self.prepared.req.sampling,
+                                                         **self.sampling}, gen, scanner.start)
+            except WorkerError as exc:     # this candidate is lost, not its siblings
+                self.futures[i].set_exception(exc)
+                return
+        settle_calls(self.prepared.req.tool_use, gen)
+        greedy = self.sampling["temperature"] == 0
+        self.futures[i].set_result((candidate_of(gen, self.started, greedy,
+                                                 self.prepared.answered), gen))
+
+
+def _pass_on(target: asyncio.Future, source: asyncio.Future) -> None:
+    """Give target what source ended with (a result, an exception, or a cancellation)."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
+
+
 class VoteRunner:
     """Answers prepared requests: plans each, runs one worker's attempt or a vote of candidates on
     the Generator (finishing early once decided, growing an adaptive vote while candidates
@@ -6647,9 +7139,15 @@ class VoteRunner:
         ballot, pending = Ballot(plan), set()
         seeds, prefer = _seeds(prepared.req, plan.k), self.preferred(prepared.req, plan)
         asks = self._ask_peers(prepared.req, plan, ballot.started)
+        batches: list[CandidateBatch] = []
 
         def launch(count: int) -> None:
-            for _ in range(max(0, min(count, plan.k - ballot.launched))):
+            count = max(0, min(count, plan.k - ballot.launched))
+            if count and self.pool.shares_prompt():
+                batches.extend(self._launch_batch(prepared, plan, ballot, pending, count, seeds,
+                                                  prefer))
+                return
+            for _ in range(count):
                 i = ballot.launched
                 ballot.launched += 1
                 pending.add(asyncio.create_task(self._candidate(
@@ -6662,6 +7160,8 @@ class VoteRunner:
             finally:
                 ballot.cancelled = len(pending)
                 await _cancel_all(pending)
+                for batch in batches:
+                    await batch.cancel()
             self.remember(prepared.req, plan, [c.worker for c in ballot.candidates])
             if asks:
                 await self._add_peers(ballot, asks)
@@ -6672,6 +7172,30 @@ class VoteRunner:
         ballot.vote = tally(ballot.candidates, ballot.strategy)
         await self.generator.count_winner(prepared, ballot.winner())
         return ballot
+
+    def _launch_batch(self, prepared: PreparedRequest, plan: VotePlan, ballot: Ballot,
+                      pending: set, count: int, seeds: Sequence[int], prefer: Sequence[str]
+                      ) -> list[CandidateBatch]:
+        """Launch `count` candidates on workers that share prompts: the greedy anchor alone when
+        it is among them (first, on the conversation's worker), and the samples as one
+        CandidateBatch that starts once the anchor is done, so that they reuse its prompt; later
+        candidates go to the process that made the first ones. Returns the batches made."""
+        first = ballot.launched
+        ballot.launched += count
+        after = None
+        if plan.temperature_of(first) == 0:
+            after = asyncio.create_task(self._candidate(prepared, 0.0, seeds[first],
+                                                        ballot.started, prefer[:1]))
+            pending.add(after)
+            first, count = first + 1, count - 1
+        if count == 0:
+            return []
+        if ballot.entries:
+            prefer = self.pool.siblings(ballot.entries[0][1].worker)
+        batch = CandidateBatch(self, prepared, plan.temperature_of(first), seeds[first], count,
+                               ballot.started, prefer, after)
+        pending.update(asyncio.create_task(batch.result(i)) for i in range(count))
+        return [batch]
 
     async def _candidate(self, prepared: PreparedRequest, temperature: float, seed: int,
                          started: float, prefer: Sequence[str]) -> tuple[Candidate, Generation]:
@@ -7785,10 +8309,11 @@ class Swarm:
     """One run of the daemon: HTTP client, workers, pool, chat service and HTTP server."""
 
     def __init__(self, cfg: Config, build: BuildInfo, model: ModelInfo, plan: Plan,
-                 launcher: Launcher = launch_process,
+                 native: NativeBuild | None = None, launcher: Launcher = launch_process,
                  progress: Callable[[str], None] = print_progress) -> None:
         self.cfg = cfg
         self.build = build
+        self.native = native                  # llama-server, when the plan's kind is native
         self.model = model
         self.plan = plan
         self.launcher = launcher
@@ -7805,18 +8330,30 @@ class Swarm:
         return self.model.path.stem
 
     def _worker_specs(self) -> list[WorkerSpec]:
+        """One spec per process: a python worker each, or one llama-server for all the slots."""
         log_dir = worker_log_dir(self.cfg.cache_dir / "logs")
-        return [WorkerSpec(index=i, model=self.model.path, model_id=self.model_id,
-                           n_ctx=self.plan.ctx, threads=self.plan.threads,
-                           threads_batch=self.plan.threads_batch, gpu_layers=self.plan.gpu_layers,
-                           site=self.build.site, env=worker_env(), log_dir=log_dir)
-                for i in range(1, self.plan.instances + 1)]
+        p = self.plan
+        native = dict(binary=self.native.binary, slots=p.slots, kv_tokens=p.kv_tokens) \
+            if self.native is not None else {}
+        return [WorkerSpec(index=i, model=self.model.path, model_id=self.model_id, n_ctx=p.ctx,
+                           threads=p.threads, threads_batch=p.threads_batch,
+                           gpu_layers=p.gpu_layers, site=self.build.site, env=worker_env(),
+                           log_dir=log_dir, **native)
+                for i in range(1, p.processes + 1)]
+
+    def _workers(self) -> list[Worker]:
+        """The pool's workers: each python worker, or each slot of each llama-server."""
+        if self.native is None:
+            return [LlamaCppPythonWorker(spec, self.client, self.launcher)
+                    for spec in self._worker_specs()]
+        servers = [NativeServer(spec, self.client, self.launcher) for spec in self._worker_specs()]
+        return [NativeWorker(server, slot) for server in servers
+                for slot in range(1, server.spec.slots + 1)]
 
     async def start(self) -> None:
         """Listen at once (health says "initializing"), then start the workers."""
         self.client = worker_client()
-        workers = [LlamaCppPythonWorker(spec, self.client, self.launcher)
-                   for spec in self._worker_specs()]
+        workers = self._workers()
         self.pool = WorkerPool(workers, self.cfg.queue_size, self.cfg.worker_start_timeout,
                                on_ready=self._worker_ready)
         renderer = PromptRenderer(self.model.chat_template, self.model.bos_token,
@@ -7943,7 +8480,7 @@ def banner_text(cfg: Config, url: str, base_url: str, model_id: str, model_path:
     return "\n".join([
         f"local-swarm {VERSION} ready on {url}/v1",
         f"  model     {model_id} ({model_path})",
-        f"  workers   {ready}/{plan.instances} ready, {_count(plan.threads, 'thread')} each, "
+        f"  workers   {ready}/{plan.instances} ready ({plan_summary(plan)}), "
         f"context {plan.ctx} tokens",
         f"  votes     {votes_summary(cfg, plan.instances, ready)}",
         f"  connect   base URL {base_url}, model \"{SWARM_MODEL_ID}\", API key {key}",
@@ -8580,7 +9117,8 @@ def doctor(cfg: Config, settings: str = "") -> int:
     download nothing."""
     hw = detect_hardware()
     model = local_model(cfg.model, cfg.cache_dir)
-    the_plan = plan(hw, model, cfg.instances, cfg.ctx, cfg.threads) if model else None
+    planner = native_plan if cfg.worker == "native" else plan
+    the_plan = planner(hw, model, cfg.instances, cfg.ctx, cfg.threads) if model else None
     print(doctor_report(hw, build_key(hw), the_plan, model, cfg.builds_dir))
     if settings:
         print(settings)
@@ -8611,15 +9149,18 @@ def run(cfg: Config, args: Sequence[str]) -> int:
     hw = detect_hardware()
     build = ensure_build(cfg.builds_dir, hw, progress=print_progress)
     if not running_isolated():
+        if cfg.worker == "native":
+            ensure_native(build, hw, cfg.builds_dir, progress=print_progress)
         return isolate(build, Path(__file__).resolve(), args)
     check_site(build)
     model = model_info(resolve_model(cfg.model, cfg.cache_dir, progress=print_progress,
                                      fetch=configured_fetch(cfg)))
-    the_plan = plan(hw, model, cfg.instances, cfg.ctx, cfg.threads)
+    native = ensure_native(build, hw, cfg.builds_dir) if cfg.worker == "native" else None
+    the_plan = (native_plan if native else plan)(hw, model, cfg.instances, cfg.ctx, cfg.threads)
     for reason in the_plan.reasons:
         log.info("plan: %s", reason)
     try:
-        return asyncio.run(serve(Swarm(cfg, build, model, the_plan)))
+        return asyncio.run(serve(Swarm(cfg, build, model, the_plan, native)))
     except StartupError as exc:
         raise StartupError(f"{exc}; {startup_fix(exc.__cause__, build)}") from exc.__cause__
 

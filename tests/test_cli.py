@@ -141,7 +141,7 @@ def test_banner_says_where_what_how_it_votes_and_how_to_connect_an_editor():
     lines = text.splitlines()
     assert READY_LINE.search(lines[0]).group(1) == "http://127.0.0.1:8123"
     assert "  model     qwen (/m/qwen.gguf)" in lines
-    assert "  workers   5/5 ready, 1 thread each, context 8192 tokens" in lines
+    assert "  workers   5/5 ready (5 workers x 1 thread), context 8192 tokens" in lines
     assert any(line.startswith("  votes     k=5 candidates per request, mode vote (adaptive")
                for line in lines)
     assert ('  connect   base URL http://127.0.0.1:8123/v1, model "local-swarm", API key the one '
@@ -175,7 +175,7 @@ def test_a_started_swarm_prints_a_line_per_ready_worker_then_one_banner(swarm):
         assert re.search(rf"^worker {n}/2 ready in \d+\.\d s$", text, re.M), text
     assert text.count("ready on http://") == 1
     banner = text[text.index("ready on http://"):]
-    assert "workers   2/2 ready, 1 thread each, context 2048 tokens" in banner
+    assert "workers   2/2 ready (2 workers x 1 thread), context 2048 tokens" in banner
     assert re.search(r"votes     k=2 candidates per request, mode vote", banner)
     assert "worker 2/2 ready" in text[:text.index("ready on http://")]   # ready lines come first
 

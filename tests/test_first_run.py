@@ -561,7 +561,7 @@ def test_the_next_start_reads_the_file_without_asking(user):
     assert term.wait() == 0
     assert "Model [" not in term.text and "Workers [" not in term.text
     assert re.search(r"worker 1/1 ready in \d+\.\d s", term.text)
-    assert "workers   1/1 ready, 1 thread each, context 2048 tokens" in term.text
+    assert "workers   1/1 ready (1 worker x 1 thread), context 2048 tokens" in term.text
     assert "model     SmolLM2-135M-Instruct.Q4_1" in term.text
 
 

@@ -12,14 +12,19 @@ from pathlib import Path
 import pytest
 
 import local_swarm as ls
+from conftest import until
 
 
 class FakeWorker:
     """A scripted ls.Worker: what the protocol names, plus cues to fail on (die() ends its
     "process" as a crash would)."""
 
+    takes_prompt = False                    # chat bodies, as llama_cpp.server gets them
+    shares_prompt = False                   # one choice per request
+
     def __init__(self, index, fail_start=0, tokens=("Hel", "lo"), die_after=None):
         self.name = f"worker-{index}"
+        self.group = self.name
         self.port = 1000 + index
         self.log_path = Path("/nonexistent")
         self.pid = None
@@ -371,11 +376,20 @@ def real_worker(tmp_path, launcher=ls.launch_process):
     return ls.LlamaCppPythonWorker(spec, client=None, launcher=launcher)
 
 
-def test_the_real_worker_and_the_fake_have_every_member_the_protocol_names(tmp_path):
+def native_spec(tmp_path, **changes):
+    spec = ls.WorkerSpec(index=1, model=tmp_path / "m.gguf", model_id="m", n_ctx=256, threads=2,
+                         threads_batch=2, gpu_layers=0, site=tmp_path, env={}, log_dir=tmp_path,
+                         binary=tmp_path / "llama-server", slots=3, kv_tokens=768)
+    return ls.dataclasses.replace(spec, **changes)
+
+
+def test_the_real_workers_and_the_fake_have_every_member_the_protocol_names(tmp_path):
     members = sorted(name for name in vars(ls.Worker) if not name.startswith("_"))
-    assert members == ["count_tokens", "exited", "log_path", "name", "pid", "ping", "port",
-                       "start", "stop", "stream_chat", "wait_exit", "wait_ready"]
-    for worker in (real_worker(tmp_path), FakeWorker(1)):
+    assert members == ["count_tokens", "exited", "group", "log_path", "name", "pid", "ping",
+                       "port", "shares_prompt", "start", "stop", "stream_chat", "takes_prompt",
+                       "wait_exit", "wait_ready"]
+    native = ls.NativeWorker(ls.NativeServer(native_spec(tmp_path), client=None), 2)
+    for worker in (real_worker(tmp_path), native, FakeWorker(1)):
         assert [m for m in members if not hasattr(worker, m)] == [], type(worker).__name__
 
 
@@ -390,6 +404,75 @@ def test_wait_exit_returns_the_exit_code_of_the_workers_process(tmp_path):
         await worker.start()
         assert await worker.wait_exit() == 3 and worker.exited()
         await worker.stop()
+    run(go())
+
+
+# -- the native kind: slots of one llama-server -----------------------------------------------------
+
+def test_native_argv_shares_one_kv_cache_among_the_slots_and_caps_each_at_the_context(tmp_path):
+    argv = ls.native_argv(native_spec(tmp_path), 4321)
+    assert argv[0] == str(tmp_path / "llama-server")
+    pairs = dict(zip(argv[1::], argv[2::]))
+    assert pairs["--port"] == "4321" and pairs["--host"] == "127.0.0.1"
+    assert pairs["--parallel"] == "3" and pairs["--ctx-size"] == "768"
+    assert pairs["--kv-unified-per-slot"] == "256" and "--kv-unified" in argv
+    assert pairs["--threads"] == "2" and pairs["--n-gpu-layers"] == "0"
+    assert "--jinja" not in argv            # it parses no calls: the swarm does
+    gpu = ls.native_argv(native_spec(tmp_path, gpu_layers=-1), 1)
+    assert dict(zip(gpu, gpu[1:]))["--n-gpu-layers"] == "all"
+
+
+def test_native_argv_under_the_lifeline_runs_the_same_command_as_its_child(tmp_path):
+    plain = ls.native_argv(native_spec(tmp_path), 4321)
+    wrapped = ls.native_argv(native_spec(tmp_path), 4321, lifeline=True)
+    assert wrapped[:4] == [sys.executable, "-I", "-S", "-c"] and wrapped[5:] == plain
+
+
+def test_the_slots_of_one_server_start_one_process_and_restart_it_once(tmp_path):
+    """Three slots start: one process. It dies: every slot sees it, and their restarts start one
+    new process, which all three adopt."""
+    launched = []
+
+    async def launcher(argv, env, log_path):
+        launched.append(argv)
+        return await ls.launch_process([sys.executable, "-c", "import time; time.sleep(30)"],
+                                       dict(os.environ), log_path)
+
+    async def go():
+        server = ls.NativeServer(native_spec(tmp_path), client=None, launcher=launcher,
+                                 lifeline=False)
+        slots = [ls.NativeWorker(server, i) for i in (1, 2, 3)]
+        assert [w.name for w in slots] == ["worker-1.1", "worker-1.2", "worker-1.3"]
+        assert {w.group for w in slots} == {"worker-1"}
+        await asyncio.gather(*(w.start() for w in slots))
+        assert len(launched) == 1 and len({w.pid for w in slots}) == 1
+        first = slots[0].pid
+        os.kill(first, 9)
+        assert [await w.wait_exit() for w in slots] == [-9, -9, -9]
+        await asyncio.gather(*(w.start() for w in slots))
+        assert len(launched) == 2 and {w.pid for w in slots} != {first}
+        assert len({w.pid for w in slots}) == 1 and not any(w.exited() for w in slots)
+        await slots[1].stop()
+        assert all(w.exited() for w in slots)
+    run(go())
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the test kills with POSIX signals")
+def test_the_lifeline_ends_its_child_when_the_daemon_end_of_the_pipe_closes(tmp_path):
+    """Where the OS has no parent-death signal, the lifeline ties the native process to the
+    daemon: its stdin is the daemon's pipe, and when that closes (the daemon is gone, however it
+    died) the child is killed."""
+    import psutil
+
+    async def go():
+        argv = [sys.executable, "-I", "-S", "-c", ls.NATIVE_LIFELINE, sys.executable, "-c",
+                "import time; time.sleep(60)"]
+        proc = await ls.launch_process(argv, dict(os.environ), tmp_path / "lifeline.log")
+        await until(lambda: psutil.Process(proc.pid).children())
+        child = psutil.Process(proc.pid).children()[0]
+        proc.stdin.close()                  # what the kernel does when the daemon dies
+        assert await proc.wait() == 0
+        await until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE)
     run(go())
 
 

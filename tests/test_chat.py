@@ -10,6 +10,7 @@ import json
 import pytest
 
 import local_swarm as ls
+from conftest import until
 from test_workers import FakeWorker as PoolFakeWorker
 from test_workers import QUICK_RESTART, SLOW_RESTART, NeverReadyWorker, run, started_pool
 
@@ -318,6 +319,182 @@ def test_next_turn_goes_to_the_worker_that_served_the_last():
         _, gen3, _ = await svc.complete(ls.parse_chat_request(
             {"messages": turn2, "swarm": {"affinity": False}}))
         assert gen3.worker == "worker-1"                 # without affinity: the first idle one
+        await pool.stop()
+    run(go())
+
+
+# -- consensus on workers that share a prompt (llama-server's slots) --------------------------------
+
+class FakeProcess:
+    """The shared side of fake llama-server slots: what it was asked (each request's body, and
+    how many of its requests were streaming at once), the greedy text and the sampled texts it
+    hands out in order, and an optional gate the sampled streams wait on."""
+
+    def __init__(self, greedy="Answer: 5", samples=("Answer: 5",) * 8):
+        self.greedy, self.samples = greedy, list(samples)
+        self.requests, self.open, self.most_open, self.closed = [], 0, 0, 0
+        self.gate = None
+        self.refuse = None
+
+
+class FakeSlot(FakeWorker):
+    """One slot of a FakeProcess: takes rendered prompts on /v1/completions, and answers `n`
+    choices in one stream whose chunks interleave (each with its index and a log-probability)."""
+
+    takes_prompt = True
+    shares_prompt = True
+
+    def __init__(self, process, slot):
+        super().__init__(slot)
+        self.process = process
+        self.name, self.group = f"worker-1.{slot}", "worker-1"
+
+    async def stream_chat(self, body, timeout, route="/v1/completions"):
+        proc = self.process
+        proc.requests.append(body)
+        if proc.refuse is not None:
+            raise ls.WorkerError(f"{self.name} answered {proc.refuse}", status=proc.refuse)
+        n = body.get("n", 1)
+        texts = [proc.greedy] if body["temperature"] == 0 else \
+            [proc.samples.pop(0) for _ in range(n)]
+        proc.open += 1
+        proc.most_open = max(proc.most_open, proc.open)
+        try:
+            if proc.gate is not None and body["temperature"] > 0:
+                await proc.gate.wait()
+            for i, text in enumerate(texts):
+                yield {"choices": [{"index": i, "text": text, "finish_reason": None,
+                                    "logprobs": {"content": [{"logprob": -0.25}]}}]}
+                await asyncio.sleep(0)
+                yield {"choices": [{"index": i, "text": "", "finish_reason": "stop"}]}
+                await asyncio.sleep(0)
+        finally:
+            proc.open -= 1
+            proc.closed += 1
+
+
+async def slot_pool(process, slots=6):
+    return await started_pool([FakeSlot(process, i) for i in range(1, slots + 1)])
+
+
+def slot_service(pool, **cfg):
+    """A ChatService whose prompts are rendered by a (tiny) chat template, as workers that take
+    prompts need: the prompt is the messages' contents."""
+    renderer = ls.PromptRenderer("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return ls.ChatService(pool, renderer, "fake-model", 100, ls.Config(**{"mode": "vote", **cfg}))
+
+
+def test_a_vote_on_shared_prompt_slots_is_the_anchor_then_one_request_for_the_samples():
+    """k=5, anchored: the greedy anchor alone, then the four samples as one request with n=4
+    that starts once the anchor is done (its slot then holds the prompt), all on one process;
+    every candidate carries its log-probabilities."""
+    async def go():
+        proc = FakeProcess(samples=["Answer: 9", "Answer: 5", "Answer: 9", "Answer: 5"])
+        pool = await slot_pool(proc)
+        svc = slot_service(pool, adaptive=False)
+        reply, gen, swarm = await svc.complete(request(swarm={"votes": 5}))
+        assert [(b["temperature"], b.get("n", 1)) for b in proc.requests] == [(0.0, 1), (0.7, 4)]
+        assert proc.most_open == 1                 # the samples waited for the anchor
+        assert all(b["prompt"] == "hi there" and b["logprobs"] == 1 for b in proc.requests)
+        assert swarm["samples"] == 5 and sorted(swarm["votes"]) == [2, 3]     # undecided at 4
+        assert reply["choices"][0]["message"]["content"] == "Answer: 5"
+        assert [c["greedy"] for c in swarm["candidates"]].count(True) == 1
+        assert gen.logprobs == [-0.25]
+        assert [d["state"] for d in pool.describe()] == ["idle"] * 6
+        await pool.stop()
+    run(go())
+
+
+def test_an_unanchored_vote_on_shared_prompt_slots_is_one_request():
+    async def go():
+        proc = FakeProcess()
+        pool = await slot_pool(proc)
+        svc = slot_service(pool, adaptive=False)
+        _, _, swarm = await svc.complete(request(temperature=0.8, swarm={"votes": 5}))
+        assert [(b["temperature"], b["n"]) for b in proc.requests] == [(0.8, 5)]
+        assert swarm["samples"] == 5 and swarm["votes"][0] >= 3
+        await pool.stop()
+    run(go())
+
+
+def test_an_adaptive_vote_on_shared_prompt_slots_adds_a_batch_while_candidates_disagree():
+    async def go():
+        proc = FakeProcess(samples=["Answer: 9", "Answer: 5", "Answer: 5", "Answer: 5"])
+        pool = await slot_pool(proc)
+        svc = slot_service(pool, adaptive=True)
+        _, _, swarm = await svc.complete(request(swarm={"votes": 5}))
+        sent = [(b["temperature"], b.get("n", 1)) for b in proc.requests]
+        assert sent[:2] == [(0.0, 1), (0.7, 1)] and len(sent) == 3 and sent[2][1] >= 1
+        assert swarm["samples"] == 2 + sent[2][1]
+        await pool.stop()
+    run(go())
+
+
+def test_a_decided_vote_closes_the_stream_of_its_unfinished_samples():
+    """Three of five agree before the others finish: the vote ends, the batch's stream is
+    closed (which stops every choice in it) and its slots go back to the pool."""
+    async def go():
+        proc = FakeProcess()
+        pool = await slot_pool(proc)
+        svc = slot_service(pool, adaptive=False)
+        plan = ls.VotePlan(mode="vote", k=5, adaptive=False, temperature=0.7, affinity=False)
+        prepared = svc.preparer.prepare(request())
+        original = FakeSlot.stream_chat
+
+        async def slow_tail(self, body, timeout, route="/v1/completions"):
+            async for chunk in original(self, body, timeout, route):
+                yield chunk
+                if chunk["choices"][0]["index"] >= 3:
+                    await asyncio.Event().wait()      # choices 3 and 4 never finish
+        FakeSlot.stream_chat = slow_tail
+        try:
+            ballot = await svc.votes.vote(prepared, plan)
+        finally:
+            FakeSlot.stream_chat = original
+        assert len(ballot.entries) == 3 and ballot.cancelled == 2
+        assert proc.open == 0 and proc.closed == 1
+        await until(lambda: all(d["state"] == "idle" for d in pool.describe()))
+        await pool.stop()
+    run(go())
+
+
+def test_candidates_beyond_the_idle_slots_go_in_a_batch_of_their_own():
+    async def go():
+        proc = FakeProcess(samples=[f"Answer: {i}" for i in range(5)])   # undecided
+        pool = await slot_pool(proc, slots=3)
+        svc = slot_service(pool, adaptive=False)
+        plan = ls.VotePlan(mode="vote", k=5, adaptive=False, temperature=0.7, affinity=False)
+        async with pool.lease():                  # another request holds one slot
+            task = asyncio.create_task(svc.votes.vote(svc.preparer.prepare(request()), plan))
+            await until(lambda: proc.requests)
+        ballot = await task
+        sizes = [b["n"] for b in proc.requests]     # the rest as slots come free
+        assert sizes[0] == 2 and sum(sizes) == 5 and len(ballot.entries) == 5
+        await pool.stop()
+    run(go())
+
+
+def test_a_batch_the_worker_refuses_refuses_the_request_and_a_broken_one_fails_its_candidates():
+    async def go():
+        proc = FakeProcess()
+        pool = await slot_pool(proc)
+        svc = slot_service(pool, adaptive=False)
+        proc.refuse = 400
+        with pytest.raises(ls.HTTPError) as refused:
+            await svc.complete(request(temperature=0.7, swarm={"votes": 3}))
+        assert refused.value.status == 400
+        proc.refuse = None
+        original = FakeSlot.stream_chat
+
+        async def breaks(self, body, timeout, route="/v1/completions"):
+            raise ls.WorkerError("worker-1: stream broken")
+            yield                                  # an async generator
+        FakeSlot.stream_chat = breaks
+        try:
+            with pytest.raises(ls.WorkerError, match="all 3 candidates failed"):
+                await svc.complete(request(temperature=0.7, swarm={"votes": 3}))
+        finally:
+            FakeSlot.stream_chat = original
         await pool.stop()
     run(go())
 

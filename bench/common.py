@@ -70,11 +70,15 @@ def samples_spent(reply: dict) -> int:
 
 
 @contextlib.contextmanager
-def started_swarm(command: list[str], timeout: float = START_TIMEOUT_S) -> Iterator[str]:
+def started_swarm(command: list[str], pids: list[int] | None = None,
+                  timeout: float = START_TIMEOUT_S) -> Iterator[str]:
     """Run `command` (a daemon), yield the base URL of its "ready on URL/v1" line, SIGTERM it
-    after. Raises RuntimeError when it exits or prints no ready line within `timeout` s."""
+    after; the daemon's pid is appended to `pids` when given. Raises RuntimeError when it exits
+    or prints no ready line within `timeout` s."""
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+    if pids is not None:
+        pids.append(proc.pid)
     tail: deque[str] = deque(maxlen=40)     # the daemon's last lines, for a failed start
     urls: list[str] = []
     ready = threading.Event()

@@ -78,6 +78,7 @@ class SwarmProcess:
     proc: subprocess.Popen
     url: str = ""
     output: list[str] = field(default_factory=list)
+    kind: str = "native"            # the worker kind it runs (--worker)
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kw)
@@ -103,8 +104,11 @@ def start_swarm(*flags: str, timeout: float = FIRST_START_TIMEOUT, env: dict | N
                 ) -> SwarmProcess:
     """Start `python local_swarm.py --port 0 FLAGS` and wait for its ready banner."""
     cmd = [sys.executable, str(ROOT / "local_swarm.py"), "--port", "0", *flags]
-    return spawn_swarm(cmd, cwd=ROOT, env={**os.environ, **NO_SETTINGS, **(env or {})},
-                       timeout=timeout)
+    swarm = spawn_swarm(cmd, cwd=ROOT, env={**os.environ, **NO_SETTINGS, **(env or {})},
+                        timeout=timeout)
+    if "--worker" in flags:
+        swarm.kind = flags[flags.index("--worker") + 1]
+    return swarm
 
 
 def spawn_swarm(cmd: list[str], cwd: Path, env: dict, timeout: float, what: str = "swarm"
@@ -126,11 +130,16 @@ def spawn_swarm(cmd: list[str], cwd: Path, env: dict, timeout: float, what: str 
     raise AssertionError(f"{what} did not start:\n" + "".join(swarm.output[-60:]))
 
 
-@pytest.fixture(scope="session")
-def swarm():
-    """Two workers on SmolLM2-135M, context 2048, debug logging."""
-    s = start_swarm("--model", TEST_MODEL, "--instances", "2", "--threads", "1", "--ctx", "2048",
-                    "--log-level", "debug")
+WORKER_KINDS = ("native", "python")     # every test of the `swarm` fixture runs on each kind
+
+
+@pytest.fixture(scope="session", params=WORKER_KINDS)
+def swarm(request):
+    """Two workers on SmolLM2-135M, context 2048, debug logging: once with each worker kind
+    (native: one llama-server with two slots; python: two llama_cpp.server processes)."""
+    s = start_swarm("--worker", request.param, "--model", TEST_MODEL, "--instances", "2",
+                    "--threads", "1", "--ctx", "2048", "--log-level", "debug")
+    s.kind = request.param
     yield s
     s.stop()
 

@@ -175,7 +175,8 @@ def test_a_started_swarm_prints_a_line_per_ready_worker_then_one_banner(swarm):
         assert re.search(rf"^worker {n}/2 ready in \d+\.\d s$", text, re.M), text
     assert text.count("ready on http://") == 1
     banner = text[text.index("ready on http://"):]
-    assert "workers   2/2 ready (2 workers x 1 thread), context 2048 tokens" in banner
+    plan = {"native": "1 llama-server x 2 slots, 1 thread", "python": "2 workers x 1 thread"}
+    assert f"workers   2/2 ready ({plan[swarm.kind]}), context 2048 tokens" in banner
     assert re.search(r"votes     k=2 candidates per request, mode vote", banner)
     assert "worker 2/2 ready" in text[:text.index("ready on http://")]   # ready lines come first
 

@@ -1785,10 +1785,10 @@ def build_info(builds_dir: Path, hw: Hardware) -> BuildInfo:
                      gpu=hw.backend != "cpu")
 
 
-def _read_build_record(folder: Path) -> dict[str, Any] | None:
-    """build.json of this build folder, or None when missing or unreadable."""
+def _read_build_record(folder: Path, name: str = BUILD_RECORD) -> dict[str, Any] | None:
+    """A build record (build.json, or `name`) in this folder, or None when missing or unreadable."""
     try:
-        record = json.loads((folder / BUILD_RECORD).read_text(encoding="utf-8"))
+        record = json.loads((folder / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
@@ -1843,10 +1843,11 @@ class _BuildJob:
     progress: Callable[[str], None]
     progress_every: float
     env: Mapping[str, str] | None = None   # pip's environment; None: this process's
+    log_name: str = BUILD_LOG              # in info.dir: one log per kind of build
 
     @property
     def log_path(self) -> Path:
-        return self.info.dir / BUILD_LOG
+        return self.info.dir / self.log_name
 
     def pip_environ(self, **extra: str) -> dict[str, str]:
         """The environment pip steps run with: job.env (else os.environ) plus `extra`."""
@@ -2137,12 +2138,25 @@ def _install_site(job: _BuildJob, wheel: Path) -> None:
         *job.pip, "install", "--target", str(staging), f"{wheel}[server]", *job.extra_packages,
         *job.pip_options])
     make_site_relocatable(staging)
-    old = job.info.dir / "site.old"
+    _swap_in(staging, job.info.site)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put the folder `staging` in place of `target` (a folder cannot be renamed over a non-empty
+    one): the old one moves aside to <target>.old first and is removed after."""
+    old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
-    if job.info.site.exists():
-        os.replace(job.info.site, old)
-    os.replace(staging, job.info.site)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Write a JSON build record atomically (a reader sees the old file or the whole new one)."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(staging, path)
 
 
 def _write_build_record(job: _BuildJob, wheel: Path, seconds: float,
@@ -2154,9 +2168,7 @@ def _write_build_record(job: _BuildJob, wheel: Path, seconds: float,
               "backend": job.info.backend, "wheel": wheel.name, "seconds": round(seconds, 1),
               "wheel_compiled_for": compiled_for,
               "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "swarm_version": VERSION}
-    staging = job.info.dir / (BUILD_RECORD + ".tmp")
-    staging.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(staging, job.info.dir / BUILD_RECORD)
+    _write_record(job.info.dir / BUILD_RECORD, record)
 
 
 def _build(job: _BuildJob) -> BuildInfo:
@@ -2201,12 +2213,22 @@ def ensure_build(builds_dir: Path, hw: Hardware, progress: Callable[[str], None]
     job = _BuildJob(info=info, hw=hw, builds_dir=Path(builds_dir), pip=tuple(pip),
                     pip_options=tuple(pip_options), extra_packages=tuple(extra_packages),
                     progress=progress, progress_every=progress_every)
+    return _build_locked(job, info.dir.with_name(info.dir.name + ".lock"),
+                         lambda: _current_build(info, hw), _build, f"llama.cpp build {info.key}")
+
+
+def _build_locked(job: _BuildJob, lock: Path, current: Callable[[], Any],
+                  build: Callable[[_BuildJob], Any], what: str) -> Any:
+    """Run build(job), made offline where builds_dir is a bundle, under `lock`, unless current()
+    finds the result made by another process while we waited for the lock (then that). SIGTERM
+    raises while it runs (_sigterm_raises); on that or Ctrl-C the user is told that the next
+    start builds again, and the exception goes on."""
     try:
-        with _sigterm_raises(), _build_lock(info.dir.with_name(info.dir.name + ".lock"), progress):
-            current = _current_build(info, hw)   # built by another process while we waited
-            return current if current is not None else _build(_offline_job(job))
+        with _sigterm_raises(), _build_lock(lock, job.progress):
+            found = current()
+            return found if found is not None else build(_offline_job(job))
     except (KeyboardInterrupt, SystemExit):
-        progress(f"llama.cpp build {info.key}: stopped; the next start builds it again")
+        job.progress(f"{what}: stopped; the next start builds it again")
         raise
 
 

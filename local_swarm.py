@@ -2755,6 +2755,9 @@ def doctor_report(hw: Hardware, key: str, plan: Plan | None, model: ModelInfo | 
     lines += [f"Note:      {note}" for note in hw.notes]
     state = "ready" if build_ready(builds_dir, hw) else "not built yet (first start builds it)"
     lines.append(f"Build:     {key} in {Path(builds_dir) / key}: {state}")
+    native = native_ready(build_info(builds_dir, hw), hw)
+    lines.append(f"Native:    llama-server in {Path(builds_dir) / key / NATIVE_DIR}: "
+                 + ("ready" if native else "not built"))
     lines.append(f"Model:     {model.name} ({model.arch}, {_gib(model.size_bytes)}) {model.path}"
                  if model else "Model:     none found yet (the first start downloads the default)")
     if plan is not None:

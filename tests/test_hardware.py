@@ -283,6 +283,7 @@ def test_doctor_report_says_what_it_found(tmp_path):
     key = ls.build_key(hw)
     report = ls.doctor_report(hw, key, ls.plan(hw, SMOLLM2), SMOLLM2, builds_dir=tmp_path)
     assert key in report and "not built yet" in report
+    assert f"llama-server in {tmp_path / key / 'native'}: not built" in report
     assert "2 workers x 1 thread" in report and "one per physical core" in report
     assert "CUDA toolkit" in report and "smollm2" in report
     make_current_build(tmp_path, hw)
@@ -893,6 +894,8 @@ def test_native_build_compiles_once_then_reuses(tmp_path, fake_cmake):
     assert "compiling llama-server" in text and "ready in" in text
     assert ls.native_ready(build, hw) == native_build(builds, hw, NEVER) == native
     assert len(calls()) == 2                                   # the second call compiled nothing
+    assert f"llama-server in {native.dir}: ready" in ls.doctor_report(hw, build.key, None, None,
+                                                                      builds_dir=builds)
 
 
 @pytest.mark.parametrize("change", [

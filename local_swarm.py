@@ -2308,8 +2308,11 @@ def native_ready(build: BuildInfo, hw: Hardware) -> NativeBuild | None:
 def _reusable_native(job: _BuildJob, args: Sequence[str]) -> NativeBuild | None:
     """Another key's current native build made with the same arguments (another Python's: the
     binary is the same), or None."""
+    own = job.info.dir.resolve()
     for record in sorted(job.builds_dir.glob(f"*/{NATIVE_DIR}/{NATIVE_RECORD}")):
-        found = _native_build(record.parent, args) if record.parent.parent != job.info.dir else None
+        if record.parent.parent.resolve() == own:
+            continue
+        found = _native_build(record.parent, args)
         if found is not None:
             return found
     return None

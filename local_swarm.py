@@ -3613,10 +3613,12 @@ def _checked_model_path(path: Path) -> Path:
 # =====================================================================================================
 # A bundle is a folder that runs with no network on a machine of the same OS, arch and Python:
 #     local_swarm.py, README.md, pyproject.toml
-#     llama_builds/<key>/        this machine's build (build.json and the site folder)
+#     llama_builds/<key>/        this machine's build (build.json and the site folder; native/,
+#                                llama.cpp's own llama-server and its libraries, when built)
 #     llama_builds/sdist/        llama-cpp-python's source, for a machine whose build key differs
 #     llama_builds/wheelhouse/   every wheel the site holds, plus what compiling the source needs
-#                                (scikit-build-core and its deps, cmake, ninja, pip)
+#                                (scikit-build-core and its deps, cmake, ninja, pip; cmake and
+#                                ninja also build llama-server where the system has no cmake)
 #     llama_builds/bundle.json   the OS, arch and Python it was made for
 #     models/                    the model file(s); discovery looks here first
 # A build in a bundle is offline (see Hardware and build). Nothing in the folder names the path it
@@ -3661,7 +3663,8 @@ def sdist_build_requirements(sdist: Path) -> list[str]:
 
 def wheelhouse_requirements(site: Path, sdist: Path) -> list[str]:
     """What a bundle's wheelhouse must hold: the site's distributions at their installed versions
-    (a rebuilt site gets the same ones), the sdist's build backend, and OFFLINE_BUILD_TOOLS.
+    (a rebuilt site gets the same ones), the sdist's build backend, and OFFLINE_BUILD_TOOLS (whose
+    cmake and ninja ensure_native also installs, offline, on a machine without cmake).
     `pip download` adds the dependencies of the last two."""
     return [*site_requirements(site), *sdist_build_requirements(sdist), *OFFLINE_BUILD_TOOLS]
 
@@ -3701,10 +3704,12 @@ def _bundle_staging(dest: Path) -> Path:
     return staging
 
 
-def _copy_build(build: BuildInfo, builds: Path) -> Path:
-    """Copy the finished build (its record and site folder; not the log, which names the builder's
+def _copy_build(build: BuildInfo, builds: Path, hw: Hardware) -> Path:
+    """Copy the finished build (its record and site folder; not the logs, which name the builder's
     paths, nor the wheel, compiled for this key only) into builds/<key>, following a symlinked
-    build folder. Returns the copy's site folder, made relocatable."""
+    build folder, with its native llama-server folder when that is current (symlinks kept; it
+    finds its libraries beside it wherever it is). Returns the copy's site folder, made
+    relocatable."""
     source = build.dir.resolve()
     target = builds / build.key
     target.mkdir(parents=True)
@@ -3712,6 +3717,9 @@ def _copy_build(build: BuildInfo, builds: Path) -> Path:
     site = target / "site"
     shutil.copytree(source / "site", site)
     make_site_relocatable(site)
+    native = native_ready(build, hw)
+    if native is not None:
+        shutil.copytree(native.dir, target / NATIVE_DIR, symlinks=True)
     return site
 
 
@@ -3774,7 +3782,7 @@ def make_bundle(dest: Path, build: BuildInfo, model: Path, hw: Hardware, builds_
     dest = Path(dest).absolute()
     staging = _bundle_staging(dest)
     builds = staging / "llama_builds"
-    site = _copy_program(staging, build, Path(builds_dir))
+    site = _copy_program(staging, build, Path(builds_dir), hw)
     work = staging / ".bundle-work"   # the log of the pip steps; removed once they succeed
     job = _BuildJob(info=dataclasses.replace(build, dir=work), hw=hw, builds_dir=builds,
                     pip=tuple(pip), pip_options=tuple(pip_options), extra_packages=(),
@@ -3798,12 +3806,12 @@ def make_bundle(dest: Path, build: BuildInfo, model: Path, hw: Hardware, builds_
     return Bundle(dir=dest, bytes=size, build_key=build.key, models=tuple(models), wheels=wheels)
 
 
-def _copy_program(staging: Path, build: BuildInfo, builds_dir: Path) -> Path:
+def _copy_program(staging: Path, build: BuildInfo, builds_dir: Path, hw: Hardware) -> Path:
     """Copy BUNDLE_FILES, the builds README and the build into staging; returns the copied site."""
     for name in BUNDLE_FILES:
         if (HERE / name).is_file():
             shutil.copy2(HERE / name, staging / name)
-    site = _copy_build(build, staging / "llama_builds")
+    site = _copy_build(build, staging / "llama_builds", hw)
     if (builds_dir / "README.md").is_file():
         shutil.copy2(builds_dir / "README.md", staging / "llama_builds" / "README.md")
     return site

@@ -20,6 +20,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -1056,3 +1057,47 @@ def test_without_cmake_on_path_pip_installs_cmake_and_ninja_once(tmp_path, fake_
     (native.dir / "native.json").write_text(json.dumps({**record, "cmake_args": []}))
     ls.ensure_native(build, hw, builds, progress=lambda line: None, pip=pip)
     assert len(pip_calls()) == 1 and len(calls()) == 4    # the tools were installed once
+
+
+NATIVE_SERVE_TIMEOUT = 120   # seconds for llama-server to load SmolLM2-135M on a loaded 2-core box
+
+
+@pytest.mark.e2e  # compiles llama-server (~5 min on 2 cores) unless llama_builds/ holds it already
+def test_real_native_build_serves_two_completions_from_one_request(smol_model_path, tmp_path):
+    """ensure_native for this machine into the real llama_builds/, then the binary itself on
+    SmolLM2-135M: /health turns 200, and one /v1/completions request with n=2 gets two choices."""
+    hw, lines = ls.detect_hardware(), []
+    build = ls.build_info(ls.DEFAULT_BUILDS_DIR, hw)
+    native = ls.ensure_native(build, hw, ls.DEFAULT_BUILDS_DIR, progress=lines.append,
+                              progress_every=60)
+    print("\n" + "\n".join(lines))
+    assert native == ls.native_ready(build, hw)
+    assert ls.find_path_references(native.dir, {str(ROOT), str(build.dir.resolve())}) == []
+    port, log = ls.free_port(), tmp_path / "llama-server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(native.binary), "-m", str(smol_model_path), "--host",
+                                   "127.0.0.1", "--port", str(port), "-np", "2", "-c", "2048",
+                                   "-t", "2"], stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: server.poll() is not None or health(url) == 200,
+                        NATIVE_SERVE_TIMEOUT), log.read_text()[-3000:]
+        assert server.poll() is None, log.read_text()[-3000:]
+        reply = httpx.post(url + "/v1/completions", timeout=NATIVE_SERVE_TIMEOUT, json={
+            "prompt": "Once upon a time", "max_tokens": 8, "n": 2, "temperature": 0.8})
+        assert reply.status_code == 200, reply.text
+        choices = reply.json()["choices"]
+        assert sorted(choice["index"] for choice in choices) == [0, 1]
+        assert all(isinstance(choice["text"], str) for choice in choices)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def health(url: str) -> int:
+    """GET /health's status, 0 while nothing answers."""
+    try:
+        return httpx.get(url + "/health", timeout=5).status_code
+    except httpx.HTTPError:
+        return 0

@@ -1793,10 +1793,10 @@ def build_info(builds_dir: Path, hw: Hardware) -> BuildInfo:
                      gpu=hw.backend != "cpu")
 
 
-def _read_build_record(folder: Path) -> dict[str, Any] | None:
-    """build.json of this build folder, or None when missing or unreadable."""
+def _read_build_record(folder: Path, name: str = BUILD_RECORD) -> dict[str, Any] | None:
+    """A build record (build.json, or `name`) in this folder, or None when missing or unreadable."""
     try:
-        record = json.loads((folder / BUILD_RECORD).read_text(encoding="utf-8"))
+        record = json.loads((folder / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
@@ -1851,10 +1851,11 @@ class _BuildJob:
     progress: Callable[[str], None]
     progress_every: float
     env: Mapping[str, str] | None = None   # pip's environment; None: this process's
+    log_name: str = BUILD_LOG              # in info.dir: one log per kind of build
 
     @property
     def log_path(self) -> Path:
-        return self.info.dir / BUILD_LOG
+        return self.info.dir / self.log_name
 
     def pip_environ(self, **extra: str) -> dict[str, str]:
         """The environment pip steps run with: job.env (else os.environ) plus `extra`."""
@@ -2145,12 +2146,25 @@ def _install_site(job: _BuildJob, wheel: Path) -> None:
         *job.pip, "install", "--target", str(staging), f"{wheel}[server]", *job.extra_packages,
         *job.pip_options])
     make_site_relocatable(staging)
-    old = job.info.dir / "site.old"
+    _swap_in(staging, job.info.site)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put the folder `staging` in place of `target` (a folder cannot be renamed over a non-empty
+    one): the old one moves aside to <target>.old first and is removed after."""
+    old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
-    if job.info.site.exists():
-        os.replace(job.info.site, old)
-    os.replace(staging, job.info.site)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Write a JSON build record atomically (a reader sees the old file or the whole new one)."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(staging, path)
 
 
 def _write_build_record(job: _BuildJob, wheel: Path, seconds: float,
@@ -2162,9 +2176,7 @@ def _write_build_record(job: _BuildJob, wheel: Path, seconds: float,
               "backend": job.info.backend, "wheel": wheel.name, "seconds": round(seconds, 1),
               "wheel_compiled_for": compiled_for,
               "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "swarm_version": VERSION}
-    staging = job.info.dir / (BUILD_RECORD + ".tmp")
-    staging.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(staging, job.info.dir / BUILD_RECORD)
+    _write_record(job.info.dir / BUILD_RECORD, record)
 
 
 def _build(job: _BuildJob) -> BuildInfo:
@@ -2209,13 +2221,308 @@ def ensure_build(builds_dir: Path, hw: Hardware, progress: Callable[[str], None]
     job = _BuildJob(info=info, hw=hw, builds_dir=Path(builds_dir), pip=tuple(pip),
                     pip_options=tuple(pip_options), extra_packages=tuple(extra_packages),
                     progress=progress, progress_every=progress_every)
+    return _build_locked(job, info.dir.with_name(info.dir.name + ".lock"),
+                         lambda: _current_build(info, hw), _build, f"llama.cpp build {info.key}")
+
+
+def _build_locked(job: _BuildJob, lock: Path, current: Callable[[], Any],
+                  build: Callable[[_BuildJob], Any], what: str) -> Any:
+    """Run build(job), made offline where builds_dir is a bundle, under `lock`, unless current()
+    finds the result made by another process while we waited for the lock (then that). SIGTERM
+    raises while it runs (_sigterm_raises); on that or Ctrl-C the user is told that the next
+    start builds again, and the exception goes on."""
     try:
-        with _sigterm_raises(), _build_lock(info.dir.with_name(info.dir.name + ".lock"), progress):
-            current = _current_build(info, hw)   # built by another process while we waited
-            return current if current is not None else _build(_offline_job(job))
+        with _sigterm_raises(), _build_lock(lock, job.progress):
+            found = current()
+            return found if found is not None else build(_offline_job(job))
     except (KeyboardInterrupt, SystemExit):
-        progress(f"llama.cpp build {info.key}: stopped; the next start builds it again")
+        job.progress(f"{what}: stopped; the next start builds it again")
         raise
+
+
+# ---- llama.cpp's own server (native build) ---------------------------------------------------------
+# A second kind of worker: llama.cpp's `llama-server`, compiled with cmake from the llama.cpp that
+# llama-cpp-python's sdist vendors (vendor/llama.cpp), with the wheel's hardware flags
+# (native_cmake_args), into <key>/native beside the wheel build. The steps are the wheel build's
+# (one log, [n/total] progress, a lock, process groups ended however a step ends); native.json is
+# written last, so a folder without it is never "current". The binary does not depend on Python:
+# another key's native build with the same arguments is copied, not compiled (as _reusable_wheel).
+# It finds its shared libraries beside it (rpath $ORIGIN, @loader_path on macOS), so the folder
+# works wherever it is copied, and GCC and Clang are told to name sources by relative paths
+# (-ffile-prefix-map): __FILE__ in llama.cpp's asserts would otherwise put the builder's folders
+# into the libraries (bundles are checked for that).
+NATIVE_DIR = "native"              # llama_builds/<key>/native: llama-server and its libraries
+NATIVE_RECORD = "native.json"      # in NATIVE_DIR, written last and atomically
+NATIVE_BINARY = "llama-server.exe" if os.name == "nt" else "llama-server"
+NATIVE_LOG = "native-build.log"    # in llama_builds/<key>, beside the wheel's build.log
+NATIVE_WORK = "native-work"        # llama_builds/<key>/native-work: source and build trees
+                                   # (hundreds of MB), removed once the binary is copied out
+NATIVE_TARGET = "llama-server"     # the cmake target
+NATIVE_SOURCE = ("vendor", "llama.cpp")   # llama.cpp's folder below the sdist's top folder
+NATIVE_LIBRARIES = ("lib*.so*", "*.dylib", "*.dll")   # the libraries the build puts beside it
+# The server alone: no curl or OpenSSL (models are local files), no tests, examples or web UI
+# (LLAMA_USE_PREBUILT_UI=ON would download the UI from Hugging Face while configuring).
+NATIVE_SERVER_CMAKE_ARGS = (
+    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF",
+    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON")
+NATIVE_RPATH = {"darwin": "@loader_path"}   # the binary's own folder; ELF's $ORIGIN elsewhere
+BUILD_TOOLS_DIR = "tools"          # llama_builds/tools: cmake and ninja from pip, when the system
+NATIVE_BUILD_TOOLS = ("cmake", "ninja")   # has no cmake (from the wheelhouse in a bundle)
+
+
+@dataclass(frozen=True)
+class NativeBuild:
+    """A finished llama-server build: its folder (the binary and its libraries) and the cmake
+    arguments it was compiled with."""
+
+    dir: Path            # llama_builds/<key>/native
+    binary: Path         # dir / NATIVE_BINARY
+    cmake_args: tuple[str, ...]
+
+
+def native_cmake_args(hw: Hardware) -> list[str]:
+    """cmake's arguments for llama-server on this hardware: a Release build, cmake_args(hw) (never
+    native, the x86_64 level, the GPU backend) without LLAVA_BUILD (an option of llama-cpp-python,
+    not of llama.cpp), the server switches, and an rpath to the binary's own folder. They name no
+    path of this machine: native.json records them, and reuse across keys compares them."""
+    rpath = NATIVE_RPATH.get(hw.os, "$ORIGIN")
+    return ["-DCMAKE_BUILD_TYPE=Release",
+            *(arg for arg in cmake_args(hw) if not arg.startswith("-DLLAVA_BUILD=")),
+            *NATIVE_SERVER_CMAKE_ARGS, f"-DCMAKE_INSTALL_RPATH={rpath}"]
+
+
+def _native_build(folder: Path, args: Sequence[str]) -> NativeBuild | None:
+    """The native build in `folder` (a <key>/native) when its native.json records `args` and this
+    llama-cpp-python version and its binary is there; else None."""
+    record = _read_build_record(folder, NATIVE_RECORD)
+    if (record is None or record.get("cmake_args") != list(args)
+            or record.get("llama_cpp_python") != LLAMA_CPP_PYTHON_VERSION):
+        return None
+    binary = folder / NATIVE_BINARY
+    if not binary.is_file():
+        return None
+    return NativeBuild(dir=folder, binary=binary, cmake_args=tuple(args))
+
+
+def native_ready(build: BuildInfo, hw: Hardware) -> NativeBuild | None:
+    """The current native build in build.dir/native, or None: none, unfinished (no native.json),
+    or made with other arguments or another llama-cpp-python. One small JSON read and one stat
+    (the fast path of every start, like _current_build); starts nothing."""
+    return _native_build(build.dir / NATIVE_DIR, native_cmake_args(hw))
+
+
+def _reusable_native(job: _BuildJob, args: Sequence[str]) -> NativeBuild | None:
+    """Another key's current native build made with the same arguments (another Python's: the
+    binary is the same), or None."""
+    own = job.info.dir.resolve()
+    for record in sorted(job.builds_dir.glob(f"*/{NATIVE_DIR}/{NATIVE_RECORD}")):
+        if record.parent.parent.resolve() == own:
+            continue
+        found = _native_build(record.parent, args)
+        if found is not None:
+            return found
+    return None
+
+
+def _copy_native(job: _BuildJob, found: NativeBuild, staging: Path) -> str:
+    """Copy another key's native build (symlinks as symlinks, not its record) into staging.
+    Returns the key it was compiled for."""
+    job.progress(f"llama-server build {job.info.key}: already compiled with these arguments "
+                 f"({found.dir.parent.name}): copying it")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(found.dir, staging, symlinks=True, ignore=shutil.ignore_patterns(NATIVE_RECORD))
+    record = _read_build_record(found.dir, NATIVE_RECORD) or {}
+    return str(record.get("compiled_for") or found.dir.parent.name)
+
+
+def _llama_cpp_member(name: str) -> tuple[str, ...] | None:
+    """Where an sdist member goes inside the extracted llama.cpp, as path parts; None for members
+    outside <top>/vendor/llama.cpp/. Raises BuildError for a name that could land outside the
+    folder it is extracted to (absolute, or with a `..`)."""
+    parts = tuple(part for part in name.replace("\\", "/").split("/") if part not in ("", "."))
+    if len(parts) < 4 or parts[1:3] != NATIVE_SOURCE:
+        return None
+    if ".." in parts or name.startswith(("/", "\\")) or ":" in parts[0]:
+        raise BuildError(f"the source archive's member {name!r} points outside its folder; "
+                         "refusing to extract it")
+    return parts[3:]
+
+
+def _extract_llama_cpp(sdist: Path, target: Path) -> None:
+    """Extract the sdist's vendored llama.cpp into target: its regular files only, mode 755 or 644.
+    Raises BuildError when a member could land outside target, is a link (llama.cpp ships none;
+    one could point anywhere), or the archive cannot be read or holds no llama.cpp."""
+    try:
+        with tarfile.open(sdist) as archive:
+            for member in archive:
+                relative = _llama_cpp_member(member.name)
+                if relative is None or member.isdir():
+                    continue
+                if not member.isfile():
+                    raise BuildError(f"the source archive's member {member.name!r} is a link or a "
+                                     "device; refusing to extract it")
+                dest = target.joinpath(*relative)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with archive.extractfile(member) as data, open(dest, "wb") as out:
+                    shutil.copyfileobj(data, out)
+                dest.chmod(0o755 if member.mode & 0o111 else 0o644)
+    except (OSError, tarfile.TarError) as exc:
+        raise BuildError(f"cannot extract llama.cpp from {sdist}: {exc}") from exc
+    if not (target / "CMakeLists.txt").is_file():
+        raise BuildError(f"{sdist} holds no {'/'.join(NATIVE_SOURCE)}/CMakeLists.txt")
+
+
+def _installed_build_tools(tools: Path) -> tuple[Path, Path] | None:
+    """(cmake, ninja) where `pip install --target tools cmake ninja` puts them, or None when
+    either is missing."""
+    exe = ".exe" if os.name == "nt" else ""
+    cmake = tools / "cmake" / "data" / "bin" / f"cmake{exe}"
+    ninja = [tools / scripts / f"ninja{exe}" for scripts in ("bin", "Scripts")
+             if (tools / scripts / f"ninja{exe}").is_file()]
+    return (cmake, ninja[0]) if cmake.is_file() and ninja else None
+
+
+def _ensure_build_tools(job: _BuildJob) -> tuple[Path, Path]:
+    """cmake and ninja from builds_dir/tools, installed there by pip first when absent (through
+    job.pip and its options: from the wheelhouse in a bundle). Raises BuildError when pip fails."""
+    tools = job.builds_dir / BUILD_TOOLS_DIR
+    found = _installed_build_tools(tools)
+    if found is not None:
+        return found
+    job.progress(f"llama-server build {job.info.key}: no cmake on PATH; installing cmake and "
+                 f"ninja into {tools}")
+    staging = tools.with_name(f"{tools.name}.{os.getpid()}.tmp")   # per process, as the sdist
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _run_logged(job, "installing cmake and ninja", [
+            *job.pip, "install", "--target", str(staging), *NATIVE_BUILD_TOOLS, *job.pip_options])
+        _swap_in(staging, tools)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    found = _installed_build_tools(tools)
+    if found is None:
+        raise BuildError(f"pip installed no cmake and ninja into {tools}; see {job.log_path}")
+    return found
+
+
+def _native_tools(job: _BuildJob, cmake: Sequence[str] | None) -> tuple[list[str], str | None]:
+    """(cmake's argv prefix, ninja's path or None for cmake's default generator). `cmake` when
+    given (tests pass a stand-in), else the cmake on PATH, with the ninja on PATH if any; with no
+    cmake on PATH, both from builds_dir/tools (_ensure_build_tools)."""
+    system = shutil.which("cmake")
+    if cmake is None and system is None:
+        tool, ninja = _ensure_build_tools(job)
+        return [str(tool)], str(ninja)
+    return list(cmake) if cmake is not None else [str(system)], shutil.which("ninja")
+
+
+def _prefix_map_args(hw: Hardware, source: Path, build: Path) -> list[str]:
+    """CMAKE_C_FLAGS and CMAKE_CXX_FLAGS that make GCC and Clang write llama.cpp/... and build/...
+    where they would write the source and build folders (__FILE__, debug info); none on Windows
+    (MSVC has no such option)."""
+    if hw.os == "windows":
+        return []
+    flags = f"-ffile-prefix-map={source}=llama.cpp -ffile-prefix-map={build}=build"
+    return [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"]
+
+
+def _compile_native(job: _BuildJob, args: Sequence[str], cmake: Sequence[str] | None) -> Path:
+    """Extract llama.cpp from the sdist into <key>/native-work, configure it and build the
+    llama-server target with one job per physical core. Returns the folder that holds the binary
+    and its libraries (inside native-work, which the caller removes)."""
+    tool, ninja = _native_tools(job, cmake)
+    sdist = _ensure_sdist(job)
+    work = job.info.dir / NATIVE_WORK
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    work = work.resolve()              # the paths the compiler sees, so the prefix maps match them
+    source, build = work / "src", work / "build"
+    _extract_llama_cpp(sdist, source)
+    generator = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+    job.progress(f"llama-server build {job.info.key}: compiling llama-server (this takes ~5 min on "
+                 f"2 cores; longer for GPU backends) with {' '.join(args)}")
+    _run_logged(job, "configuring llama-server", [
+        *tool, "-S", str(source), "-B", str(build), *generator, *args,
+        *_prefix_map_args(job.hw, source, build)])
+    _run_logged(job, "compiling llama-server", [
+        *tool, "--build", str(build), "--target", NATIVE_TARGET, "--config", "Release",
+        "-j", str(job.hw.physical_cores)])
+    for folder in (build / "bin", build / "bin" / "Release"):   # Ninja/Make; Visual Studio
+        if (folder / NATIVE_BINARY).is_file():
+            return folder
+    raise BuildError(f"the build produced no {NATIVE_BINARY} in {build / 'bin'}; "
+                     f"see {job.log_path}")
+
+
+def _stage_native(built: Path, staging: Path) -> None:
+    """Copy the binary and the libraries beside it into a fresh staging folder (symlinks such as
+    libllama.so.0 -> libllama.so.0.5.0 stay symlinks)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    libraries = (path.name for pattern in NATIVE_LIBRARIES for path in built.glob(pattern))
+    for name in sorted({NATIVE_BINARY, *libraries}):
+        shutil.copy2(built / name, staging / name, follow_symlinks=False)
+
+
+def _build_native(job: _BuildJob, cmake: Sequence[str] | None) -> NativeBuild:
+    """Copy another key's native build or compile one into <key>/native.tmp, swap it into
+    <key>/native, then write native.json. The scratch folders go however it ends."""
+    started, args = time.monotonic(), native_cmake_args(job.hw)
+    target, staging = job.info.dir / NATIVE_DIR, job.info.dir / f"{NATIVE_DIR}.tmp"
+    job.info.dir.mkdir(parents=True, exist_ok=True)
+    (target / NATIVE_RECORD).unlink(missing_ok=True)   # a failed rebuild is not "current"
+    job.log_path.write_bytes(b"")
+    try:
+        found = _reusable_native(job, args)
+        if found is not None:
+            compiled_for = _copy_native(job, found, staging)
+        else:
+            _require_compilers(job)
+            compiled_for = job.info.key
+            _stage_native(_compile_native(job, args, cmake), staging)
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(job.info.dir / NATIVE_WORK, ignore_errors=True)
+    seconds = time.monotonic() - started
+    _write_record(target / NATIVE_RECORD, {
+        "key": job.info.key, "cmake_args": list(args), "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+        "backend": job.hw.backend, "binary": NATIVE_BINARY, "compiled_for": compiled_for,
+        "seconds": round(seconds, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "swarm_version": VERSION})
+    job.progress(f"llama-server build {job.info.key}: ready in {format_duration(seconds)}")
+    return NativeBuild(dir=target, binary=target / NATIVE_BINARY, cmake_args=tuple(args))
+
+
+def ensure_native(build: BuildInfo, hw: Hardware, builds_dir: Path,
+                  progress: Callable[[str], None] = print_progress, *,
+                  cmake: Sequence[str] | None = None, pip: Sequence[str] = PIP,
+                  pip_options: Sequence[str] = (), progress_every: float = BUILD_PROGRESS_EVERY
+                  ) -> NativeBuild:
+    """Return llama.cpp's own llama-server for this hardware in build.dir/native (build: what
+    ensure_build returned), building it first when needed.
+
+    Reuse costs one JSON read (native_ready). Otherwise, under a lock on <key>.native.lock:
+    another key's native build with the same arguments is copied, or the sdist's vendored
+    llama.cpp (_ensure_sdist: downloaded when builds_dir has none) is compiled with the cmake on
+    PATH, else with cmake and ninja that pip installs into builds_dir/tools. `cmake` replaces the
+    cmake command (an argv prefix; tests pass a stand-in); `pip` and `pip_options` are used for
+    the sdist and the tools. Where builds_dir holds a wheelhouse (a bundle) it runs offline, as
+    ensure_build does (_offline_job). The log is <key>/native-build.log. Raises BuildError (with
+    the log's tail, its path and a toolchain hint) when a step fails; on that, Ctrl-C or SIGTERM
+    the step's process group is ended and no native.json is left, so the next start builds again."""
+    current = native_ready(build, hw)
+    if current is not None:
+        return current
+    job = _BuildJob(info=build, hw=hw, builds_dir=Path(builds_dir), pip=tuple(pip),
+                    pip_options=tuple(pip_options), extra_packages=(), progress=progress,
+                    progress_every=progress_every, log_name=NATIVE_LOG)
+    return _build_locked(job, build.dir.with_name(build.dir.name + ".native.lock"),
+                         lambda: native_ready(build, hw),
+                         lambda offline: _build_native(offline, cmake),
+                         f"llama-server build {build.key}")
 
 
 # ---- running on the build's packages ---------------------------------------------------------------
@@ -2515,6 +2822,9 @@ def doctor_report(hw: Hardware, key: str, plan: Plan | None, model: ModelInfo | 
     lines += [f"Note:      {note}" for note in hw.notes]
     state = "ready" if build_ready(builds_dir, hw) else "not built yet (first start builds it)"
     lines.append(f"Build:     {key} in {Path(builds_dir) / key}: {state}")
+    native = native_ready(build_info(builds_dir, hw), hw)
+    lines.append(f"Native:    llama-server in {Path(builds_dir) / key / NATIVE_DIR}: "
+                 + ("ready" if native else "not built"))
     lines.append(f"Model:     {model.name} ({model.arch}, {_gib(model.size_bytes)}) {model.path}"
                  if model else "Model:     none found yet (the first start downloads the default)")
     if plan is not None:
@@ -3367,10 +3677,12 @@ def _checked_model_path(path: Path) -> Path:
 # =====================================================================================================
 # A bundle is a folder that runs with no network on a machine of the same OS, arch and Python:
 #     local_swarm.py, README.md, pyproject.toml
-#     llama_builds/<key>/        this machine's build (build.json and the site folder)
+#     llama_builds/<key>/        this machine's build (build.json and the site folder; native/,
+#                                llama.cpp's own llama-server and its libraries, when built)
 #     llama_builds/sdist/        llama-cpp-python's source, for a machine whose build key differs
 #     llama_builds/wheelhouse/   every wheel the site holds, plus what compiling the source needs
-#                                (scikit-build-core and its deps, cmake, ninja, pip)
+#                                (scikit-build-core and its deps, cmake, ninja, pip; cmake and
+#                                ninja also build llama-server where the system has no cmake)
 #     llama_builds/bundle.json   the OS, arch and Python it was made for
 #     models/                    the model file(s); discovery looks here first
 # A build in a bundle is offline (see Hardware and build). Nothing in the folder names the path it
@@ -3415,7 +3727,8 @@ def sdist_build_requirements(sdist: Path) -> list[str]:
 
 def wheelhouse_requirements(site: Path, sdist: Path) -> list[str]:
     """What a bundle's wheelhouse must hold: the site's distributions at their installed versions
-    (a rebuilt site gets the same ones), the sdist's build backend, and OFFLINE_BUILD_TOOLS.
+    (a rebuilt site gets the same ones), the sdist's build backend, and OFFLINE_BUILD_TOOLS (whose
+    cmake and ninja ensure_native also installs, offline, on a machine without cmake).
     `pip download` adds the dependencies of the last two."""
     return [*site_requirements(site), *sdist_build_requirements(sdist), *OFFLINE_BUILD_TOOLS]
 
@@ -3455,10 +3768,12 @@ def _bundle_staging(dest: Path) -> Path:
     return staging
 
 
-def _copy_build(build: BuildInfo, builds: Path) -> Path:
-    """Copy the finished build (its record and site folder; not the log, which names the builder's
+def _copy_build(build: BuildInfo, builds: Path, hw: Hardware) -> Path:
+    """Copy the finished build (its record and site folder; not the logs, which name the builder's
     paths, nor the wheel, compiled for this key only) into builds/<key>, following a symlinked
-    build folder. Returns the copy's site folder, made relocatable."""
+    build folder, with its native llama-server folder when that is current (symlinks kept; it
+    finds its libraries beside it wherever it is). Returns the copy's site folder, made
+    relocatable."""
     source = build.dir.resolve()
     target = builds / build.key
     target.mkdir(parents=True)
@@ -3466,6 +3781,9 @@ def _copy_build(build: BuildInfo, builds: Path) -> Path:
     site = target / "site"
     shutil.copytree(source / "site", site)
     make_site_relocatable(site)
+    native = native_ready(build, hw)
+    if native is not None:
+        shutil.copytree(native.dir, target / NATIVE_DIR, symlinks=True)
     return site
 
 
@@ -3528,7 +3846,7 @@ def make_bundle(dest: Path, build: BuildInfo, model: Path, hw: Hardware, builds_
     dest = Path(dest).absolute()
     staging = _bundle_staging(dest)
     builds = staging / "llama_builds"
-    site = _copy_program(staging, build, Path(builds_dir))
+    site = _copy_program(staging, build, Path(builds_dir), hw)
     work = staging / ".bundle-work"   # the log of the pip steps; removed once they succeed
     job = _BuildJob(info=dataclasses.replace(build, dir=work), hw=hw, builds_dir=builds,
                     pip=tuple(pip), pip_options=tuple(pip_options), extra_packages=(),
@@ -3552,12 +3870,12 @@ def make_bundle(dest: Path, build: BuildInfo, model: Path, hw: Hardware, builds_
     return Bundle(dir=dest, bytes=size, build_key=build.key, models=tuple(models), wheels=wheels)
 
 
-def _copy_program(staging: Path, build: BuildInfo, builds_dir: Path) -> Path:
+def _copy_program(staging: Path, build: BuildInfo, builds_dir: Path, hw: Hardware) -> Path:
     """Copy BUNDLE_FILES, the builds README and the build into staging; returns the copied site."""
     for name in BUNDLE_FILES:
         if (HERE / name).is_file():
             shutil.copy2(HERE / name, staging / name)
-    site = _copy_build(build, staging / "llama_builds")
+    site = _copy_build(build, staging / "llama_builds", hw)
     if (builds_dir / "README.md").is_file():
         shutil.copy2(builds_dir / "README.md", staging / "llama_builds" / "README.md")
     return site

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SwarmProcess, spawn_swarm
-from test_hardware import hardware, make_current_build, write_sdist
+from test_hardware import (fake_cmake, hardware, make_current_build, native_build,  # noqa: F401
+                           no_cmake_on_path, write_native_sdist, write_sdist)
 
 import local_swarm as ls
 
@@ -170,6 +171,46 @@ def test_without_a_wheelhouse_pip_configuration_applies(tmp_path, monkeypatch):
         ls.ensure_build(builds, hardware(), progress=lambda line: None, extra_packages=())
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the fake tools are shell scripts")
+def test_offline_native_build_installs_cmake_and_ninja_from_the_wheelhouse(tmp_path, fake_cmake,
+                                                                           no_cmake_on_path):
+    """A bundle on a machine without cmake: ensure_native takes the offline job, so pip installs
+    cmake and ninja from the wheelhouse alone, and the native build compiles with them."""
+    pip, pip_calls = no_cmake_on_path
+    builds, hw, lines = tmp_path / "builds", hardware(), []
+    write_native_sdist(builds)
+    (builds / "wheelhouse").mkdir()
+    native = ls.ensure_native(ls.build_info(builds, hw), hw, builds, progress=lines.append, pip=pip)
+    assert native.binary.is_file()
+    (install,) = pip_calls()
+    assert install[:2] == ["install", "--target"] and install[3:5] == ["cmake", "ninja"]
+    assert install[5:] == ["--no-index", "--find-links", str(builds / "wheelhouse"),
+                           "--disable-pip-version-check"]
+    assert "offline, from the bundled source" in "\n".join(lines)
+
+
+def test_a_bundle_copies_the_current_native_build(tmp_path, fake_cmake):
+    """_copy_build takes <key>/native (binary, libraries, symlinks as symlinks, its record) when
+    it is current, and leaves out the native build's log; a stale one is left out."""
+    cmake, _ = fake_cmake
+    builds, hw = tmp_path / "builds", hardware()
+    build = make_current_build(builds, hw)
+    write_native_sdist(builds)
+    native = native_build(builds, hw, cmake)
+    copy = tmp_path / "bundle" / "llama_builds"
+    ls._copy_build(build, copy, hw)
+    copied = copy / build.key / "native"
+    assert sorted(path.name for path in copied.iterdir()) == sorted(
+        path.name for path in native.dir.iterdir())
+    assert os.readlink(copied / "libllama.so.0") == "libllama.so.0.5.0"
+    assert not (copy / build.key / "native-build.log").exists()
+    assert ls.native_ready(ls.build_info(copy, hw), hw) is not None
+    record = json.loads((native.dir / "native.json").read_text())
+    (native.dir / "native.json").write_text(json.dumps({**record, "llama_cpp_python": "0.3.1"}))
+    ls._copy_build(build, tmp_path / "stale" / "llama_builds", hw)
+    assert not (tmp_path / "stale" / "llama_builds" / build.key / "native").exists()
+
+
 def test_bundle_for_another_python_refuses_to_build(tmp_path):
     builds = tmp_path / "builds"
     (builds / "wheelhouse").mkdir(parents=True)
@@ -281,6 +322,13 @@ def test_bundle_layout(bundle_copy, smol_model_path):
     assert {"numpy", "fastapi", "uvicorn", "httpx", "psutil", "pydantic-core"} <= installed
     assert installed | {"scikit-build-core", "packaging", "pathspec", "cmake", "ninja", "pip"} <= wheels
     assert "llama-cpp-python" not in wheels   # built per key: the source is shipped instead
+    here = ls.build_info(ls.DEFAULT_BUILDS_DIR, ls.detect_hardware())
+    if ls.native_ready(here, ls.detect_hardware()) is not None:   # the build has llama-server
+        native = builds / key / "native"
+        assert (native / "llama-server").is_file() and (native / "native.json").is_file()
+        assert sorted(path.name for path in native.iterdir()) == sorted(
+            path.name for path in (here.dir / "native").iterdir())
+    assert not list((builds / key).glob("*.log"))
     assert not (site / "bin").exists() and not list(site.glob("*.dist-info/direct_url.json"))
     assert not list(bundle_copy.parent.parent.glob("*.partial"))
 

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -282,6 +284,7 @@ def test_doctor_report_says_what_it_found(tmp_path):
     key = ls.build_key(hw)
     report = ls.doctor_report(hw, key, ls.plan(hw, SMOLLM2), SMOLLM2, builds_dir=tmp_path)
     assert key in report and "not built yet" in report
+    assert f"llama-server in {tmp_path / key / 'native'}: not built" in report
     assert "2 workers x 1 thread" in report and "one per physical core" in report
     assert "CUDA toolkit" in report and "smollm2" in report
     make_current_build(tmp_path, hw)
@@ -768,3 +771,333 @@ def test_failed_build_raises_with_log_tail(tmp_path):
     assert "fake error line 0\n" not in message   # ... only the tail
     assert not (builds / ls.build_key(hw) / "build.json").exists()
     assert not ls.build_ready(builds, hw)
+
+
+# ---- ensure_native: llama.cpp's own llama-server ------------------------------------------------
+
+
+def test_native_cmake_args_are_the_wheels_hardware_flags_plus_the_server_switches():
+    avx2 = dataclasses.replace(hardware(), cpu_flags=frozenset(ls.AVX2_LEVEL_FLAGS))
+    assert ls.native_cmake_args(avx2) == [   # the hand run that built llama-server here
+        "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", *AVX2_ARGS, "-DLLAMA_CURL=OFF",
+        "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_APP=OFF",
+        "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN"]
+    cuda = ls.native_cmake_args(hardware(backend="cuda"))
+    assert "-DGGML_CUDA=on" in cuda and SSE42_ARGS[0] in cuda
+    assert not [arg for arg in cuda if "LLAVA" in arg]
+    mac = dataclasses.replace(hardware(backend="metal", arch="arm64"), os="darwin")
+    assert ls.native_cmake_args(mac)[-1] == "-DCMAKE_INSTALL_RPATH=@loader_path"
+
+
+FAKE_CMAKE = textwrap.dedent("""\
+    # A stand-in for cmake: records each call next to itself; configuring checks the extracted
+    # source, building writes bin/llama-server and a library with its symlink, or fails
+    # (FAKE_CMAKE_FAIL) or hangs (FAKE_CMAKE_HANG, after writing its pid to pid.txt).
+    import json, os, sys, time
+    from pathlib import Path
+    args = sys.argv[1:]
+    here = Path(__file__).parent
+    with open(here / "calls.jsonl", "a") as log:
+        log.write(json.dumps({"args": args}) + "\\n")
+    if args[0] != "--build":
+        source = Path(args[args.index("-S") + 1])
+        assert (source / "tools" / "server" / "server.cpp").read_text() == "int main() {}\\n"
+        Path(args[args.index("-B") + 1]).mkdir(parents=True)
+        print("-- Configuring done", flush=True)
+        sys.exit(0)
+    print("[1/2] Building CXX object tools/server/server.cpp.o", flush=True)
+    if os.environ.get("FAKE_CMAKE_FAIL"):
+        for n in range(40):
+            print(f"fake compiler error {n}", flush=True)
+        sys.exit(2)
+    if os.environ.get("FAKE_CMAKE_HANG"):
+        (here / "pid.txt").write_text(str(os.getpid()))
+        time.sleep(300)
+    bin = Path(args[1]) / "bin"
+    bin.mkdir(parents=True, exist_ok=True)
+    (bin / "llama-server").write_text("#!/bin/sh\\necho fake llama-server\\n")
+    (bin / "libllama.so.0.5.0").write_bytes(b"fake library")
+    os.symlink("libllama.so.0.5.0", bin / "libllama.so.0")
+    (bin / "notes.txt").write_text("not part of the server")
+    print("[2/2] Linking CXX executable bin/llama-server", flush=True)
+    """)
+
+
+def write_native_sdist(builds: Path, extra: dict[str, str] | None = None) -> Path:
+    """The sdist in builds/sdist, holding a tiny vendor/llama.cpp (and `extra` members)."""
+    top = "llama_cpp_python-0.3.36"
+    members = {f"{top}/pyproject.toml": PYPROJECT,
+               f"{top}/vendor/llama.cpp/CMakeLists.txt": "project(llama.cpp)\n",
+               f"{top}/vendor/llama.cpp/tools/server/server.cpp": "int main() {}\n",
+               f"{top}/llama_cpp/__init__.py": "", **(extra or {})}
+    (builds / "sdist").mkdir(parents=True, exist_ok=True)
+    path = builds / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for name, text in members.items():
+            entry = tarfile.TarInfo(name)
+            entry.size, entry.mode = len(text.encode()), 0o644
+            archive.addfile(entry, io.BytesIO(text.encode()))
+    return path
+
+
+@pytest.fixture
+def fake_cmake(tmp_path):
+    """(cmake argv, the calls it got so far)."""
+    script = tmp_path / "fakecmake" / "cmake.py"
+    script.parent.mkdir()
+    script.write_text(FAKE_CMAKE)
+    calls = script.parent / "calls.jsonl"
+    return (sys.executable, str(script)), lambda: [json.loads(line)["args"] for line in
+                                                   calls.read_text().splitlines()] \
+        if calls.exists() else []
+
+
+NEVER = (sys.executable, "-c", "raise SystemExit('must not run')")
+
+
+def native_build(builds: Path, hw: ls.Hardware, cmake, **kw) -> ls.NativeBuild:
+    """ensure_native with the given cmake, and a pip that must not run (the sdist is there)."""
+    kw.setdefault("progress", lambda line: None)
+    return ls.ensure_native(ls.build_info(builds, hw), hw, builds, cmake=cmake, pip=NEVER, **kw)
+
+
+def test_native_build_compiles_once_then_reuses(tmp_path, fake_cmake):
+    cmake, calls = fake_cmake
+    builds, hw, lines = tmp_path / "builds", hardware(cores=3), []
+    write_native_sdist(builds)
+    build = ls.build_info(builds, hw)
+    assert ls.native_ready(build, hw) is None
+    native = native_build(builds, hw, cmake, progress=lines.append, progress_every=0.05)
+    assert native == ls.NativeBuild(dir=build.dir / "native",
+                                    binary=build.dir / "native" / "llama-server",
+                                    cmake_args=tuple(ls.native_cmake_args(hw)))
+    assert native == ls.native_ready(build, hw)
+    configure, compile_ = calls()
+    work = (build.dir / "native-work").resolve()
+    assert configure[:4] == ["-S", str(work / "src"), "-B", str(work / "build")]
+    assert configure[4:] == (["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={shutil.which('ninja')}"]
+                             if shutil.which("ninja") else []) + ls.native_cmake_args(hw) + [
+        f"-DCMAKE_{lang}_FLAGS=-ffile-prefix-map={work / 'src'}=llama.cpp "
+        f"-ffile-prefix-map={work / 'build'}=build" for lang in ("C", "CXX")]
+    assert compile_ == ["--build", str(work / "build"), "--target", "llama-server", "--config",
+                        "Release", "-j", "3"]
+    assert sorted(path.name for path in native.dir.iterdir()) == [
+        "libllama.so.0", "libllama.so.0.5.0", "llama-server", "native.json"]
+    assert os.readlink(native.dir / "libllama.so.0") == "libllama.so.0.5.0"   # a symlink still
+    record = json.loads((native.dir / "native.json").read_text())
+    assert record["cmake_args"] == ls.native_cmake_args(hw) and record["compiled_for"] == build.key
+    assert record["llama_cpp_python"] == ls.LLAMA_CPP_PYTHON_VERSION and record["seconds"] >= 0
+    assert sorted(path.name for path in build.dir.iterdir()) == ["native", "native-build.log"]
+    assert "[2/2] Linking CXX executable" in (build.dir / "native-build.log").read_text()
+    text = "\n".join(lines)
+    assert "compiling llama-server" in text and "ready in" in text
+    assert ls.native_ready(build, hw) == native_build(builds, hw, NEVER) == native
+    assert len(calls()) == 2                                   # the second call compiled nothing
+    assert f"llama-server in {native.dir}: ready" in ls.doctor_report(hw, build.key, None, None,
+                                                                      builds_dir=builds)
+
+
+@pytest.mark.parametrize("change", [
+    {"cmake_args": ["-DGGML_NATIVE=OFF"]}, {"llama_cpp_python": "0.3.1"}, "no binary"])
+def test_native_build_is_rebuilt_when_its_record_differs(tmp_path, fake_cmake, change):
+    cmake, calls = fake_cmake
+    builds, hw = tmp_path / "builds", hardware()
+    write_native_sdist(builds)
+    native = native_build(builds, hw, cmake)
+    if change == "no binary":
+        native.binary.unlink()
+    else:
+        record = json.loads((native.dir / "native.json").read_text())
+        (native.dir / "native.json").write_text(json.dumps({**record, **change}))
+    assert ls.native_ready(ls.build_info(builds, hw), hw) is None
+    assert native_build(builds, hw, cmake) == native and len(calls()) == 4
+    assert native.binary.read_text().startswith("#!/bin/sh")
+
+
+@pytest.mark.parametrize("other_backend, copied", [("cpu", True), ("vulkan", False)])
+def test_another_keys_native_build_is_copied_not_compiled(tmp_path, fake_cmake, other_backend,
+                                                           copied):
+    """llama-server does not depend on Python: a second Python's key copies the first one's."""
+    cmake, calls = fake_cmake
+    builds, hw = tmp_path / "builds", hardware()
+    write_native_sdist(builds)
+    first = native_build(builds, dataclasses.replace(hw, python_tag="cp312", backend=other_backend),
+                         cmake)
+    lines: list[str] = []
+    second = native_build(builds, hw, NEVER if copied else cmake, progress=lines.append)
+    assert second.dir != first.dir and second == ls.native_ready(ls.build_info(builds, hw), hw)
+    record = json.loads((second.dir / "native.json").read_text())
+    if copied:
+        assert len(calls()) == 2 and record["compiled_for"] == first.dir.parent.name
+        assert any("already compiled" in line for line in lines)
+        assert os.readlink(second.dir / "libllama.so.0") == "libllama.so.0.5.0"
+        assert record["key"] == ls.build_key(hw)
+    else:
+        assert len(calls()) == 4 and record["compiled_for"] == ls.build_key(hw)
+
+
+def test_failed_native_compile_raises_with_log_tail_and_leaves_no_record(tmp_path, fake_cmake,
+                                                                        monkeypatch):
+    cmake, _ = fake_cmake
+    builds, hw = tmp_path / "builds", hardware()
+    write_native_sdist(builds)
+    native = native_build(builds, hw, cmake)
+    record = json.loads((native.dir / "native.json").read_text())
+    (native.dir / "native.json").write_text(json.dumps({**record, "llama_cpp_python": "0.3.1"}))
+    monkeypatch.setenv("FAKE_CMAKE_FAIL", "1")
+    with pytest.raises(ls.BuildError) as caught:
+        native_build(builds, hw, cmake)
+    message, log = str(caught.value), native.dir.parent / "native-build.log"
+    assert "compiling llama-server failed (exit status 2)" in message and str(log) in message
+    assert "fake compiler error 39" in message and "fake compiler error 0\n" not in message
+    assert not (native.dir / "native.json").exists()
+    assert ls.native_ready(ls.build_info(builds, hw), hw) is None
+    assert not (native.dir.parent / "native-work").exists()
+    assert not (native.dir.parent / "native.tmp").exists()
+
+
+def test_ctrl_c_during_the_native_compile_ends_it_and_the_next_start_builds(tmp_path, fake_cmake,
+                                                                           monkeypatch):
+    cmake, _ = fake_cmake
+    builds, hw = tmp_path / "builds", hardware()
+    write_native_sdist(builds)
+    pid_file = Path(cmake[1]).parent / "pid.txt"
+    monkeypatch.setenv("FAKE_CMAKE_HANG", "1")
+
+    def ctrl_c_once_running(line):
+        if pid_file.exists() and not pressed:
+            pressed.append(line)
+            raise KeyboardInterrupt
+
+    pressed: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        native_build(builds, hw, cmake, progress=ctrl_c_once_running, progress_every=0.1)
+    assert wait_for(lambda: gone(int(pid_file.read_text())))
+    folder = ls.build_info(builds, hw).dir
+    assert not (folder / "native-work").exists() and not (folder / "native").exists()
+    monkeypatch.delenv("FAKE_CMAKE_HANG")
+    assert native_build(builds, hw, cmake).binary.is_file()
+
+
+@pytest.mark.parametrize("member", [
+    "llama_cpp_python-0.3.36/vendor/llama.cpp/../../../escaped.txt",
+    "/llama_cpp_python-0.3.36/vendor/llama.cpp/absolute.txt"])
+def test_native_source_extraction_refuses_members_escaping_the_target(tmp_path, fake_cmake,
+                                                                      member):
+    cmake, calls = fake_cmake
+    builds, hw = tmp_path / "builds", hardware()
+    write_native_sdist(builds, {member: "evil"})
+    with pytest.raises(ls.BuildError, match="points outside its folder"):
+        native_build(builds, hw, cmake)
+    assert calls() == [] and not list(tmp_path.rglob("escaped.txt"))
+    assert not (ls.build_info(builds, hw).dir / "native-work").exists()
+
+
+def test_native_source_extraction_refuses_links(tmp_path):
+    sdist = tmp_path / "s.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        link = tarfile.TarInfo("top/vendor/llama.cpp/CMakeLists.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+    with pytest.raises(ls.BuildError, match="is a link"):
+        ls._extract_llama_cpp(sdist, tmp_path / "out")
+    assert not (tmp_path / "out" / "CMakeLists.txt").exists()
+
+
+FAKE_TOOLS_PIP = textwrap.dedent("""\
+    # pip installing cmake and ninja: each a shell script that runs the fake cmake (ninja: true).
+    import json, sys
+    from pathlib import Path
+    args, here = sys.argv[1:], Path(__file__).parent
+    with open(here / "pip-calls.jsonl", "a") as log:
+        log.write(json.dumps(args) + "\\n")
+    target = Path(args[args.index("--target") + 1])
+    for path, text in {"cmake/data/bin/cmake": f'exec {sys.executable} {here / "cmake.py"} "$@"',
+                       "bin/ninja": "exit 0"}.items():
+        (target / path).parent.mkdir(parents=True, exist_ok=True)
+        (target / path).write_text("#!/bin/sh\\n" + text + "\\n")
+        (target / path).chmod(0o755)
+    """)
+
+
+@pytest.fixture
+def no_cmake_on_path(tmp_path, fake_cmake, monkeypatch):
+    """PATH without cmake, ninja or compilers ($CC and $CXX name them); yields (pip argv, the
+    calls pip got) for a pip that installs the fake cmake."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv("CC", "/usr/bin/cc")
+    monkeypatch.setenv("CXX", "/usr/bin/c++")
+    script = Path(fake_cmake[0][1]).parent / "pip.py"
+    script.write_text(FAKE_TOOLS_PIP)
+    calls = script.parent / "pip-calls.jsonl"
+    yield (sys.executable, str(script)), lambda: [json.loads(line) for line in
+                                                  calls.read_text().splitlines()] \
+        if calls.exists() else []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the fake tools are shell scripts")
+def test_without_cmake_on_path_pip_installs_cmake_and_ninja_once(tmp_path, fake_cmake,
+                                                                no_cmake_on_path):
+    pip, pip_calls = no_cmake_on_path
+    _, calls = fake_cmake
+    builds, hw = tmp_path / "builds", hardware()
+    write_native_sdist(builds)
+    build = ls.build_info(builds, hw)
+    native = ls.ensure_native(build, hw, builds, progress=lambda line: None, pip=pip)
+    tools = builds / "tools"
+    assert pip_calls() == [["install", "--target", str(tools.with_name(f"tools.{os.getpid()}.tmp")),
+                            "cmake", "ninja"]]
+    assert calls()[0][4:7] == ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={tools / 'bin' / 'ninja'}"]
+    assert native.binary.is_file() and not list(builds.glob("tools.*"))
+    record = json.loads((native.dir / "native.json").read_text())
+    (native.dir / "native.json").write_text(json.dumps({**record, "cmake_args": []}))
+    ls.ensure_native(build, hw, builds, progress=lambda line: None, pip=pip)
+    assert len(pip_calls()) == 1 and len(calls()) == 4    # the tools were installed once
+
+
+NATIVE_SERVE_TIMEOUT = 120   # seconds for llama-server to load SmolLM2-135M on a loaded 2-core box
+
+
+@pytest.mark.e2e  # compiles llama-server (~5 min on 2 cores) unless llama_builds/ holds it already
+def test_real_native_build_serves_two_completions_from_one_request(smol_model_path, tmp_path):
+    """ensure_native for this machine into the real llama_builds/, then the binary itself on
+    SmolLM2-135M: /health turns 200, and one /v1/completions request with n=2 gets two choices."""
+    hw, lines = ls.detect_hardware(), []
+    build = ls.build_info(ls.DEFAULT_BUILDS_DIR, hw)
+    native = ls.ensure_native(build, hw, ls.DEFAULT_BUILDS_DIR, progress=lines.append,
+                              progress_every=60)
+    print("\n" + "\n".join(lines))
+    assert native == ls.native_ready(build, hw)
+    assert ls.find_path_references(native.dir, {str(ROOT), str(build.dir.resolve())}) == []
+    port, log = ls.free_port(), tmp_path / "llama-server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(native.binary), "-m", str(smol_model_path), "--host",
+                                   "127.0.0.1", "--port", str(port), "-np", "2", "-c", "2048",
+                                   "-t", "2"], stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: server.poll() is not None or health(url) == 200,
+                        NATIVE_SERVE_TIMEOUT), log.read_text()[-3000:]
+        assert server.poll() is None, log.read_text()[-3000:]
+        reply = httpx.post(url + "/v1/completions", timeout=NATIVE_SERVE_TIMEOUT, json={
+            "prompt": "Once upon a time", "max_tokens": 8, "n": 2, "temperature": 0.8})
+        assert reply.status_code == 200, reply.text
+        choices = reply.json()["choices"]
+        assert sorted(choice["index"] for choice in choices) == [0, 1]
+        assert all(isinstance(choice["text"], str) for choice in choices)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def health(url: str) -> int:
+    """GET /health's status, 0 while nothing answers."""
+    try:
+        return httpx.get(url + "/health", timeout=5).status_code
+    except httpx.HTTPError:
+        return 0

@@ -4345,6 +4345,7 @@ class NativeServer:
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0                       # processes started so far
         self._lock = asyncio.Lock()
+        self._stopping: tuple[asyncio.subprocess.Process, asyncio.Future] | None = None
 
     @property
     def name(self) -> str:
@@ -4386,7 +4387,14 @@ class NativeServer:
         return reply.status_code == 200
 
     async def stop(self, grace: float = WORKER_STOP_GRACE) -> None:
-        await stop_process(self.process, grace)
+        """Stop the process once however many slots ask (a second SIGTERM would make
+        llama-server skip its own shutdown); each caller returns once it is reaped."""
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        if self._stopping is None or self._stopping[0] is not proc:
+            self._stopping = (proc, asyncio.ensure_future(stop_process(proc, grace)))
+        await asyncio.shield(self._stopping[1])
 
 
 class NativeWorker:

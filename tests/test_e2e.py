@@ -187,7 +187,7 @@ def worker_chat_calls(swarm) -> int:
 
 
 GENERATION_LOG_LINE = {"python": "POST /v1/chat/completions",
-                       "native": "done request: POST /v1/completions"}
+                       "native": "processing task, is_child = 0"}
 
 
 def test_concurrent_requests_all_answered(swarm):

@@ -50,6 +50,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -7200,8 +7201,11 @@ def swarm_report(ballot: Ballot) -> dict[str, Any]:
 
 def _candidate_report(c: Candidate, gen: Generation, vote: Vote, i: int) -> dict[str, Any]:
     """One candidate in the `swarm` object; its tokens are its generation's (Generation.tokens:
-    the winner's counted by the tokenizer, the others' streamed chunks)."""
+    the winner's counted by the tokenizer, the others' streamed chunks); mean_logprob is the mean
+    log-probability of its tokens where the worker gives them (llama-server), else None."""
+    mean_logprob = round(statistics.fmean(gen.logprobs), 4) if gen.logprobs else None
     return {"worker": c.worker, "latency_ms": round(c.latency * 1000, 1), "tokens": gen.tokens,
+            "mean_logprob": mean_logprob,
             "finish_reason": c.finish_reason, "score": round(vote.scores[i], 4),
             "winner": i == vote.winner, "constrained": c.constrained, "greedy": c.greedy,
             "repeat": c.repeat, "weight": round(c.weight, 4)}

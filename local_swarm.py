@@ -9249,10 +9249,15 @@ def ask_model(prompter: Prompter, cfg: Config, search_dirs: Iterable[Path] | Non
 def ask_instances(prompter: Prompter, cfg: Config, hw: Hardware, model: str | None) -> int:
     """The workers question, with the plan's number for this machine and model preselected."""
     info, estimated = planning_model(model, cfg.cache_dir) if model else (None, False)
-    recommended = (plan(hw, info, None, cfg.ctx, cfg.threads).instances if info is not None
-                   else max(1, min(hw.physical_cores, MAX_AUTO_INSTANCES)))
-    prompter.write("Workers: each is one llama.cpp process answering one request at a time; a "
-                   "request's vote compares their answers.")
+    if cfg.worker == "native":
+        recommended = NATIVE_SLOTS
+        prompter.write("Workers: the slots of one llama-server, each answering one request at a "
+                       "time; a request's vote compares their answers.")
+    else:
+        recommended = (plan(hw, info, None, cfg.ctx, cfg.threads).instances if info is not None
+                       else max(1, min(hw.physical_cores, MAX_AUTO_INSTANCES)))
+        prompter.write("Workers: each is one llama.cpp process answering one request at a "
+                       "time; a request's vote compares their answers.")
     prompter.write(f"  This machine: {_count(hw.physical_cores, 'physical core')}, "
                    f"{_gib(hw.ram_available)} available; recommended: {recommended}"
                    + (" (estimated: the model is not downloaded yet)." if estimated else "."))

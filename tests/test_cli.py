@@ -43,6 +43,9 @@ def test_doctor_prints_hardware_key_and_plan_and_starts_nothing(tmp_path):
 def test_doctor_with_a_model_shows_the_plan(smol_model_path):
     result = run_cli("doctor", "--model", str(smol_model_path), "--instances", "3")
     assert result.returncode == 0, result.stderr
+    assert "Plan:      1 llama-server x 3 slots" in result.stdout
+    result = run_cli("doctor", "--model", str(smol_model_path), "--instances", "3",
+                     "--worker", "python")
     assert "Plan:      3 workers" in result.stdout
 
 

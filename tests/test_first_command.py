@@ -155,6 +155,8 @@ def test_a_broken_build_stops_the_start_in_seconds_with_its_cause(tmp_path):
             (copy.site / entry.name).symlink_to(entry)
     (copy.site / "httpx").mkdir()
     (copy.site / "httpx" / "__init__.py").write_text("from ._nowhere import Client\n")
+    native = ls.ensure_native(real, hw, ls.DEFAULT_BUILDS_DIR)       # llama-server is fine
+    (copy.dir / ls.NATIVE_DIR).symlink_to(native.dir)
     env = user_env(LOCAL_SWARM_BUILDS_DIR=str(tmp_path / "builds"))
     started = time.monotonic()
     done = subprocess.run([sys.executable, "local_swarm.py"], cwd=ROOT, env=env, timeout=120,

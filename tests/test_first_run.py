@@ -306,7 +306,8 @@ def test_run_setup_asks_model_workers_port(tmp_path, model_dir):
     prompter, shown = scripted(["9", "", "", "70000", "0"])
     answers = ls.run_setup(prompter, cfg, hw, given=(), starting=False, search_dirs=[model_dir])
     local = str(model_dir / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    recommended = ls.plan(hw, ls.model_info(local)).instances
+    recommended = ls.native_plan(hw, ls.model_info(local)).instances     # the default kind
+    assert recommended == ls.NATIVE_SLOTS
     assert answers == {"model": local, "instances": recommended, "port": 0}
     assert "  1) SmolLM2-135M-Instruct.Q4_1.gguf, 98 MB, in " + str(model_dir) in shown
     assert any(line.startswith("  2) download qwen2.5-coder-0.5b") and "default" in line
@@ -314,6 +315,17 @@ def test_run_setup_asks_model_workers_port(tmp_path, model_dir):
     assert shown.count("Model [1]: ") == 2 and any("type a number from 1 to 4" in s for s in shown)
     assert f"Workers [{recommended}]: " in shown
     assert any("type a port number" in s for s in shown)
+
+
+def test_the_workers_question_recommends_the_plan_of_the_python_kind(tmp_path, model_dir):
+    cfg = ls.Config(cache_dir=tmp_path / "cache", worker="python")
+    hw = ls.detect_hardware()
+    prompter, shown = scripted(["1", "", "0"])
+    answers = ls.run_setup(prompter, cfg, hw, given=(), starting=False, search_dirs=[model_dir])
+    local = str(model_dir / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    recommended = ls.plan(hw, ls.model_info(local)).instances
+    assert answers["instances"] == recommended and f"Workers [{recommended}]: " in shown
+    assert any("each is one llama.cpp process" in line for line in shown)
 
 
 def test_run_setup_skips_what_a_flag_gives_and_a_download_is_estimated(tmp_path):
@@ -561,7 +573,7 @@ def test_the_next_start_reads_the_file_without_asking(user):
     assert term.wait() == 0
     assert "Model [" not in term.text and "Workers [" not in term.text
     assert re.search(r"worker 1/1 ready in \d+\.\d s", term.text)
-    assert "workers   1/1 ready (1 worker x 1 thread), context 2048 tokens" in term.text
+    assert "workers   1/1 ready (1 llama-server x 1 slot, 1 thread), context 2048 tokens" in term.text
     assert "model     SmolLM2-135M-Instruct.Q4_1" in term.text
 
 

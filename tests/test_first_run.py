@@ -515,7 +515,7 @@ def test_setup_in_a_terminal_saves_the_answers_and_doctor_reads_them(user):
                             cwd=model_dir.parent, capture_output=True, text=True, timeout=60,
                             stdin=subprocess.DEVNULL)
     assert doctor.returncode == 0, doctor.stderr
-    assert "Plan:      1 worker x" in doctor.stdout
+    assert "Plan:      1 llama-server x 1 slot" in doctor.stdout
     assert f"Settings:  {config}: model {model_dir}" in doctor.stdout
 
 

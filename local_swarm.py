@@ -14,8 +14,10 @@ LOCAL_SWARM_<NAME> variables, then the settings file (~/.config/local-swarm/conf
 defaults; the first start in a terminal asks for the main ones (see the First run section).
 
 The daemon is one asyncio process. Once its llama.cpp build exists it runs on that build's
-packages alone (`python -I -S`, see isolate). It supervises N `python -m llama_cpp.server`
-subprocesses bound to 127.0.0.1, each serving one request at a time, and exposes /v1/models,
+packages alone (`python -I -S`, see isolate). It supervises llama.cpp's own `llama-server`
+(the native kind, built from the same source: one process whose slots each serve one request at a
+time, and evaluate a vote's prompt once for all its candidates) or N `python -m llama_cpp.server`
+subprocesses (the python kind), bound to 127.0.0.1, and exposes /v1/models,
 /v1/chat/completions (streaming and not) and /health on a hand-written HTTP/1.1 +
 Server-Sent-Events server.
 
@@ -3902,13 +3904,13 @@ def _check_no_path_references(dest: Path, needles: set[str]) -> None:
 # =====================================================================================================
 # Workers
 # =====================================================================================================
-# A worker is one llama.cpp server process on 127.0.0.1. The daemon talks to it only through the
-# Worker protocol below, so that another server binary built from the same llama.cpp source can be
-# plugged in by writing one more class with these members.
+# A worker is what the pool leases to one request: a llama-cpp-python server process on 127.0.0.1
+# (LlamaCppPythonWorker), or one slot of a llama.cpp llama-server process (NativeWorker). The daemon
+# talks to workers only through the Worker protocol below.
 # Rules: a worker serves one request at a time (the pool guarantees it); we always ask it to stream,
 # because llama-cpp-python cancels a streamed generation when we hang up but not a whole one;
-# a worker process must never outlive the daemon (PR_SET_PDEATHSIG on Linux, plus a stdin pipe
-# whose EOF ends the worker everywhere).
+# a worker process must never outlive the daemon (PR_SET_PDEATHSIG on Linux; elsewhere a stdin pipe
+# whose EOF ends it: a thread in llama_cpp.server, the NATIVE_LIFELINE around llama-server).
 
 WORKER_READY_POLL = 0.25          # seconds between readiness probes while a worker loads its model
 WORKER_STOP_GRACE = 3.0           # SIGTERM, then SIGKILL after this; shutdown must finish within 5 s
@@ -4297,6 +4299,11 @@ class LlamaCppPythonWorker:
 # (it is started without --jinja: it parses no calls of its own).
 
 NATIVE_CACHE_RAM_MIB = 1024        # host memory for prompts of idle slots (llama-server: 8192)
+# What a request leaves unset samples as llama-cpp-python's server samples it (a repeat penalty
+# of 1.1 over the last 64 tokens; llama-server's own default is none), so that both kinds answer
+# alike and the kind is a choice of engine, not of sampling. Measured: without the penalty the
+# 1.5B answered opencode's first turn in prose instead of reading the file (1 run of 1).
+NATIVE_DEFAULT_SAMPLING = {"repeat_penalty": 1.1, "repeat_last_n": 64}
 # Keeps a native process from outliving the daemon where PR_SET_PDEATHSIG does not exist (macOS,
 # Windows): python -I -S -c NATIVE_LIFELINE BINARY ARGS runs the binary as its child and kills it
 # when its stdin (the daemon's end of the pipe) closes, or passes SIGTERM on to it.
@@ -4466,8 +4473,10 @@ class NativeWorker:
     def stream_chat(self, body: dict[str, Any], timeout: float,
                     route: str = "/v1/completions") -> AsyncIterator[dict]:
         """Each chunk of a streamed generation (see stream_sse); `n` in body gives n choices,
-        their chunks interleaved, each with its `index`."""
-        return stream_sse(self.server.client, self.server.url + route, self.name, body, timeout)
+        their chunks interleaved, each with its `index`. What body leaves unset samples as
+        NATIVE_DEFAULT_SAMPLING says."""
+        return stream_sse(self.server.client, self.server.url + route, self.name,
+                          {**NATIVE_DEFAULT_SAMPLING, **body}, timeout)
 
     async def stop(self, grace: float = WORKER_STOP_GRACE) -> None:
         """Stop the process (every slot of it); never raises."""
@@ -6762,7 +6771,7 @@ class Generation:
     @property
     def tokens(self) -> int:
         """Completion tokens: the tokenizer's count once counted, else the chunks streamed.
-        llama-cpp-python streams one token per chunk (a character split across tokens waits
+        Both worker kinds stream one token per chunk (a character split across tokens waits
         for the rest), so the chunks are what the worker generated; a vote counts only its
         winner with the tokenizer."""
         return self.completion_tokens if self.counted else self.chunks

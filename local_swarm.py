@@ -7343,7 +7343,6 @@ class CandidateBatch:
         scanners = [CallScanner(prepared.scan_tools) if prepared.scan_tools is not None else None
                     for _ in workers]
         route, body = worker_request(prepared, workers[0], {**self.sampling, "n": len(workers)})
-        finishing: list[asyncio.Task] = []
         try:
             async with contextlib.aclosing(workers[0].stream_chat(
                     body, cfg.request_timeout, route)) as chunks:
@@ -7356,19 +7355,18 @@ class CandidateBatch:
                         self._arrived(gens[i], scanners[i], choice)
                         if choice.get("finish_reason") in FINISH_REASONS:
                             gens[i].finish_reason = choice["finish_reason"]
-                            finishing.append(asyncio.create_task(
-                                self._finish(workers[i], gens[i], scanners[i], i)))
-            await asyncio.gather(*finishing)
+                            if scanners[i] is None or scanners[i].start is None:
+                                await self._finish(workers[i], gens[i], scanners[i], i)
         except WorkerError as exc:
             if exc.status is not None:     # the worker refused the request: so would any other
                 raise HTTPError(400, f"the worker refused the request: {exc}",
                                 code="worker_rejected") from exc
             raise
-        finally:
-            await _cancel_all(finishing)
-        for i, gen in enumerate(gens):     # a stream that ended without a choice's finish
-            if not self.futures[i].done():
-                await self._finish(workers[i], gen, scanners[i], i)
+        # The calls the choices started are finished once the whole request is done: then its
+        # slots are free and hold the prompt, which a continuation sent meanwhile would have to
+        # evaluate again on another slot (minutes for an agent's prompt on a CPU).
+        await asyncio.gather(*(self._finish(workers[i], gen, scanners[i], i)
+                               for i, gen in enumerate(gens) if not self.futures[i].done()))
 
     @staticmethod
     def _arrived(gen: Generation, scanner: CallScanner | None, choice: Mapping[str, Any]) -> None:

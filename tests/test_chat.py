@@ -335,6 +335,7 @@ class FakeProcess:
         self.requests, self.open, self.most_open, self.closed = [], 0, 0, 0
         self.gate = None
         self.refuse = None
+        self.call, self.continued = "", []
 
 
 class FakeSlot(FakeWorker):
@@ -355,6 +356,12 @@ class FakeSlot(FakeWorker):
         if proc.refuse is not None:
             raise ls.WorkerError(f"{self.name} answered {proc.refuse}", status=proc.refuse)
         n = body.get("n", 1)
+        if "grammar" in body:                     # a call finished under the call grammar
+            proc.continued.append(proc.open)      # how many requests were streaming then
+            for piece in chunks_of(proc.call):
+                yield {"choices": [{"index": 0, "text": piece, "finish_reason": None}]}
+            yield {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+            return
         texts = [proc.greedy] if body["temperature"] == 0 else \
             [proc.samples.pop(0) for _ in range(n)]
         proc.open += 1
@@ -529,6 +536,27 @@ def chunks_of(text, size=3):
 
 def sse_payloads(events):
     return [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+
+
+def test_calls_the_samples_of_one_request_start_are_finished_once_that_request_is_done():
+    """On shared-prompt slots, a sample that starts a call is finished under the grammar only
+    when the whole n-choice request is done: its slots then hold the prompt, which a
+    continuation sent while they were busy would evaluate again on another slot."""
+    async def go():
+        wrong = "Let me look.\n" + CALL_TEXT.replace("read_file", "read_package_json")
+        proc = FakeProcess(greedy=wrong, samples=[wrong, "I cannot.", wrong])
+        proc.call = CALL_TEXT
+        pool = await slot_pool(proc)
+        svc = ls.ChatService(pool, ls.PromptRenderer(QWEN_LIKE), "fake-model", 10_000,
+                             ls.Config(mode="vote", adaptive=False))
+        reply, _, swarm = await svc.complete(tool_request(swarm={"votes": 4}))
+        assert [b.get("n", 1) for b in proc.requests if "grammar" not in b] == [1, 3]
+        assert proc.continued == [0, 0, 0]        # the anchor's, then the two samples' calls
+        assert reply["choices"][0]["finish_reason"] == "tool_calls"
+        assert reply["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "read_file"
+        assert sum(c["constrained"] for c in swarm["candidates"]) == 3
+        await pool.stop()
+    run(go())
 
 
 def test_a_call_the_model_starts_is_finished_under_the_grammar_and_returned_as_tool_calls():

@@ -66,6 +66,9 @@ def turns(kind: str, model: str, binary: Path, rg: Path | None, root: Path) -> l
                       "total_s": float(m.group(7)) / 1000})
     print(f"{kind}: opencode exit {code} in {seconds:.0f} s; answered with the number: "
           f"{secret in oc.reply_text(oc.events(out))}", flush=True)
+    for line in swarm.output:
+        if "chat " in line or "vote" in line:
+            print(f"  {kind} | {line.rstrip()[:300]}", flush=True)
     return chats
 
 
@@ -81,7 +84,8 @@ def main() -> int:
                for kind in args.kinds.split(",")}
     print(f"\nmodel {args.model}; opencode {oc.OPENCODE_VERSION}; time to first token per turn")
     for kind, chats in results.items():
-        listed = ", ".join(f"turn {i + 1} ({c['prompt']} tokens) {c['ttft_s']:.1f} s"
+        listed = ", ".join(f"turn {i + 1} ({c['prompt']} tokens, {c['completion']} out) "
+                           f"{c['ttft_s']:.1f} s to the first token, {c['total_s']:.1f} s in all"
                            for i, c in enumerate(chats))
         print(f"{kind:7} {listed}")
     if {"native", "python"} <= results.keys() and results["native"] and results["python"]:

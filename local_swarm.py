@@ -9468,9 +9468,11 @@ def doctor(cfg: Config, settings: str = "") -> int:
 
 
 def bundle(cfg: Config, dest: Path) -> int:
-    """Build (once) and resolve the model as a start would, then write the bundle into dest."""
+    """Build (once; llama-server too, which the default worker kind runs and the bundle carries)
+    and resolve the model as a start would, then write the bundle into dest."""
     hw = detect_hardware()
     build = ensure_build(cfg.builds_dir, hw, progress=print_progress)
+    ensure_native(build, hw, cfg.builds_dir, progress=print_progress)
     model = resolve_model(cfg.model, cfg.cache_dir, progress=print_progress,
                           fetch=configured_fetch(cfg))
     made = make_bundle(dest, build, model, hw, cfg.builds_dir, cfg.cache_dir)

@@ -323,11 +323,10 @@ def test_bundle_layout(bundle_copy, smol_model_path):
     assert installed | {"scikit-build-core", "packaging", "pathspec", "cmake", "ninja", "pip"} <= wheels
     assert "llama-cpp-python" not in wheels   # built per key: the source is shipped instead
     here = ls.build_info(ls.DEFAULT_BUILDS_DIR, ls.detect_hardware())
-    if ls.native_ready(here, ls.detect_hardware()) is not None:   # the build has llama-server
-        native = builds / key / "native"
-        assert (native / "llama-server").is_file() and (native / "native.json").is_file()
-        assert sorted(path.name for path in native.iterdir()) == sorted(
-            path.name for path in (here.dir / "native").iterdir())
+    native = builds / key / "native"        # `bundle` builds llama-server: the default kind runs it
+    assert (native / "llama-server").is_file() and (native / "native.json").is_file()
+    assert sorted(path.name for path in native.iterdir()) == sorted(
+        path.name for path in (here.dir / "native").iterdir())
     assert not list((builds / key).glob("*.log"))
     assert not (site / "bin").exists() and not list(site.glob("*.dist-info/direct_url.json"))
     assert not list(bundle_copy.parent.parent.glob("*.partial"))

@@ -2796,6 +2796,11 @@ def native_plan(hw: Hardware, model: ModelInfo, cfg_slots: int | None = None,
                 kv_tokens=kv_tokens)
 
 
+def planner(kind: str) -> Callable[..., Plan]:
+    """The plan function of a worker kind: native_plan or plan (same arguments)."""
+    return native_plan if kind == "native" else plan
+
+
 def plan_summary(plan: Plan) -> str:
     """"2 workers x 1 thread" (python), "1 llama-server x 8 slots, 2 threads" (native)."""
     if plan.kind == "native":
@@ -4186,9 +4191,11 @@ async def stop_process(proc: asyncio.subprocess.Process | None,
         proc.stdin.close()
 
 
-class LlamaCppPythonWorker:
-    """One `python -m llama_cpp.server` process and the HTTP calls the swarm makes to it: a
-    Worker."""
+class ServerProcess:
+    """One llama.cpp server process on 127.0.0.1 (worker-N, its port, log and process) and its
+    readiness: what both kinds share. READY_ROUTE answers 200 once the model is loaded."""
+
+    READY_ROUTE = "/health"
 
     def __init__(self, spec: WorkerSpec, client: Any, launcher: Launcher = launch_process) -> None:
         self.spec = spec
@@ -4213,6 +4220,42 @@ class LlamaCppPythonWorker:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
+    def exited(self) -> bool:
+        return self.process is None or self.process.returncode is not None
+
+    async def wait_exit(self) -> int | None:
+        """Wait for the process to end; returns its exit code (None if it never started)."""
+        return await self.process.wait() if self.process else None
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Poll READY_ROUTE until it answers 200. Raises WorkerError if the process exits or the
+        deadline passes (with the tail of its log)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.exited():
+                raise WorkerError(f"{self.name} exited while loading:\n"
+                                  f"{tail_lines(self.log_path, WORKER_LOG_TAIL)}")
+            if await self.ping():
+                return
+            await asyncio.sleep(WORKER_READY_POLL)
+        raise WorkerError(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
+
+    async def ping(self) -> bool:
+        """True if it answers GET READY_ROUTE with 200 within 2 s."""
+        import httpx
+        try:
+            reply = await self.client.get(self.url + self.READY_ROUTE, timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
+
+
+class LlamaCppPythonWorker(ServerProcess):
+    """One `python -m llama_cpp.server` process and the HTTP calls the swarm makes to it: a
+    Worker."""
+
+    READY_ROUTE = "/v1/models"                # it has no /health
+
     @property
     def group(self) -> str:
         return self.name
@@ -4236,35 +4279,6 @@ class LlamaCppPythonWorker:
         self.port = free_port()
         self.process = await self.launcher(self.argv(), self.spec.env, self.log_path)
         log.debug("%s: pid %s on port %d", self.name, self.process.pid, self.port)
-
-    def exited(self) -> bool:
-        return self.process is None or self.process.returncode is not None
-
-    async def wait_exit(self) -> int | None:
-        """Wait for the process to end; returns its exit code (None if it never started)."""
-        return await self.process.wait() if self.process else None
-
-    async def wait_ready(self, timeout: float) -> None:
-        """Poll GET /v1/models until it answers 200. Raises WorkerError if the process exits or
-        the deadline passes (with the tail of the worker's log)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.exited():
-                raise WorkerError(f"{self.name} exited while loading:\n"
-                                  f"{tail_lines(self.log_path, WORKER_LOG_TAIL)}")
-            if await self.ping():
-                return
-            await asyncio.sleep(WORKER_READY_POLL)
-        raise WorkerError(f"{self.name} not ready after {timeout:.0f} s; see {self.log_path}")
-
-    async def ping(self) -> bool:
-        """True if the worker answers GET /v1/models with 200 within 2 s."""
-        import httpx
-        try:
-            reply = await self.client.get(self.url + "/v1/models", timeout=2.0)
-        except httpx.HTTPError:
-            return False
-        return reply.status_code == 200
 
     async def count_tokens(self, text: str, timeout: float = COUNT_TIMEOUT) -> int:
         """Tokens in text by the worker's own tokenizer (special tokens parsed, BOS added). The
@@ -4339,36 +4353,17 @@ def native_argv(spec: WorkerSpec, port: int, lifeline: bool = False) -> list[str
     return [spec.python, *ISOLATED_FLAGS, "-c", NATIVE_LIFELINE, *args] if lifeline else args
 
 
-class NativeServer:
+class NativeServer(ServerProcess):
     """One llama-server process shared by its slots (NativeWorker): started once however many
-    slots ask, replaced when it has exited, stopped for all."""
+    slots ask, replaced when it has exited, stopped for all. Its /health answers 503 while it
+    loads the model."""
 
     def __init__(self, spec: WorkerSpec, client: Any, launcher: Launcher = launch_process,
                  lifeline: bool | None = None) -> None:
-        self.spec = spec
-        self.client = client                  # an httpx.AsyncClient shared by the pool
-        self.launcher = launcher
+        super().__init__(spec, client, launcher)
         self.lifeline = (parent_death_signal() is None) if lifeline is None else lifeline
-        self.port = 0
-        self.process: asyncio.subprocess.Process | None = None
-        self.starts = 0                       # processes started so far
         self._lock = asyncio.Lock()
         self._stopping: tuple[asyncio.subprocess.Process, asyncio.Future] | None = None
-
-    @property
-    def name(self) -> str:
-        return f"worker-{self.spec.index}"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.spec.log_dir / f"{self.name}.log"
-
-    def exited(self) -> bool:
-        return self.process is None or self.process.returncode is not None
 
     async def start(self) -> None:
         """Start the process unless it runs (another slot started it): a fresh port each time."""
@@ -4378,21 +4373,8 @@ class NativeServer:
             self.port = free_port()
             self.process = await self.launcher(native_argv(self.spec, self.port, self.lifeline),
                                                self.spec.env, self.log_path)
-            self.starts += 1
             log.debug("%s: pid %s on port %d (%d slots)", self.name, self.process.pid,
                       self.port, self.spec.slots)
-
-    async def wait_exit(self) -> int | None:
-        return await self.process.wait() if self.process else None
-
-    async def ping(self) -> bool:
-        """True if it answers GET /health with 200 within 2 s (503 while loading the model)."""
-        import httpx
-        try:
-            reply = await self.client.get(self.url + "/health", timeout=2.0)
-        except httpx.HTTPError:
-            return False
-        return reply.status_code == 200
 
     async def stop(self, grace: float = WORKER_STOP_GRACE) -> None:
         """Stop the process once however many slots ask (a second SIGTERM would make
@@ -4446,18 +4428,7 @@ class NativeWorker:
         return await self.server.wait_exit()
 
     async def wait_ready(self, timeout: float) -> None:
-        """Poll GET /health until it answers 200. Raises WorkerError if the process exits or the
-        deadline passes (with the tail of its log)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.exited():
-                raise WorkerError(f"{self.server.name} exited while loading:\n"
-                                  f"{tail_lines(self.log_path, WORKER_LOG_TAIL)}")
-            if await self.ping():
-                return
-            await asyncio.sleep(WORKER_READY_POLL)
-        raise WorkerError(f"{self.server.name} not ready after {timeout:.0f} s; see "
-                          f"{self.log_path}")
+        await self.server.wait_ready(timeout)
 
     async def ping(self) -> bool:
         return await self.server.ping()
@@ -6768,6 +6739,13 @@ class Generation:
     def text(self) -> str:
         return "".join(self.parts)
 
+    def arrived(self, text: str) -> None:
+        """A chunk of the worker's text arrived (one token): the first one's time is kept."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.parts.append(text)
+        self.chunks += 1
+
     @property
     def tokens(self) -> int:
         """Completion tokens: the tokenizer's count once counted, else the chunks streamed.
@@ -7044,7 +7022,7 @@ class Attempt:
                 gen.logprobs.extend(chunk_logprobs(choice))
                 text = chunk_text(choice)
                 if text:
-                    self._arrived(text)
+                    gen.arrived(text)
                     shown = "" if hidden else scanner.feed(text) if scanner else text
                     if shown:
                         yield shown
@@ -7057,13 +7035,6 @@ class Attempt:
         elif scanner is not None and (tail := scanner.flush()):
             yield tail
         settle_calls(prepared.req.tool_use, gen)
-
-    def _arrived(self, text: str) -> None:
-        gen = self.generation
-        if gen.first_token_at is None:
-            gen.first_token_at = time.monotonic()
-        gen.parts.append(text)
-        gen.chunks += 1
 
 # ---- consensus: how a request is answered, and the state of one vote ------------------------------
 # Rules: a request omitting temperature samples at the vote temperature, so the default request is
@@ -7373,10 +7344,7 @@ class CandidateBatch:
         text = chunk_text(choice)
         if not text or (scanner is not None and scanner.start is not None):
             return                        # after a call's start the grammar writes the rest
-        if gen.first_token_at is None:
-            gen.first_token_at = time.monotonic()
-        gen.parts.append(text)
-        gen.chunks += 1
+        gen.arrived(text)
         gen.logprobs.extend(chunk_logprobs(choice))
         if scanner is not None:
             scanner.feed(text)
@@ -9459,8 +9427,8 @@ def doctor(cfg: Config, settings: str = "") -> int:
     download nothing."""
     hw = detect_hardware()
     model = local_model(cfg.model, cfg.cache_dir)
-    planner = native_plan if cfg.worker == "native" else plan
-    the_plan = planner(hw, model, cfg.instances, cfg.ctx, cfg.threads) if model else None
+    the_plan = planner(cfg.worker)(hw, model, cfg.instances, cfg.ctx, cfg.threads) if model \
+        else None
     print(doctor_report(hw, build_key(hw), the_plan, model, cfg.builds_dir))
     if settings:
         print(settings)
@@ -9500,7 +9468,7 @@ def run(cfg: Config, args: Sequence[str]) -> int:
     model = model_info(resolve_model(cfg.model, cfg.cache_dir, progress=print_progress,
                                      fetch=configured_fetch(cfg)))
     native = ensure_native(build, hw, cfg.builds_dir) if cfg.worker == "native" else None
-    the_plan = (native_plan if native else plan)(hw, model, cfg.instances, cfg.ctx, cfg.threads)
+    the_plan = planner(cfg.worker)(hw, model, cfg.instances, cfg.ctx, cfg.threads)
     for reason in the_plan.reasons:
         log.info("plan: %s", reason)
     try:

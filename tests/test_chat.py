@@ -438,7 +438,7 @@ def test_an_adaptive_vote_on_shared_prompt_slots_adds_a_batch_while_candidates_d
     run(go())
 
 
-def test_a_decided_vote_closes_the_stream_of_its_unfinished_samples():
+def test_a_decided_vote_closes_the_stream_of_its_unfinished_samples(monkeypatch):
     """Three of five agree before the others finish: the vote ends, the batch's stream is
     closed (which stops every choice in it) and its slots go back to the pool."""
     async def go():
@@ -454,11 +454,8 @@ def test_a_decided_vote_closes_the_stream_of_its_unfinished_samples():
                 yield chunk
                 if chunk["choices"][0]["index"] >= 3:
                     await asyncio.Event().wait()      # choices 3 and 4 never finish
-        FakeSlot.stream_chat = slow_tail
-        try:
-            ballot = await svc.votes.vote(prepared, plan)
-        finally:
-            FakeSlot.stream_chat = original
+        monkeypatch.setattr(FakeSlot, "stream_chat", slow_tail)
+        ballot = await svc.votes.vote(prepared, plan)
         assert len(ballot.entries) == 3 and ballot.cancelled == 2
         assert proc.open == 0 and proc.closed == 1
         await until(lambda: all(d["state"] == "idle" for d in pool.describe()))
@@ -482,7 +479,8 @@ def test_candidates_beyond_the_idle_slots_go_in_a_batch_of_their_own():
     run(go())
 
 
-def test_a_batch_the_worker_refuses_refuses_the_request_and_a_broken_one_fails_its_candidates():
+def test_a_batch_the_worker_refuses_refuses_the_request_and_a_broken_one_fails_its_candidates(
+        monkeypatch):
     async def go():
         proc = FakeProcess()
         pool = await slot_pool(proc)
@@ -492,17 +490,13 @@ def test_a_batch_the_worker_refuses_refuses_the_request_and_a_broken_one_fails_i
             await svc.complete(request(temperature=0.7, swarm={"votes": 3}))
         assert refused.value.status == 400
         proc.refuse = None
-        original = FakeSlot.stream_chat
 
         async def breaks(self, body, timeout, route="/v1/completions"):
             raise ls.WorkerError("worker-1: stream broken")
             yield                                  # an async generator
-        FakeSlot.stream_chat = breaks
-        try:
-            with pytest.raises(ls.WorkerError, match="all 3 candidates failed"):
-                await svc.complete(request(temperature=0.7, swarm={"votes": 3}))
-        finally:
-            FakeSlot.stream_chat = original
+        monkeypatch.setattr(FakeSlot, "stream_chat", breaks)
+        with pytest.raises(ls.WorkerError, match="all 3 candidates failed"):
+            await svc.complete(request(temperature=0.7, swarm={"votes": 3}))
         await pool.stop()
     run(go())
 

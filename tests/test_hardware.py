@@ -441,14 +441,21 @@ FAKE_PIP = textwrap.dedent("""\
     """)
 
 
+def fake_tool(tmp_path, name, source, pick=lambda call: call):
+    """A Python stand-in for a build tool: (its argv, the calls it got so far, each through
+    `pick`). The script appends each call to calls.jsonl beside it."""
+    script = tmp_path / f"fake{name}" / f"{name}.py"
+    script.parent.mkdir()
+    script.write_text(source)
+    calls = script.parent / "calls.jsonl"
+    return (sys.executable, str(script)), lambda: [pick(json.loads(line)) for line in
+                                                   calls.read_text().splitlines()] \
+        if calls.exists() else []
+
+
 @pytest.fixture
 def fake_pip(tmp_path):
-    script = tmp_path / "fakepip" / "pip.py"
-    script.parent.mkdir()
-    script.write_text(FAKE_PIP)
-    calls = script.parent / "calls.jsonl"
-    return (sys.executable, str(script)), lambda: [json.loads(line) for line in calls.read_text().splitlines()] \
-        if calls.exists() else []
+    return fake_tool(tmp_path, "pip", FAKE_PIP)
 
 
 def test_reuse_never_calls_pip(tmp_path):
@@ -844,14 +851,8 @@ def write_native_sdist(builds: Path, extra: dict[str, str] | None = None) -> Pat
 
 @pytest.fixture
 def fake_cmake(tmp_path):
-    """(cmake argv, the calls it got so far)."""
-    script = tmp_path / "fakecmake" / "cmake.py"
-    script.parent.mkdir()
-    script.write_text(FAKE_CMAKE)
-    calls = script.parent / "calls.jsonl"
-    return (sys.executable, str(script)), lambda: [json.loads(line)["args"] for line in
-                                                   calls.read_text().splitlines()] \
-        if calls.exists() else []
+    """(cmake argv, the arguments of the calls it got so far)."""
+    return fake_tool(tmp_path, "cmake", FAKE_CMAKE, lambda call: call["args"])
 
 
 NEVER = (sys.executable, "-c", "raise SystemExit('must not run')")

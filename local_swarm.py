@@ -3940,9 +3940,9 @@ WORKER_BOOTSTRAP = SITE_FIRST + (
 
 
 class Worker(Protocol):
-    """Everything the pool and the chat path use of a worker; LlamaCppPythonWorker is the one
-    implementation (the tests bring scripted fakes). Nothing else of a worker may be touched:
-    its process, client and spec are its own."""
+    """Everything the pool and the chat path use of a worker; LlamaCppPythonWorker and
+    NativeWorker implement it (the tests bring scripted fakes). Nothing else of a worker may be
+    touched: its process, client and spec are its own."""
 
     @property
     def name(self) -> str:
@@ -3974,6 +3974,11 @@ class Worker(Protocol):
     def shares_prompt(self) -> bool:
         """True: a request with n > 1 evaluates its prompt once and decodes the n choices
         together (a vote's candidates go to it as one request)."""
+
+    def prompt_seconds(self, chars: int) -> float | None:
+        """Seconds it would take to evaluate `chars` characters of a prompt that its cache does
+        not hold, by its own measure (PromptTurns); None where requests do not take turns on it
+        (a worker that does not share prompts)."""
 
     async def start(self) -> None:
         """Spawn the process; returns before the model is loaded. Raises OSError if the spawn
@@ -4263,6 +4268,9 @@ class LlamaCppPythonWorker(ServerProcess):
     takes_prompt = False      # llama_cpp.server applies the model's chat template itself
     shares_prompt = False     # it takes no `n`: one choice per request
 
+    def prompt_seconds(self, chars: int) -> float | None:
+        return None           # requests do not take turns on it (see Worker)
+
     def argv(self) -> list[str]:
         """The command line: llama_cpp.server with every knob explicit (FIELD_NOTES: the defaults
         oversubscribe the CPU and interrupt streams)."""
@@ -4313,6 +4321,10 @@ class LlamaCppPythonWorker(ServerProcess):
 # (it is started without --jinja: it parses no calls of its own).
 
 NATIVE_CACHE_RAM_MIB = 1024        # host memory for prompts of idle slots (llama-server: 8192)
+PROMPT_RATE_GUESS = 200.0          # prompt characters evaluated per second until one is measured
+                                   # (about 50 tokens/s: a 1.5B model on 2 cores; a guess on the
+                                   # slow side makes the first concurrent requests take turns)
+PROMPT_RATE_TOKENS = 64            # a prompt evaluation this long or longer measures the rate
 # What a request leaves unset samples as llama-cpp-python's server samples it (a repeat penalty
 # of 1.1 over the last 64 tokens; llama-server's own default is none), so that both kinds answer
 # alike and the kind is a choice of engine, not of sampling. Measured: without the penalty the
@@ -4362,8 +4374,22 @@ class NativeServer(ServerProcess):
                  lifeline: bool | None = None) -> None:
         super().__init__(spec, client, launcher)
         self.lifeline = (parent_death_signal() is None) if lifeline is None else lifeline
+        self.prompt_rate: float | None = None     # prompt characters evaluated per second
         self._lock = asyncio.Lock()
         self._stopping: tuple[asyncio.subprocess.Process, asyncio.Future] | None = None
+
+    def note_prompt(self, chars: int, timings: Mapping[str, Any]) -> None:
+        """Learn the prompt rate from a generation's `timings` (llama-server's last chunk): the
+        tokens it evaluated (prompt_n; cache_n came from its cache) in prompt_ms, for a prompt of
+        `chars` characters. Evaluations shorter than PROMPT_RATE_TOKENS say little and are
+        skipped; the rate is the mean of the last measure and those before."""
+        n, cached, ms = (timings.get(k) for k in ("prompt_n", "cache_n", "prompt_ms"))
+        if not (isinstance(n, int) and n >= PROMPT_RATE_TOKENS and isinstance(ms, (int, float))
+                and ms > 0 and chars > 0):
+            return
+        total = n + (cached if isinstance(cached, int) and cached > 0 else 0)
+        rate = chars * n / total / (ms / 1000)
+        self.prompt_rate = rate if self.prompt_rate is None else (self.prompt_rate + rate) / 2
 
     async def start(self) -> None:
         """Start the process unless it runs (another slot started it): a fresh port each time."""
@@ -4441,13 +4467,25 @@ class NativeWorker:
                                timeout)
         return len(data["tokens"])
 
-    def stream_chat(self, body: dict[str, Any], timeout: float,
-                    route: str = "/v1/completions") -> AsyncIterator[dict]:
+    async def stream_chat(self, body: dict[str, Any], timeout: float,
+                          route: str = "/v1/completions") -> AsyncIterator[dict]:
         """Each chunk of a streamed generation (see stream_sse); `n` in body gives n choices,
         their chunks interleaved, each with its `index`. What body leaves unset samples as
-        NATIVE_DEFAULT_SAMPLING says."""
-        return stream_sse(self.server.client, self.server.url + route, self.name,
-                          {**NATIVE_DEFAULT_SAMPLING, **body}, timeout)
+        NATIVE_DEFAULT_SAMPLING says. The last chunk's timings teach the process its prompt
+        rate (NativeServer.note_prompt)."""
+        prompt = body.get("prompt")
+        async with contextlib.aclosing(stream_sse(
+                self.server.client, self.server.url + route, self.name,
+                {**NATIVE_DEFAULT_SAMPLING, **body}, timeout)) as chunks:
+            async for chunk in chunks:
+                if isinstance(chunk.get("timings"), dict) and isinstance(prompt, str):
+                    self.server.note_prompt(len(prompt), chunk["timings"])
+                yield chunk
+
+    def prompt_seconds(self, chars: int) -> float:
+        """Seconds the process would take to evaluate `chars` characters of prompt anew: at its
+        measured rate, PROMPT_RATE_GUESS until it has one."""
+        return chars / (self.server.prompt_rate or PROMPT_RATE_GUESS)
 
     async def stop(self, grace: float = WORKER_STOP_GRACE) -> None:
         """Stop the process (every slot of it); never raises."""
@@ -4840,6 +4878,11 @@ class WorkerPool:
     def shares_prompt(self) -> bool:
         """True when the workers generate several choices from one prompt pass (Worker)."""
         return bool(self.slots) and all(s.worker.shares_prompt for s in self.slots)
+
+    def prompt_seconds(self, chars: int) -> float | None:
+        """Seconds the workers would take to evaluate `chars` characters of prompt anew, by their
+        own measure; None where requests do not take turns (Worker.prompt_seconds)."""
+        return self.slots[0].worker.prompt_seconds(chars) if self.shares_prompt() else None
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -6809,15 +6852,16 @@ class Generator:
 
     async def start(self, prepared: PreparedRequest, sampling: Mapping[str, Any] | None = None,
                     prefer: Sequence[str] = (), *, live: bool = False, count: bool = True,
-                    gen: Generation | None = None) -> Attempt:
+                    gen: Generation | None = None, turn: Turn | None = None) -> Attempt:
         """Lease a worker (one named in `prefer` when idle) and make sure the prompt fits,
         counting it on that worker unless prepared.checked. Returns the accepted Attempt, which
         holds the lease until its deltas end or it is closed. `sampling` overrides the request's
         (a candidate's temperature and seed); `live`: its deltas go to the client; `count`:
-        count usage on its worker when done; `gen`: the Generation to fill (a new one if None).
-        Raises HTTPError before acceptance (400 when the prompt does not fit or the worker
+        count usage on its worker when done; `gen`: the Generation to fill (a new one if None);
+        `turn`: the request's turn on its prompt, which the attempt ends once done. Raises
+        HTTPError before acceptance (400 when the prompt does not fit or the worker
         refused the request, 429/503 from the pool); WorkerError when retries run out first."""
-        attempt = Attempt(self, prepared, sampling or {}, prefer, live, count, gen)
+        attempt = Attempt(self, prepared, sampling or {}, prefer, live, count, gen, turn)
         await attempt.accept()
         return attempt
 
@@ -6892,11 +6936,12 @@ class Attempt:
     fills in as it goes. A worker that fails is replaced by another and the request runs again
     from the start, unless live text already went out or retries ran out. Closing the deltas,
     or aclose(), closes the worker's stream, which stops its generation, and releases the lease
-    (the pool drains a worker left generating)."""
+    (the pool drains a worker left generating). Its turn on the prompt, if it holds one, ends
+    when it does: done, failed or closed."""
 
     def __init__(self, generator: Generator, prepared: PreparedRequest,
                  sampling: Mapping[str, Any], prefer: Sequence[str], live: bool, count: bool,
-                 gen: Generation | None) -> None:
+                 gen: Generation | None, turn: Turn | None = None) -> None:
         self.generator = generator
         self.prepared = prepared
         self.sampling = {**prepared.req.sampling, **sampling}
@@ -6906,6 +6951,7 @@ class Attempt:
         self.count = count                # count usage on the worker when done
         self.generation = gen if gen is not None else Generation()
         self.generation.prompt_tokens = prepared.prompt_tokens
+        self.turn = turn
         self._lease: contextlib.AbstractAsyncContextManager | None = None
         self._worker: Worker | None = None
         self._deltas: AsyncIterator[str] | None = None
@@ -6932,24 +6978,29 @@ class Attempt:
         if self._deltas is not None:
             await self._deltas.aclose()
         await self._release(None)         # deltas never started: no request on the worker
+        self._end_turn()
 
     async def accept(self) -> None:
         """Lease a worker and make sure the prompt fits, counting it on that worker unless
         prepared.checked; a worker that fails the count is replaced like one that fails a
-        generation. Raises as Generator.start."""
-        while True:
-            worker = await self._acquire()
-            try:
-                if not self.prepared.checked:
-                    count = await worker.count_tokens(self.prepared.prompt)
-                    self.generation.prompt_tokens = count
-                    check_fits(count, self.generator.n_ctx)
-                return
-            except BaseException as exc:
-                await self._release(exc)
-                if not isinstance(exc, WorkerError):
-                    raise
-                self._after_failure(exc)
+        generation. Raises as Generator.start (and then it is over: its turn ends)."""
+        try:
+            while True:
+                worker = await self._acquire()
+                try:
+                    if not self.prepared.checked:
+                        count = await worker.count_tokens(self.prepared.prompt)
+                        self.generation.prompt_tokens = count
+                        check_fits(count, self.generator.n_ctx)
+                    return
+                except BaseException as exc:
+                    await self._release(exc)
+                    if not isinstance(exc, WorkerError):
+                        raise
+                    self._after_failure(exc)
+        except BaseException:
+            self._end_turn()
+            raise
 
     async def _generate(self) -> AsyncIterator[str]:
         try:
@@ -6968,8 +7019,14 @@ class Attempt:
                     await self._acquire()
         except BaseException as exc:      # closed, cancelled, or out of retries
             await self._release(exc)
+            self._end_turn()
             raise
         await self._release(None)
+        self._end_turn()
+
+    def _end_turn(self) -> None:
+        if self.turn is not None:
+            self.turn.end()
 
     def _leased(self) -> Worker:
         assert self._worker is not None and self._lease is not None, "no worker leased"
@@ -7045,10 +7102,16 @@ class Attempt:
 # vote finishes early once its leader cannot be overtaken, cancelling the stragglers. Peer swarms
 # (PeerVoters) are asked as the vote starts; their answers join the tally once the local vote is
 # done, each as one candidate weighing what its own vote backed it with.
+# On workers that share prompts (one llama-server), requests whose prompts share a prefix that is
+# slow to evaluate take turns (PromptTurns): llama-server keeps a prompt in one slot, so a request
+# sent while that slot is busy would evaluate the whole prefix again on a cold one (minutes for an
+# agent's prompt on a CPU), where waiting for the slot costs the other request's reply.
 
 ADAPTIVE_START = 2                  # candidates an adaptive vote starts with
 DEFAULT_MAX_VOTES = 5               # the default k is the instance count up to this
 AFFINITY_ENTRIES = 1024             # conversations remembered for affinity (least recent dropped)
+TURN_MIN_SECONDS = 2.0              # a shared prefix this slow to evaluate again makes requests
+                                    # take turns (PromptTurns); a faster one is evaluated again
 
 
 @dataclass(frozen=True)
@@ -7120,6 +7183,86 @@ class AffinityMap:
         self._map[key] = tuple(dict.fromkeys(workers))
         while len(self._map) > self.capacity:
             del self._map[next(iter(self._map))]
+
+
+def shared_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of a and b (string compares in halving steps)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+class Turn:
+    """One request's turn on its prompt (PromptTurns.take); end() it once the request is done."""
+
+    def __init__(self, turns: PromptTurns, prompt: str) -> None:
+        self.turns = turns
+        self.prompt = prompt
+        self.ended = asyncio.get_running_loop().create_future()
+
+    def end(self) -> None:
+        """Let the requests waiting on this one go (once; later calls do nothing)."""
+        if not self.ended.done():
+            self.ended.set_result(None)
+            self.turns.ended(self)
+
+
+class PromptTurns:
+    """Requests whose prompts share a prefix that would take at least `least` seconds to evaluate
+    again take turns: a request waits while one in flight holds such a prefix of its prompt (in
+    a busy llama-server slot), then goes to the slot that holds it, now idle. It waits at most as
+    long as evaluating the prefix again would take (then it goes on without), so a long reply
+    ahead of it costs at most twice that. `seconds(chars)` estimates the evaluation (the pool's
+    measure); None: requests never wait."""
+
+    def __init__(self, seconds: Callable[[int], float | None], least: float = TURN_MIN_SECONDS
+                 ) -> None:
+        self.seconds = seconds
+        self.least = least
+        self._turns: list[Turn] = []
+
+    async def take(self, prompt: str) -> Turn:
+        """A turn for a request with `prompt`, once no request in flight holds a costly prefix
+        of it or the wait has lasted as long as evaluating that prefix would; the caller ends it
+        (Turn.end). Cancelled while waiting, it takes no turn."""
+        deadline = None
+        while (found := self._holder(prompt)) is not None:
+            holder, shared, cost = found
+            if deadline is None:
+                deadline = time.monotonic() + cost
+                log.debug("waiting for a request holding the same %d-character prompt prefix "
+                          "(evaluating it again: about %.0f s)", shared, cost)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.info("a request evaluates a %d-character prompt prefix again: the one "
+                         "holding it is still running after %.0f s", shared, cost)
+                break
+            await asyncio.wait([holder.ended], timeout=left)
+        turn = Turn(self, prompt)
+        self._turns.append(turn)
+        return turn
+
+    def ended(self, turn: Turn) -> None:
+        if turn in self._turns:
+            self._turns.remove(turn)
+
+    def _holder(self, prompt: str) -> tuple[Turn, int, float] | None:
+        """The turn in flight with the longest prefix of `prompt` that is costly to evaluate
+        again, that prefix's length and the cost; None when there is none."""
+        best = None
+        for turn in self._turns:
+            shared = shared_prefix(prompt, turn.prompt)
+            if best is not None and shared <= best[1]:
+                continue
+            cost = self.seconds(shared) if shared else None
+            if cost is not None and cost >= self.least:
+                best = (turn, shared, cost)
+        return best
 
 
 @dataclass
@@ -7333,11 +7476,12 @@ class CandidateBatch:
                 raise HTTPError(400, f"the worker refused the request: {exc}",
                                 code="worker_rejected") from exc
             raise
-        # The calls the choices started are finished once the whole request is done: then its
-        # slots are free and hold the prompt, which a continuation sent meanwhile would have to
-        # evaluate again on another slot (minutes for an agent's prompt on a CPU).
-        await asyncio.gather(*(self._finish(workers[i], gen, scanners[i], i)
-                               for i, gen in enumerate(gens) if not self.futures[i].done()))
+        # The calls the choices started are finished once the whole request is done, one after
+        # another: llama-server keeps the prompt in the first choice's slot alone (the others
+        # clear theirs), so a continuation sent while that slot is busy would evaluate the whole
+        # prompt again on another (minutes for an agent's prompt on a CPU).
+        for i, gen in enumerate(gens):
+            await self._finish(workers[i], gen, scanners[i], i)
 
     @staticmethod
     def _arrived(gen: Generation, scanner: CallScanner | None, choice: Mapping[str, Any]) -> None:
@@ -7394,6 +7538,7 @@ class VoteRunner:
         self.cfg = cfg
         self.peers = peers                      # None: this swarm's workers only
         self.affinity = AffinityMap()
+        self.turns = PromptTurns(pool.prompt_seconds)
 
     def plan(self, req: ChatRequest) -> VotePlan:
         """vote_plan, federated when peers can vote: the request does not opt out, it is not
@@ -7430,14 +7575,17 @@ class VoteRunner:
 
     async def start_solo(self, prepared: PreparedRequest, plan: VotePlan, *, live: bool = False,
                          count: bool = True, gen: Generation | None = None) -> Attempt:
-        """A solo plan's one attempt, accepted: at the plan's first temperature, on the worker
-        that served the conversation's last turn when it is idle. Raises as Generator.start."""
+        """A solo plan's one attempt, accepted, once it has its turn on the prompt (the attempt
+        ends it): at the plan's first temperature, on the worker that served the conversation's
+        last turn when it is idle. Raises as Generator.start."""
+        turn = await self.turns.take(prepared.prompt)
         return await self.generator.start(prepared, {"temperature": plan.temperature_of(0)},
                                           self.preferred(prepared.req, plan), live=live,
-                                          count=count, gen=gen)
+                                          count=count, gen=gen, turn=turn)
 
     async def vote(self, prepared: PreparedRequest, plan: VotePlan) -> Ballot:
-        """Run the vote on an accepted request: launch candidates, collect them as they finish,
+        """Run the vote on an accepted request, once it has its turn on the prompt (PromptTurns;
+        the peers are asked at once): launch candidates, collect them as they finish,
         stop early when the vote is decided or adaptive mode is satisfied, cancel the rest, add
         the peers' answers, then count the winner. Raises WorkerError when every candidate
         failed, HTTPError when a worker refused the request itself."""
@@ -7459,14 +7607,16 @@ class VoteRunner:
                     prepared, plan.temperature_of(i), seeds[i], ballot.started, prefer[i:i + 1])))
 
         try:
-            launch(min(plan.k, ADAPTIVE_START) if plan.adaptive else plan.k)
+            turn = await self.turns.take(prepared.prompt)
             try:
+                launch(min(plan.k, ADAPTIVE_START) if plan.adaptive else plan.k)
                 await self._collect_until_settled(ballot, pending, launch)
             finally:
                 ballot.cancelled = len(pending)
                 await _cancel_all(pending)
                 for batch in batches:
                     await batch.cancel()
+                turn.end()
             self.remember(prepared.req, plan, [c.worker for c in ballot.candidates])
             if asks:
                 await self._add_peers(ballot, asks)
@@ -7539,10 +7689,11 @@ class VoteRunner:
 
     @staticmethod
     def _collect(ballot: Ballot, done: set) -> None:
-        for task in done:
-            exc = task.exception()
-            if isinstance(exc, HTTPError):
-                raise exc                                  # the request itself was refused
+        failures = {task: task.exception() for task in done}   # every one read (asyncio
+        refused = [e for e in failures.values() if isinstance(e, HTTPError)]   # logs the rest)
+        if refused:
+            raise refused[0]                               # the request itself was refused
+        for task, exc in failures.items():
             if exc is not None:
                 ballot.failed += 1
                 log.warning("candidate dropped from the vote: %s", exc)

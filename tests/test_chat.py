@@ -5,6 +5,7 @@ SSE). The real workers are exercised in test_e2e.py and test_e2e_tools.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 
 import pytest
@@ -335,7 +336,8 @@ class FakeProcess:
         self.requests, self.open, self.most_open, self.closed = [], 0, 0, 0
         self.gate = None
         self.refuse = None
-        self.call, self.continued = "", []
+        self.call, self.continued, self.continuing = "", [], 0
+        self.per_char = 0.0             # seconds a prompt character takes to evaluate anew
 
 
 class FakeSlot(FakeWorker):
@@ -350,6 +352,9 @@ class FakeSlot(FakeWorker):
         self.process = process
         self.name, self.group = f"worker-1.{slot}", "worker-1"
 
+    def prompt_seconds(self, chars):
+        return chars * self.process.per_char
+
     async def stream_chat(self, body, timeout, route="/v1/completions"):
         proc = self.process
         proc.requests.append(body)
@@ -357,10 +362,15 @@ class FakeSlot(FakeWorker):
             raise ls.WorkerError(f"{self.name} answered {proc.refuse}", status=proc.refuse)
         n = body.get("n", 1)
         if "grammar" in body:                     # a call finished under the call grammar
-            proc.continued.append(proc.open)      # how many requests were streaming then
-            for piece in chunks_of(proc.call):
-                yield {"choices": [{"index": 0, "text": piece, "finish_reason": None}]}
-            yield {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+            proc.continued.append(proc.open + proc.continuing)   # what else was streaming then
+            proc.continuing += 1
+            try:
+                for piece in chunks_of(proc.call):
+                    yield {"choices": [{"index": 0, "text": piece, "finish_reason": None}]}
+                    await asyncio.sleep(0)
+                yield {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+            finally:
+                proc.continuing -= 1
             return
         texts = [proc.greedy] if body["temperature"] == 0 else \
             [proc.samples.pop(0) for _ in range(n)]
@@ -501,6 +511,102 @@ def test_a_batch_the_worker_refuses_refuses_the_request_and_a_broken_one_fails_i
     run(go())
 
 
+# -- turns on a shared prompt ------------------------------------------------------------------------
+
+PREFIX = "the opening of a long conversation, " * 3     # 108 characters
+
+
+def test_shared_prefix_is_the_longest_common_prefix():
+    cases = [("", "", 0), ("abc", "", 0), ("abc", "abd", 2), ("abc", "abcdef", 3),
+             ("xbc", "abc", 0), (PREFIX + "1", PREFIX + "2", len(PREFIX))]
+    for a, b, expected in cases:
+        assert ls.shared_prefix(a, b) == ls.shared_prefix(b, a) == expected
+
+
+def test_turns_wait_for_a_costly_shared_prefix_one_request_at_a_time():
+    """At 1 s per character evaluated anew, any shared character is worth a wait: the second
+    and third requests take turns after the first, one at a time; an unrelated prompt, or one
+    whose shared prefix is cheap to evaluate again, goes at once."""
+    async def go():
+        turns = ls.PromptTurns(lambda chars: float(chars), least=2.0)
+        first = await turns.take(PREFIX + "1")
+        second = asyncio.create_task(turns.take(PREFIX + "2"))
+        third = asyncio.create_task(turns.take(PREFIX + "3"))
+        other = await asyncio.wait_for(turns.take("something else"), 1)
+        cheap = await asyncio.wait_for(turns.take(PREFIX[:1] + "x"), 1)   # 1 s < 2 s
+        await asyncio.sleep(0.01)
+        assert not second.done() and not third.done()
+        first.end()
+        done, waiting = await asyncio.wait({second, third}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.01)
+        assert len(done) == 1 and not waiting.pop().done()     # one at a time
+        done.pop().result().end()
+        await asyncio.wait_for(asyncio.gather(second, third), 1)
+        for turn in (second.result(), third.result(), other, cheap):
+            turn.end()
+            turn.end()                                 # a second end does nothing
+        assert turns._turns == []
+    run(go())
+
+
+def test_a_turn_is_waited_for_no_longer_than_evaluating_the_prefix_again_would_take():
+    async def go():
+        turns = ls.PromptTurns(lambda chars: 0.05, least=0.01)
+        holder = await turns.take(PREFIX + "1")        # never ends
+        started = time.monotonic()
+        late = await asyncio.wait_for(turns.take(PREFIX + "2"), 2)
+        assert 0.05 <= time.monotonic() - started < 1
+        waiting = asyncio.create_task(turns.take(PREFIX + "3"))
+        await asyncio.sleep(0.01)
+        waiting.cancel()                                   # cancelled: it takes no turn
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert turns._turns == [holder, late]
+    run(go())
+
+
+def test_no_turns_where_the_workers_do_not_share_prompts():
+    async def go():
+        turns = ls.PromptTurns(lambda chars: None)
+        held = await turns.take(PREFIX + "1")
+        await asyncio.wait_for(turns.take(PREFIX + "2"), 1)
+        held.end()
+    run(go())
+
+
+def test_requests_sharing_a_costly_prompt_prefix_take_turns_on_shared_prompt_slots():
+    """A vote and a single answer whose prompts share a prefix that is slow to evaluate again:
+    the single answer waits until the whole vote (anchor, then samples) is done, while an
+    unrelated request runs beside the vote at once. Where the prefix is quick to evaluate
+    again, nothing waits."""
+    async def go():
+        proc = FakeProcess(samples=["Answer: 5"] * 8)
+        proc.per_char = 1.0
+        proc.gate = asyncio.Event()                 # holds the sampled streams
+        pool = await slot_pool(proc)
+        svc = slot_service(pool, adaptive=False)
+        vote = asyncio.create_task(svc.complete(request(text=PREFIX + "1", swarm={"votes": 3})))
+        await until(lambda: proc.open == 1 and proc.requests[-1]["temperature"] > 0)
+        single = asyncio.create_task(svc.complete(request(text=PREFIX + "2", temperature=0)))
+        other = asyncio.create_task(svc.complete(request(text="unrelated", temperature=0.5,
+                                                         swarm={"votes": 1})))
+        await until(lambda: proc.open == 2)         # the unrelated one runs beside the vote
+        await asyncio.sleep(0.01)
+        assert [b["prompt"] for b in proc.requests] == [PREFIX + "1"] * 2 + ["unrelated"]
+        proc.gate.set()
+        await asyncio.gather(vote, single, other)
+        assert [b["prompt"] for b in proc.requests][3:] == [PREFIX + "2"]
+        proc.per_char = 0.0                         # quick to evaluate again: no turns
+        proc.gate.clear()
+        held = asyncio.create_task(svc.complete(request(text=PREFIX + "3", temperature=0.5,
+                                                        swarm={"votes": 1})))
+        await until(lambda: proc.open == 1)
+        await asyncio.wait_for(svc.complete(request(text=PREFIX + "4", temperature=0)), 1)
+        proc.gate.set()
+        await held
+        await pool.stop()
+    run(go())
+
+
 # -- chat service over fake workers: tool calls ------------------------------------------------------
 
 QWEN_LIKE = ("{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}"
@@ -545,7 +651,8 @@ def test_calls_the_samples_of_one_request_start_are_finished_once_that_request_i
                              ls.Config(mode="vote", adaptive=False))
         reply, _, swarm = await svc.complete(tool_request(swarm={"votes": 4}))
         assert [b.get("n", 1) for b in proc.requests if "grammar" not in b] == [1, 3]
-        assert proc.continued == [0, 0, 0]        # the anchor's, then the two samples' calls
+        assert proc.continued == [0, 0, 0]        # the anchor's, then the two samples' calls,
+                                                  # one after another
         assert reply["choices"][0]["finish_reason"] == "tool_calls"
         assert reply["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "read_file"
         assert sum(c["constrained"] for c in swarm["candidates"]) == 3

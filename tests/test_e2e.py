@@ -3,6 +3,7 @@ Clients: httpx and the openai SDK."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -12,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from conftest import TEST_MODEL, start_swarm
+from conftest import ROOT, TEST_MODEL, start_swarm
 
 pytestmark = pytest.mark.e2e  # every test runs real daemons (see conftest)
 
@@ -177,13 +178,18 @@ def test_context_overflow_is_400_before_generation(swarm):
     assert worker_chat_calls(swarm) == chats_before + 1   # (the log really records chats)
 
 
+def worker_logs(swarm) -> list:
+    """The log files of the daemon's worker processes."""
+    import local_swarm as ls
+    return sorted((ls.config_from_args().cache_dir / "logs" / str(swarm.proc.pid))
+                  .glob("worker-*.log"))
+
+
 def worker_chat_calls(swarm) -> int:
     """Generations the daemon's workers have been asked for, from their access logs (a chat on
     a python worker, a rendered prompt's completion on llama-server)."""
-    import local_swarm as ls
-    logs = ls.config_from_args().cache_dir / "logs" / str(swarm.proc.pid)
     route = GENERATION_LOG_LINE[swarm.kind]
-    return sum(p.read_text(errors="replace").count(route) for p in logs.glob("worker-*.log"))
+    return sum(p.read_text(errors="replace").count(route) for p in worker_logs(swarm))
 
 
 GENERATION_LOG_LINE = {"python": "POST /v1/chat/completions",
@@ -204,6 +210,40 @@ def test_concurrent_requests_all_answered(swarm):
     for t in threads:
         t.join()
     assert results == [200] * 6
+
+
+@pytest.mark.parametrize("swarm", ["native"], indirect=True)
+def test_requests_continuing_one_long_prompt_take_turns_on_the_slot_that_holds_it(swarm):
+    """llama-server keeps a prompt in one slot. Two requests sent at once that continue the same
+    long conversation: the second waits for the slot holding its prompt (PromptTurns) instead
+    of evaluating the whole prompt again on the other slot, so neither evaluates more than its
+    new message."""
+    opening = (ROOT / "local_swarm.py").read_text()[:5000]        # about 1,500 tokens
+    client = sdk(swarm)
+    history = [{"role": "user", "content": "Summarize this code:\n" + opening}]
+    first = client.chat.completions.create(model="x", messages=history, max_tokens=4,
+                                           temperature=0)
+    history.append({"role": "assistant", "content": first.choices[0].message.content})
+    log = worker_logs(swarm)[0]
+    seen = len(log.read_text(errors="replace"))
+    replies = []
+
+    def ask(i):
+        replies.append(client.chat.completions.create(model="x", max_tokens=4, temperature=0,
+                                                      messages=history + [{
+                                                          "role": "user",
+                                                          "content": f"Question {i}: what next?"}]))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(replies) == 2 and first.usage.prompt_tokens > 1000
+    evaluated = [int(n) for n in re.findall(r"prompt eval time =\s+[\d.]+ ms /\s+(\d+) tokens",
+                                            log.read_text(errors="replace")[seen:])]
+    assert len(evaluated) == 2 and max(evaluated) < 100, evaluated
+    assert any("waiting for a request holding the same" in line for line in swarm.output)
 
 
 # -- worker failure and shutdown (own swarms) ------------------------------------------------------

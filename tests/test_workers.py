@@ -67,6 +67,9 @@ class FakeWorker:
     async def ping(self):
         return not self.exited() and not self.mute
 
+    def prompt_seconds(self, chars):
+        return None                         # requests take no turns on it
+
     async def count_tokens(self, text, timeout=None):
         if self.gate is not None and text == "":
             await self.gate.wait()                  # busy: the model lock is held
@@ -386,8 +389,8 @@ def native_spec(tmp_path, **changes):
 def test_the_real_workers_and_the_fake_have_every_member_the_protocol_names(tmp_path):
     members = sorted(name for name in vars(ls.Worker) if not name.startswith("_"))
     assert members == ["count_tokens", "exited", "group", "log_path", "name", "pid", "ping",
-                       "port", "shares_prompt", "start", "stop", "stream_chat", "takes_prompt",
-                       "wait_exit", "wait_ready"]
+                       "port", "prompt_seconds", "shares_prompt", "start", "stop", "stream_chat",
+                       "takes_prompt", "wait_exit", "wait_ready"]
     native = ls.NativeWorker(ls.NativeServer(native_spec(tmp_path), client=None), 2)
     for worker in (real_worker(tmp_path), native, FakeWorker(1)):
         assert [m for m in members if not hasattr(worker, m)] == [], type(worker).__name__
@@ -454,6 +457,48 @@ def test_the_slots_of_one_server_start_one_process_and_restart_it_once(tmp_path)
         assert len({w.pid for w in slots}) == 1 and not any(w.exited() for w in slots)
         await slots[1].stop()
         assert all(w.exited() for w in slots)
+    run(go())
+
+
+def test_a_native_slot_learns_its_prompt_rate_from_the_timings_of_its_generations(
+        tmp_path, monkeypatch):
+    """llama-server's last chunk says how many prompt tokens it evaluated (prompt_n; cache_n came
+    from its cache) and how long that took: the process's rate in prompt characters per second,
+    which says how long a prompt would take to evaluate anew. Short evaluations say little."""
+    timings = []
+
+    async def fake_sse(client, url, name, body, timeout):
+        yield {"choices": [{"index": 0, "text": "ok", "finish_reason": None}]}
+        yield {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}],
+               "timings": timings.pop(0)}
+    monkeypatch.setattr(ls, "stream_sse", fake_sse)
+
+    async def generate(worker, prompt):
+        async with ls.contextlib.aclosing(worker.stream_chat({"prompt": prompt}, 5)) as chunks:
+            return [c async for c in chunks]
+
+    async def go():
+        slot = ls.NativeWorker(ls.NativeServer(native_spec(tmp_path), client=None), 1)
+        assert slot.prompt_seconds(400) == 400 / ls.PROMPT_RATE_GUESS      # nothing measured
+        timings.append({"prompt_n": 8, "cache_n": 0, "prompt_ms": 1000.0})   # too short
+        assert len(await generate(slot, "x" * 32)) == 2
+        assert slot.server.prompt_rate is None
+        # half of an 800-character prompt (100 of 200 tokens) evaluated in 0.5 s: 800 chars/s
+        timings.append({"prompt_n": 100, "cache_n": 100, "prompt_ms": 500.0})
+        await generate(slot, "x" * 800)
+        assert slot.server.prompt_rate == pytest.approx(800.0)
+        assert slot.prompt_seconds(1600) == pytest.approx(2.0)
+        timings.append({"prompt_n": 200, "cache_n": 0, "prompt_ms": 2000.0})   # 400 chars/s
+        await generate(slot, "x" * 800)
+        assert slot.server.prompt_rate == pytest.approx(600.0)             # the mean of both
+    run(go())
+
+
+def test_the_pool_estimates_prompt_time_only_where_requests_take_turns():
+    async def go():
+        pool = await started_pool([FakeWorker(1), FakeWorker(2)])
+        assert pool.prompt_seconds(1000) is None        # each worker its own process
+        await pool.stop()
     run(go())
 
 

@@ -3917,6 +3917,12 @@ def _check_no_path_references(dest: Path, needles: set[str]) -> None:
 # a worker process must never outlive the daemon (PR_SET_PDEATHSIG on Linux; elsewhere a stdin pipe
 # whose EOF ends it: a thread in llama_cpp.server, the NATIVE_LIFELINE around llama-server).
 
+# What a request leaves unset samples alike on both kinds, as llama.cpp's own server samples it:
+# OpenAI's semantics, no repetition penalty unless a request asks for one. (llama-cpp-python's
+# server would apply a repeat penalty of 1.1, which punishes code for repeating its names and
+# indentation: greedy answers on code tasks were right less often with it.) A request's own
+# values (top_k, min_p and repeat_penalty too) go through as it sent them.
+WORKER_SAMPLING = {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
 WORKER_READY_POLL = 0.25          # seconds between readiness probes while a worker loads its model
 WORKER_STOP_GRACE = 3.0           # SIGTERM, then SIGKILL after this; shutdown must finish within 5 s
 COUNT_TIMEOUT = 30.0              # a token count on a free worker takes milliseconds
@@ -4301,8 +4307,10 @@ class LlamaCppPythonWorker(ServerProcess):
     def stream_chat(self, body: dict[str, Any], timeout: float,
                     route: str = "/v1/chat/completions") -> AsyncIterator[dict]:
         """POST a streaming request (a chat, or a raw completion on route /v1/completions); yield
-        each chunk (a dict) until [DONE]. See stream_sse."""
-        return stream_sse(self.client, self.url + route, self.name, body, timeout)
+        each chunk (a dict) until [DONE]. See stream_sse. What body leaves unset samples as
+        WORKER_SAMPLING says."""
+        return stream_sse(self.client, self.url + route, self.name, {**WORKER_SAMPLING, **body},
+                          timeout)
 
     async def stop(self, grace: float = WORKER_STOP_GRACE) -> None:
         """SIGTERM, wait up to grace seconds, then SIGKILL; always reaps the process."""
@@ -4325,11 +4333,6 @@ PROMPT_RATE_GUESS = 200.0          # prompt characters evaluated per second unti
                                    # (about 50 tokens/s: a 1.5B model on 2 cores; a guess on the
                                    # slow side makes the first concurrent requests take turns)
 PROMPT_RATE_TOKENS = 64            # a prompt evaluation this long or longer measures the rate
-# What a request leaves unset samples as llama-cpp-python's server samples it (a repeat penalty
-# of 1.1 over the last 64 tokens; llama-server's own default is none), so that both kinds answer
-# alike and the kind is a choice of engine, not of sampling. Measured: without the penalty the
-# 1.5B answered opencode's first turn in prose instead of reading the file (1 run of 1).
-NATIVE_DEFAULT_SAMPLING = {"repeat_penalty": 1.1, "repeat_last_n": 64}
 # Keeps a native process from outliving the daemon where PR_SET_PDEATHSIG does not exist (macOS,
 # Windows): python -I -S -c NATIVE_LIFELINE BINARY ARGS runs the binary as its child and kills it
 # when its stdin (the daemon's end of the pipe) closes, or passes SIGTERM on to it.
@@ -4471,12 +4474,12 @@ class NativeWorker:
                           route: str = "/v1/completions") -> AsyncIterator[dict]:
         """Each chunk of a streamed generation (see stream_sse); `n` in body gives n choices,
         their chunks interleaved, each with its `index`. What body leaves unset samples as
-        NATIVE_DEFAULT_SAMPLING says. The last chunk's timings teach the process its prompt
-        rate (NativeServer.note_prompt)."""
+        WORKER_SAMPLING says. The last chunk's timings teach the process its prompt rate
+        (NativeServer.note_prompt)."""
         prompt = body.get("prompt")
         async with contextlib.aclosing(stream_sse(
                 self.server.client, self.server.url + route, self.name,
-                {**NATIVE_DEFAULT_SAMPLING, **body}, timeout)) as chunks:
+                {**WORKER_SAMPLING, **body}, timeout)) as chunks:
             async for chunk in chunks:
                 if isinstance(chunk.get("timings"), dict) and isinstance(prompt, str):
                     self.server.note_prompt(len(prompt), chunk["timings"])
@@ -6221,8 +6224,11 @@ MAX_MESSAGES = 4096                 # messages in one request
 MAX_STOP = 4                        # stop sequences (OpenAI's limit)
 MAX_TOKENS_LIMIT = 1 << 20          # a max_tokens beyond any context we could serve
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)
+TOP_K_LIMIT = 1 << 20               # top_k: 0 turns it off; any larger than the vocabulary is all
+REPEAT_PENALTY_RANGE = (0.5, 2.0)   # 1.0 is none; below 1 favours repeats (0 would divide by 0)
 TOKEN_BOUND_SLACK = 8               # tokens a tokenizer may add beyond one per byte (BOS, prefix space)
-CONTINUATION_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+CONTINUATION_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
+                         "top_k", "min_p", "repeat_penalty")
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
 MAX_VOTES = 16                      # candidates one request may ask for (swarm.votes)
 
@@ -6413,6 +6419,9 @@ def _parse_sampling(body: dict) -> dict[str, Any]:
         "seed": _check_number(body, "seed", *SEED_RANGE, integer=True),
         "presence_penalty": _check_number(body, "presence_penalty", -2.0, 2.0),
         "frequency_penalty": _check_number(body, "frequency_penalty", -2.0, 2.0),
+        "top_k": _check_number(body, "top_k", 0, TOP_K_LIMIT, True),       # llama.cpp's own
+        "min_p": _check_number(body, "min_p", 0.0, 1.0),
+        "repeat_penalty": _check_number(body, "repeat_penalty", *REPEAT_PENALTY_RANGE),
         "stop": _parse_stop(body),
     }
     return {k: v for k, v in fields.items() if v is not None}

@@ -22,6 +22,8 @@ def body(**kw):
     ({"stop": "\n"}, {"stop": ["\n"]}),
     ({"stop": ["a", "b"]}, {"stop": ["a", "b"]}),
     ({"seed": 42}, {"seed": 42}),
+    ({"top_k": 20, "min_p": 0.1, "repeat_penalty": 1.1},          # llama.cpp's own fields
+     {"top_k": 20, "min_p": 0.1, "repeat_penalty": 1.1}),
     ({"temperature": None, "user": "x", "logprobs": False}, {}),
 ])
 def test_sampling_fields_pass_validation(extra, sampling):
@@ -35,6 +37,8 @@ def test_sampling_fields_pass_validation(extra, sampling):
     ({"max_tokens": 10 ** 30}, "max_tokens"), ({"seed": 2 ** 70}, "seed"),
     ({"stop": ["a"] * 5}, "stop"), ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"),
     ({"presence_penalty": 3}, "presence_penalty"), ({"stream": 1}, "stream"),
+    ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"), ({"min_p": 2}, "min_p"),
+    ({"repeat_penalty": 0}, "repeat_penalty"), ({"repeat_penalty": "1.1"}, "repeat_penalty"),
     ({"stream_options": []}, "stream_options"),
     ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
     ({"n": 2}, "n"), ({"tools": {"a": 1}}, "tools"),

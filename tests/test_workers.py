@@ -494,6 +494,30 @@ def test_a_native_slot_learns_its_prompt_rate_from_the_timings_of_its_generation
     run(go())
 
 
+def test_both_kinds_sample_as_llama_cpp_does_unless_the_request_says_otherwise(
+        tmp_path, monkeypatch):
+    """What a request leaves unset goes to either kind as llama.cpp's server samples (no repeat
+    penalty: llama-cpp-python's own default of 1.1 would apply otherwise); what it sets wins."""
+    sent = []
+
+    async def fake_sse(client, url, name, body, timeout):
+        sent.append(body)
+        yield {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+    monkeypatch.setattr(ls, "stream_sse", fake_sse)
+
+    async def go():
+        native = ls.NativeWorker(ls.NativeServer(native_spec(tmp_path), client=None), 1)
+        for worker in (real_worker(tmp_path), native):
+            for body in ({"prompt": "x"}, {"prompt": "x", "repeat_penalty": 1.2, "top_k": 5}):
+                async with ls.contextlib.aclosing(worker.stream_chat(body, 5)) as chunks:
+                    [c async for c in chunks]
+        assert sent[0] == sent[2] == {"prompt": "x", "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                                      "repeat_penalty": 1.0}
+        assert sent[1] == sent[3] == {"prompt": "x", "top_k": 5, "top_p": 0.95, "min_p": 0.05,
+                                      "repeat_penalty": 1.2}
+    run(go())
+
+
 def test_the_pool_estimates_prompt_time_only_where_requests_take_turns():
     async def go():
         pool = await started_pool([FakeWorker(1), FakeWorker(2)])

@@ -5333,6 +5333,8 @@ _MISTRAL_NAME_RE = re.compile(r"([\w.\-]{1,64})(?:\[CALL_ID\]\w+)?\[ARGS\]")  # 
 _WS_RE = re.compile(r"\s*")
 _CALL_SEP_RE = re.compile(r"\s*(?:;\s*)?")
 _SCAN_RE = re.compile(r"(?P<line>^[ \t]*)|[<\[]", re.MULTILINE)   # where the scanner looks
+_FENCE_LINE_RE = re.compile(r"[ \t]*(`{3,}|~{3,})")
+_JUNK_LINE_RE = re.compile(r"[ \t]*[{}\[\],;:]+[ \t]*")   # JSON punctuation only: a broken call's
 
 
 def _reject_constant(name: str) -> None:
@@ -5377,13 +5379,68 @@ class ToolCall:
         return json.dumps(self.arguments, separators=(",", ":"), ensure_ascii=False)
 
 
-def without_cut_call(content: str) -> str:
-    """`content` (the text around a reply's parsed calls) without a call that max_tokens cut
-    off at its end: from the last call marker on, when that marker's call never closed."""
-    cut = max(content.rfind(marker) for marker in CALL_MARKERS)
-    if cut < 0 or "</tool_call>" in content[cut:]:
-        return content
-    return content[:cut].rstrip()
+def without_call_text(content: str) -> str:
+    """`content` (the text around a reply's parsed calls) with no call text left in it: a call
+    the parser did not accept (an unknown tool, bad arguments, cut off by max_tokens or broken
+    off) is still the model calling, not prose. Cut out: each marker with what follows it (to
+    its closing tag, else through its JSON value, else to the end); each call fence; each JSON
+    value at a line start that is shaped like a call (to the end when it breaks off); then the
+    lines of bare JSON punctuation such a call leaves ('{', '{}'). Prose stays, and so does code
+    in fences of other languages."""
+    pieces, shown, pos = [], 0, 0
+    while (match := _CALL_START_RE.search(content, pos)):
+        end, cut = _call_text_end(content, match)
+        if cut:
+            pieces.append(content[shown:match.start()])
+            shown = end
+        pos = max(end, match.start() + 1)
+    pieces.append(content[shown:])
+    lines, fence = [], ""
+    for line in "".join(pieces).split("\n"):
+        opener = _FENCE_LINE_RE.match(line)
+        if opener and (not fence or opener.group(1).startswith(fence)):
+            fence = "" if fence else opener.group(1)
+        elif not fence and _JUNK_LINE_RE.fullmatch(line):
+            continue
+        lines.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _call_text_end(text: str, match: re.Match) -> tuple[int, bool]:
+    """Where the call-shaped text at a _CALL_START_RE match ends, and whether it is call text
+    (False: the end is that of a value or block that is not, to be skipped whole)."""
+    kind = match.lastgroup
+    if kind == "fence":
+        block = FENCE_RE.match(text, match.start())
+        if block is None:
+            return match.end(), False
+        info = text[block.end("fence"):block.start("body")].split()
+        call_lang = (info[0].lower() if info else "") in CALL_FENCE_LANGS
+        body = block.group("body")
+        return block.end(), call_lang and _shape_verdict(body, _WS_RE.match(body).end()) is not False
+    if kind == "bare":
+        value, end = _decode(text, match.start())
+        if value is _NOT_JSON:
+            return len(text), bool(_shape_verdict(text, match.start()) is not False
+                                   and _at_line_start(text, match.start()))
+        items = value if isinstance(value, list) else [value]
+        called = all(isinstance(item, dict) and "name" in item for item in items) and items
+        return end, bool(called) and _at_line_start(text, match.start())
+    if kind == "hermes":
+        close = text.find("</tool_call>", match.end())
+        if close >= 0:
+            return close + len("</tool_call>"), True
+    pos = _WS_RE.match(text, match.end()).end()
+    named = _MISTRAL_NAME_RE.match(text, pos) if kind == "mistral" else None
+    value, end = _decode(text, named.end() if named else pos)
+    if value is _NOT_JSON:
+        return len(text), True
+    close = _HERMES_CLOSE_RE.match(text, end)
+    return (close.end() if close else end), True
+
+
+def _at_line_start(text: str, pos: int) -> bool:
+    return not text[text.rfind("\n", 0, pos) + 1:pos].strip()
 
 
 def answered_calls(messages: Sequence[dict[str, Any]]) -> frozenset[str]:
@@ -6832,15 +6889,13 @@ class Generation:
 
 def settle_calls(use: ToolUse, gen: Generation) -> None:
     """Parse the finished text for calls (when `use` allows calls); with calls the reply finishes
-    with "tool_calls". A reply cut off by max_tokens in the middle of a further call keeps the
-    calls it finished, without the broken one's text in its content."""
+    with "tool_calls", and its content is the prose around them, without any call text (one cut
+    off by max_tokens, broken or to an unknown tool: without_call_text)."""
     if not use.active:
         return
     content, calls = parse_tool_calls(gen.text, use.specs, use.parallel)
     if calls:
-        if gen.finish_reason == "length":
-            content = without_cut_call(content)
-        gen.calls, gen.content = calls, content
+        gen.calls, gen.content = calls, without_call_text(content)
         gen.call_ids = [new_call_id() for _ in calls]
         gen.finish_reason = "tool_calls"
 
@@ -7076,10 +7131,14 @@ class Attempt:
 
     async def _stream_from(self, worker: Worker) -> AsyncIterator[str]:
         """Yield the text a client may see as it arrives (see deltas), keeping the whole text in
-        the generation. A call the model starts on its own is finished under the call grammar."""
+        the generation. A call the model starts on its own is finished under the call grammar
+        (where the prompt can be continued: prepared.scan_tools); elsewhere the call's text is
+        held back to the end, when it is parsed: call text never reaches the client as content."""
         prepared, gen = self.prepared, self.generation
-        scanner = CallScanner(prepared.scan_tools) if prepared.scan_tools is not None else None
-        hidden = prepared.req.tool_use.forced
+        use = prepared.req.tool_use
+        finish = prepared.scan_tools is not None
+        scanner = CallScanner(use.specs) if use.active and not use.forced else None
+        hidden = use.forced
         route, body = worker_request(prepared, worker, self.overrides)
         async with contextlib.aclosing(worker.stream_chat(
                 body, self.generator.cfg.request_timeout, route)) as chunks:
@@ -7092,11 +7151,11 @@ class Attempt:
                     shown = "" if hidden else scanner.feed(text) if scanner else text
                     if shown:
                         yield shown
-                    if scanner is not None and scanner.start is not None:
+                    if finish and scanner is not None and scanner.start is not None:
                         break                       # closing the stream stops the worker
                 if choice.get("finish_reason") in FINISH_REASONS:
                     gen.finish_reason = choice["finish_reason"]
-        if scanner is not None and scanner.start is not None:
+        if finish and scanner is not None and scanner.start is not None:
             await self.generator.finish_call(worker, prepared, self.sampling, gen, scanner.start)
         elif scanner is not None and (tail := scanner.flush()):
             yield tail

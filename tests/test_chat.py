@@ -720,6 +720,31 @@ def test_streamed_call_is_deltas_in_the_shape_clients_validate():
     run(go())
 
 
+@pytest.mark.parametrize("text,content,names", [
+    ("Let me look.\n" + CALL_TEXT, "Let me look.", ["read_file"]),
+    ("Let me look.\n" + CALL_TEXT + "\n<tool_call>\n{", "Let me look.", ["read_file"]),
+    ("I cannot (really).", "I cannot (really).", []),
+])
+def test_a_streamed_reply_without_the_call_grammar_sends_no_call_text_as_content(
+        text, content, names):
+    """With the call grammar off, a call's text is held back as it streams and parsed at the
+    end: the client gets the prose as content and the calls as tool_calls, never the call's
+    text (a broken call beside a good one included); a reply without calls streams whole."""
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of(text))
+        pool = await started_pool([w])
+        stream, _ = await tool_service(pool).open_stream(
+            tool_request(stream=True, swarm={"constrain_calls": False}), ls.Generation())
+        chunks = sse_payloads([e async for e in stream])
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert "".join(d.get("content") or "" for d in deltas).strip() == content
+        assert [d["tool_calls"][0]["function"]["name"] for d in deltas
+                if d.get("tool_calls") and "name" in d["tool_calls"][0]["function"]] == names
+        assert [route for route, _ in w.requests] == ["/v1/chat/completions"]   # no grammar
+        await pool.stop()
+    run(go())
+
+
 def test_tool_choice_none_sends_no_tools_and_parses_nothing():
     async def go():
         w = FakeWorker(1, tokens=chunks_of(CALL_TEXT))

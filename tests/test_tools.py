@@ -485,11 +485,34 @@ def test_answered_calls(messages, answered):
 
 
 @pytest.mark.parametrize("content,kept", [
-    ("Let me look.\n<tool_call>\n{\"name\": \"read_fi", "Let me look."),     # cut mid-call
-    ("<tool_call>\n{\"name\": \"x\", \"arguments\": {}}\n</tool_call>", None),  # closed: text
+    # a call cut off by max_tokens, closed or broken calls to tools not offered, broken JSON
+    ("Let me look.\n<tool_call>\n{\"name\": \"read_fi", "Let me look."),
+    ("<tool_call>\n{\"name\": \"x\", \"arguments\": {}}\n</tool_call>", ""),
     ("[TOOL_CALLS][{\"name\": \"rea", ""),
+    ("<tool_call>\n{", ""),
+    ("<tool_call>\n{}\n</tool_call>", ""),
+    ("{}", ""),
+    ("Reading it.\n\n{}\n\nDone.", "Reading it.\n\nDone."),
+    ("```json\n{\"name\": \"nope\", \"arguments\": {}}\n```", ""),
+    ("First:\n{\"name\": \"nope\", \"arguments\": {\"a\": 1}}\nthen more.",
+     "First:\n\nthen more."),
+    ("<|python_tag|>{\"name\": \"nope\", \"parameters\": {}} and that", "and that"),
+    # prose and code stay
     ("No call here (really).", None),
     ("", None),
+    ("Set it like {\"name\": \"x\"} in the file.", None),        # not at a line start
+    ('{"a": 1}', None),                                            # JSON, not call-shaped
+    ("```python\nd = {\n}\n```", None),                           # code keeps its braces
+    ("```python\nprint('{\"name\": 1}')\n```\nok", None),
 ])
-def test_without_cut_call(content, kept):
-    assert ls.without_cut_call(content) == (content if kept is None else kept)
+def test_without_call_text(content, kept):
+    assert ls.without_call_text(content) == (content if kept is None else kept)
+
+
+def test_a_reply_with_calls_keeps_only_its_prose_as_content():
+    text = ('I will read it.\n<tool_call>\n{"name": "read_file", "arguments": {"path": "a"}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "git_status", "arguments": {}}\n</tool_call>\n{}')
+    gen = ls.Generation(parts=[text])
+    ls.settle_calls(ls.ToolUse(specs=TOOLS, choice="auto"), gen)
+    assert [c.name for c in gen.calls] == ["read_file"] and gen.finish_reason == "tool_calls"
+    assert gen.content == "I will read it." and gen.message()["content"] == "I will read it."

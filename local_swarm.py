@@ -5334,6 +5334,7 @@ _WS_RE = re.compile(r"\s*")
 _CALL_SEP_RE = re.compile(r"\s*(?:;\s*)?")
 _SCAN_RE = re.compile(r"(?P<line>^[ \t]*)|[<\[]", re.MULTILINE)   # where the scanner looks
 _FENCE_LINE_RE = re.compile(r"[ \t]*(`{3,}|~{3,})")
+_CALL_NAME_RE = re.compile(r'"name"\s*:\s*"([^"\\\n]{1,%d})"' % MAX_SCANNED_NAME)
 _JUNK_LINE_RE = re.compile(r"[ \t]*[{}\[\],;:]+[ \t]*")   # JSON punctuation only: a broken call's
 
 
@@ -5403,7 +5404,35 @@ def without_call_text(content: str) -> str:
         elif not fence and _JUNK_LINE_RE.fullmatch(line):
             continue
         lines.append(line)
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return _tidy("\n".join(lines))
+
+
+def has_call_text(content: str) -> bool:
+    """True when `content` holds call text that without_call_text would cut out."""
+    return without_call_text(content) != _tidy(content)
+
+
+def _tidy(text: str) -> str:
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def name_words(name: str) -> set[str]:
+    """The words of a tool name, lower case: snake_case, kebab-case, dotted and camelCase."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
+    return {w.lower() for w in re.split(r"[^A-Za-z0-9]+", spaced) if w}
+
+
+def similar_names(a: str, b: str) -> bool:
+    """True when two tool names share a word (read_package_json and read_file do; git_status
+    and get_weather do not)."""
+    return bool(name_words(a) & name_words(b))
+
+
+def started_call_name(text: str, start: int) -> tuple[str, int] | None:
+    """The tool name the model wrote in the call that starts at `start` ('"name": "<tool>"'
+    within its first SCAN_HOLD_LIMIT characters) and where that name begins; None without one."""
+    found = _CALL_NAME_RE.search(text, start, start + SCAN_HOLD_LIMIT)
+    return (found.group(1), found.start(1)) if found else None
 
 
 def _call_text_end(text: str, match: re.Match) -> tuple[int, bool]:
@@ -6287,6 +6316,11 @@ TOKEN_BOUND_SLACK = 8               # tokens a tokenizer may add beyond one per 
 CONTINUATION_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
                          "top_k", "min_p", "repeat_penalty")
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
+NAME_ODDS_MIN = 0.1                 # an offered tool stands in for a tool name the model wrote that
+                                    # is not offered only if at least this many times as likely
+NAME_MAX_TOKENS = 32                # tokens a tool's name takes at most, scored (name_logprob)
+NAME_END_CHARS = 6                  # what the model wrote after its tool name that ends a scored
+                                    # name ('", "' as a tokenizer has it; a lone '"' is unlikely)
 MAX_VOTES = 16                      # candidates one request may ask for (swarm.votes)
 
 
@@ -6818,8 +6852,13 @@ def chunk_text(choice: Mapping[str, Any]) -> str:
 
 
 def chunk_logprobs(choice: Mapping[str, Any]) -> list[float]:
-    """The log-probabilities of the tokens one streamed choice carries ([] when not asked)."""
-    entries = (choice.get("logprobs") or {}).get("content") or ()
+    """The log-probabilities of the tokens one streamed choice carries ([] when not asked): in
+    the chat shape (`content`: llama-server) or the legacy completion shape (`token_logprobs`:
+    llama-cpp-python)."""
+    logprobs = choice.get("logprobs") or {}
+    if isinstance(logprobs.get("token_logprobs"), list):
+        return [float(x) for x in logprobs["token_logprobs"] if isinstance(x, (int, float))]
+    entries = logprobs.get("content") or ()
     return [float(e["logprob"]) for e in entries
             if isinstance(e, dict) and isinstance(e.get("logprob"), (int, float))]
 
@@ -6840,6 +6879,8 @@ class Generation:
     call_ids: list[str] = field(default_factory=list)
     content: str = ""                 # with calls: the prose around them
     constrained: bool = False         # a call the model started was finished under the grammar
+    unmatched_call: str | None = None  # the name of a call the model started that matched no
+                                       # offered tool (so the reply stayed text)
     chunks: int = 0                   # content chunks streamed by the worker
     logprobs: list[float] = field(default_factory=list)   # each token's, when the worker gives them
     counted: bool = False             # the usage is a tokenizer's count (a worker's, or a peer's)
@@ -6968,21 +7009,91 @@ class Generator:
             log.warning("the winner's usage is estimated (streamed chunks): %s", exc)
             gen.completion_tokens = gen.chunks
 
+    async def settle_started_call(self, worker: Worker, prepared: PreparedRequest,
+                                  sampling: Mapping[str, Any], gen: Generation, start: int
+                                  ) -> None:
+        """The model began a tool call at text offset `start` of gen and wrote on to the end of
+        its reply. Its own calls stand when they are valid and nothing else there is call text.
+        Otherwise the call is finished under the call grammar (finish_call) for the tool the
+        model meant: the one it named, when offered; else the offered tool most likely in its
+        name's place, if at least NAME_ODDS_MIN times as likely as the name it wrote
+        (likely_tool). With no such tool, or no name, the reply stays text, as written: a call
+        to the wrong tool is worse than none, since agents run what they get. Raises
+        WorkerError."""
+        use = prepared.req.tool_use
+        content, calls = parse_tool_calls(gen.text, use.specs, use.parallel)
+        if calls and not has_call_text(content):
+            return
+        named = started_call_name(gen.text, start)
+        target = None
+        if named is not None:
+            own, at = named
+            after = gen.text[at + len(own):at + len(own) + NAME_END_CHARS]
+            end = after[:after.find('"', 1) + 1] if after.count('"') > 1 else '"'
+            target = own if own in use.specs else \
+                await self.likely_tool(worker, prepared, gen.text[:at], own, end)
+        if target is None:
+            gen.unmatched_call = named[0] if named else "?"
+            log.info("a call the model started (to %r) matches no offered tool: its reply "
+                     "stays text", gen.unmatched_call)
+            return
+        await self.finish_call(worker, prepared, sampling, gen, start, only=target)
+
+    async def likely_tool(self, worker: Worker, prepared: PreparedRequest, before: str,
+                          own: str, end: str = '"') -> str | None:
+        """The offered tool the model meant where it wrote `own` (a name not offered) after the
+        reply text `before`: the most likely offered name there, if it is at least NAME_ODDS_MIN
+        times as likely as `own` and shares a word with it (similar_names: a likely name for
+        another thing, such as get_weather for git_status, is still another tool); else None.
+        Each name is scored by the model itself (name_logprob, each followed by `end`, what the
+        model wrote after its own name), not letter by letter under a grammar. Raises
+        WorkerError."""
+        names = list(prepared.req.tool_use.specs)
+        scores = {name: await self.name_logprob(worker, prepared, before, name, end)
+                  for name in (own, *names)}
+        best = max(names, key=lambda name: scores[name])
+        odds = math.exp(scores[best] - scores[own])
+        similar = similar_names(own, best)
+        log.info("the model called %r, which is not offered; %r is %.3g times as likely there "
+                 "and %s", own, best, odds, "shares a word" if similar else "shares no word")
+        return best if odds >= NAME_ODDS_MIN and similar else None
+
+    async def name_logprob(self, worker: Worker, prepared: PreparedRequest, before: str,
+                           name: str, end: str = '"') -> float:
+        """The model's log-probability of writing `name` then `end` right after the prompt and
+        `before`: a completion held to that text by a grammar, summing the model's own
+        log-probabilities of its tokens (the workers report them before any sampling; the end
+        of generation after the text is not counted). The prompt comes from the worker's cache.
+        Raises WorkerError."""
+        body = {"prompt": prepared.completion_prompt + before, "max_tokens": NAME_MAX_TOKENS,
+                "grammar": "root ::= " + gbnf_literal(name + end), "temperature": 0.0,
+                "top_k": 0, "top_p": 1.0, "min_p": 0.0, "logprobs": 1}
+        total = 0.0
+        async with contextlib.aclosing(worker.stream_chat(
+                body, self.cfg.request_timeout, route="/v1/completions")) as chunks:
+            async for chunk in chunks:
+                choice = (chunk.get("choices") or [{}])[0]
+                if chunk_text(choice):
+                    total += sum(chunk_logprobs(choice))
+        return total
+
     async def finish_call(self, worker: Worker, prepared: PreparedRequest,
-                          sampling: Mapping[str, Any], gen: Generation, start: int) -> None:
+                          sampling: Mapping[str, Any], gen: Generation, start: int,
+                          only: str | None = None) -> None:
         """The model began a tool call at text offset `start` of gen: finish it under the call
-        grammar, so its name is an offered tool and its arguments fit that tool's schema (small
-        models invent names and shapes). A raw completion of the same prompt plus the prose
-        before the call, on `worker`, whose KV cache already holds all of it. Raises
+        grammar, so its name is an offered tool (`only`: that one) and its arguments fit that
+        tool's schema (small models invent shapes). A raw completion of the same prompt plus
+        the prose before the call, on `worker`, whose KV cache already holds all of it. Raises
         WorkerError."""
         prose = gen.text[:start]
         gen.parts[:] = [prose]
         gen.constrained = True
         use = prepared.req.tool_use
         body = {k: v for k, v in sampling.items() if k in CONTINUATION_SAMPLING}
+        grammar = call_grammar(use.specs, prepared.family, use.parallel and only is None, only)
         body.update(prompt=prepared.completion_prompt + prose,   # max_tokens null: no limit
                     max_tokens=sampling.get("max_tokens"),       # (a completion's is 16)
-                    grammar=call_grammar(use.specs, prepared.family, use.parallel))
+                    grammar=grammar)
         async with contextlib.aclosing(worker.stream_chat(
                 body, self.cfg.request_timeout, route="/v1/completions")) as chunks:
             async for chunk in chunks:
@@ -7131,9 +7242,10 @@ class Attempt:
 
     async def _stream_from(self, worker: Worker) -> AsyncIterator[str]:
         """Yield the text a client may see as it arrives (see deltas), keeping the whole text in
-        the generation. A call the model starts on its own is finished under the call grammar
-        (where the prompt can be continued: prepared.scan_tools); elsewhere the call's text is
-        held back to the end, when it is parsed: call text never reaches the client as content."""
+        the generation. Text from where a call starts is held back to the end, when it is parsed
+        (call text never reaches the client as content); where the prompt can be continued
+        (prepared.scan_tools) a call that is not valid as written is finished under the call
+        grammar for the tool the model meant, or left as text (settle_started_call)."""
         prepared, gen = self.prepared, self.generation
         use = prepared.req.tool_use
         finish = prepared.scan_tools is not None
@@ -7151,12 +7263,11 @@ class Attempt:
                     shown = "" if hidden else scanner.feed(text) if scanner else text
                     if shown:
                         yield shown
-                    if finish and scanner is not None and scanner.start is not None:
-                        break                       # closing the stream stops the worker
                 if choice.get("finish_reason") in FINISH_REASONS:
                     gen.finish_reason = choice["finish_reason"]
         if finish and scanner is not None and scanner.start is not None:
-            await self.generator.finish_call(worker, prepared, self.sampling, gen, scanner.start)
+            await self.generator.settle_started_call(worker, prepared, self.sampling, gen,
+                                                     scanner.start)
         elif scanner is not None and (tail := scanner.flush()):
             yield tail
         settle_calls(prepared.req.tool_use, gen)
@@ -7554,8 +7665,8 @@ class CandidateBatch:
     @staticmethod
     def _arrived(gen: Generation, scanner: CallScanner | None, choice: Mapping[str, Any]) -> None:
         text = chunk_text(choice)
-        if not text or (scanner is not None and scanner.start is not None):
-            return                        # after a call's start the grammar writes the rest
+        if not text:
+            return
         gen.arrived(text)
         gen.logprobs.extend(chunk_logprobs(choice))
         if scanner is not None:
@@ -7563,15 +7674,15 @@ class CandidateBatch:
 
     async def _finish(self, worker: Worker, gen: Generation, scanner: CallScanner | None,
                       i: int) -> None:
-        """Candidate i is done: its call finished under the grammar if it started one, its calls
-        settled, its future resolved."""
+        """Candidate i is done: the call it started settled (settle_started_call), its calls
+        parsed, its future resolved."""
         if self.futures[i].done():
             return
         if scanner is not None and scanner.start is not None:
             try:
-                await self.runner.generator.finish_call(worker, self.prepared,
-                                                        {**self.prepared.req.sampling,
-                                                         **self.sampling}, gen, scanner.start)
+                await self.runner.generator.settle_started_call(
+                    worker, self.prepared, {**self.prepared.req.sampling, **self.sampling}, gen,
+                    scanner.start)
             except WorkerError as exc:     # this candidate is lost, not its siblings
                 self.futures[i].set_exception(exc)
                 return

@@ -13,7 +13,8 @@ import pytest
 import local_swarm as ls
 from conftest import until
 from test_workers import FakeWorker as PoolFakeWorker
-from test_workers import QUICK_RESTART, SLOW_RESTART, NeverReadyWorker, run, started_pool
+from test_workers import (QUICK_RESTART, SLOW_RESTART, NeverReadyWorker, name_score_chunk, run,
+                          scored_name, started_pool)
 
 
 class FakeWorker(PoolFakeWorker):
@@ -337,6 +338,7 @@ class FakeProcess:
         self.gate = None
         self.refuse = None
         self.call, self.continued, self.continuing = "", [], 0
+        self.name_logprobs, self.scored = {}, []
         self.per_char = 0.0             # seconds a prompt character takes to evaluate anew
 
 
@@ -361,6 +363,10 @@ class FakeSlot(FakeWorker):
         if proc.refuse is not None:
             raise ls.WorkerError(f"{self.name} answered {proc.refuse}", status=proc.refuse)
         n = body.get("n", 1)
+        if scored_name(body) is not None:         # a tool name scored
+            proc.scored.append(scored_name(body))
+            yield name_score_chunk(proc.name_logprobs, body)
+            return
         if "grammar" in body:                     # a call finished under the call grammar
             proc.continued.append(proc.open + proc.continuing)   # what else was streaming then
             proc.continuing += 1
@@ -618,6 +624,11 @@ READ_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
                    "required": ["path"]}}}
 CALL_TEXT = '<tool_call>\n{"name": "read_file", "arguments": {"path": "a.txt"}}\n</tool_call>'
+WRITE_TOOL = {"type": "function", "function": {
+    "name": "write_file", "description": "Write a file",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"},
+                                                   "content": {"type": "string"}},
+                   "required": ["path", "content"]}}}
 
 
 def tool_service(pool, **cfg):
@@ -627,7 +638,7 @@ def tool_service(pool, **cfg):
 
 
 def tool_request(stream=False, **extra):
-    return request(stream=stream, text="read a.txt", tools=[READ_TOOL], **extra)
+    return request(stream=stream, text="read a.txt", **{"tools": [READ_TOOL], **extra})
 
 
 def chunks_of(text, size=3):
@@ -646,6 +657,7 @@ def test_calls_the_samples_of_one_request_start_are_finished_once_that_request_i
         wrong = "Let me look.\n" + CALL_TEXT.replace("read_file", "read_package_json")
         proc = FakeProcess(greedy=wrong, samples=[wrong, "I cannot.", wrong])
         proc.call = CALL_TEXT
+        proc.name_logprobs = {"read_package_json": -0.5, "read_file": -1.0}
         pool = await slot_pool(proc)
         svc = ls.ChatService(pool, ls.PromptRenderer(QWEN_LIKE), "fake-model", 10_000,
                              ls.Config(mode="vote", adaptive=False))
@@ -665,6 +677,7 @@ def test_a_call_the_model_starts_is_finished_under_the_grammar_and_returned_as_t
         w = FakeWorker(1, tokens=chunks_of("Let me look.\n" + CALL_TEXT.replace(
             "read_file", "read_package_json")))
         w.completion = chunks_of(CALL_TEXT)
+        w.name_logprobs = {"read_package_json": -0.5, "read_file": -1.0}   # odds e^-0.5
         pool = await started_pool([w])
         reply, gen, _ = await tool_service(pool).complete(tool_request())
         choice = reply["choices"][0]
@@ -674,10 +687,67 @@ def test_a_call_the_model_starts_is_finished_under_the_grammar_and_returned_as_t
         assert call["type"] == "function" and call["id"].startswith("call_") and len(call["id"]) > 5
         assert call["function"]["name"] == "read_file"
         assert json.loads(call["function"]["arguments"]) == {"path": "a.txt"}
-        (chat_route, chat_body), (route, body) = w.requests
+        (chat_route, chat_body), *scoring, (route, body) = w.requests
         assert chat_route == "/v1/chat/completions" and chat_body["tools"] == [READ_TOOL]
+        assert [scored_name(b) for _, b in scoring] == ["read_package_json", "read_file"]
+        assert all(b["prompt"].endswith('Let me look.\n<tool_call>\n{"name": "')
+                   for _, b in scoring)
         assert route == "/v1/completions" and "read_file" in body["grammar"]
         assert body["prompt"].endswith("<|im_start|>assistant\nLet me look.\n")
+        await pool.stop()
+    run(go())
+
+
+GIT_CALL = CALL_TEXT.replace('"read_file", "arguments": {"path": "a.txt"}',
+                             '"git_status", "arguments": {}')
+
+
+@pytest.mark.parametrize("read_file", [-6.0, -0.5])
+def test_a_call_to_a_tool_not_offered_and_not_like_an_offered_one_stays_text(read_file):
+    """The model writes a call to git_status, which is not offered; read_file, the only tool,
+    is far less likely in its place (odds e^-5.8), or likely (e^-0.3) but named for another
+    thing: no call is forced on it, the reply stays its text."""
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of("Running it.\n" + GIT_CALL))
+        w.completion = chunks_of(CALL_TEXT)
+        w.name_logprobs = {"git_status": -0.2, "read_file": read_file}
+        pool = await started_pool([w])
+        reply, gen, _ = await tool_service(pool).complete(tool_request())
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+        assert choice["message"]["content"] == "Running it.\n" + GIT_CALL
+        assert gen.unmatched_call == "git_status" and not gen.constrained
+        assert not any("grammar" in b and not scored_name(b) for _, b in w.requests)
+        await pool.stop()
+    run(go())
+
+
+def test_a_valid_call_as_the_model_wrote_it_needs_no_second_request():
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of("Let me look.\n" + CALL_TEXT))
+        pool = await started_pool([w])
+        reply, gen, _ = await tool_service(pool).complete(tool_request())
+        assert reply["choices"][0]["finish_reason"] == "tool_calls" and not gen.constrained
+        assert [route for route, _ in w.requests] == ["/v1/chat/completions"]
+        await pool.stop()
+    run(go())
+
+
+def test_a_call_to_an_offered_tool_with_bad_arguments_is_finished_for_that_tool():
+    """The name is an offered tool's, its arguments do not fit: the grammar rewrites the call
+    for that tool alone (no other name can come out), with no names scored."""
+    async def go():
+        bad = CALL_TEXT.replace('{"path": "a.txt"}', '{"file": 3}')
+        w = FakeWorker(1, tokens=chunks_of(bad))
+        w.completion = chunks_of(CALL_TEXT)
+        pool = await started_pool([w])
+        service = ls.ChatService(pool, ls.PromptRenderer(QWEN_LIKE), "fake-model", 10_000,
+                                 ls.Config(mode="fastest"))
+        reply, gen, _ = await service.complete(tool_request(tools=[READ_TOOL, WRITE_TOOL]))
+        assert reply["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "read_file"
+        (_, _), (route, body) = w.requests
+        assert route == "/v1/completions" and "read_file" in body["grammar"]
+        assert "write_file" not in body["grammar"] and gen.constrained
         await pool.stop()
     run(go())
 

@@ -54,6 +54,29 @@ def test_a_question_needing_no_tool_gets_text(qwen_swarm):
     assert reply["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_to_a_tool_not_offered_is_not_turned_into_an_offered_one(qwen_swarm, stream):
+    """Asked to translate, the 0.5B model starts a call named "good morning". get_weather is
+    likely in its place (odds about 0.45) but names another thing: the reply stays the model's
+    text, where the call grammar alone would have written get_weather(...) letter by letter."""
+    body = {"messages": [{"role": "user", "content": "Translate 'good morning' to French"}],
+            "tools": [WEATHER, READ], "max_tokens": 120}
+    if stream:
+        with httpx.stream("POST", qwen_swarm.url + "/v1/chat/completions", timeout=300,
+                          json={"model": "local-swarm", "temperature": 0, "stream": True,
+                                **body}) as reply:
+            events = [json.loads(line[6:]) for line in reply.iter_lines()
+                      if line.startswith("data: {")]
+        deltas = [e["choices"][0]["delta"] for e in events if e.get("choices")]
+        assert not any("tool_calls" in d for d in deltas)
+        assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert "".join(d.get("content") or "" for d in deltas).strip()
+        return
+    choice = post(qwen_swarm, **body)["choices"][0]
+    assert "tool_calls" not in choice["message"] and choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
+
+
 def test_required_forces_a_valid_call_even_for_small_talk(qwen_swarm):
     name, args = only_call(post(qwen_swarm, tools=[READ], tool_choice="required",
                                 messages=[{"role": "user", "content": "Hello! How are you?"}]))

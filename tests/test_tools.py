@@ -516,3 +516,22 @@ def test_a_reply_with_calls_keeps_only_its_prose_as_content():
     ls.settle_calls(ls.ToolUse(specs=TOOLS, choice="auto"), gen)
     assert [c.name for c in gen.calls] == ["read_file"] and gen.finish_reason == "tool_calls"
     assert gen.content == "I will read it." and gen.message()["content"] == "I will read it."
+
+
+@pytest.mark.parametrize("a,b,similar", [
+    ("read_package_json", "read_file", True), ("show_file", "read_file", True),
+    ("git_status", "get_weather", False), ("run_git_status", "bash", False),
+    ("readFile", "read_file", True), ("functions.read", "read", True), ("ls", "list", False),
+])
+def test_similar_names_share_a_word(a, b, similar):
+    assert ls.similar_names(a, b) is similar
+
+
+@pytest.mark.parametrize("text,start,named", [
+    ('<tool_call>\n{"name": "git_status", "arguments": {}}', 0, ("git_status", 22)),
+    ('Sure.\n```json\n{"name":"x.y", "arguments": {}}', 6, ("x.y", 23)),
+    ('<tool_call>\n{"arguments": {}}', 0, None),
+])
+def test_started_call_name(text, start, named):
+    assert ls.started_call_name(text, start) == named
+

@@ -39,6 +39,7 @@ class FakeWorker:
         self.refuse = None                  # an HTTP status to answer chats with, when set
         self.completion = ()                # what a raw completion (/v1/completions) yields
         self.completion_finish = "stop"     # and how it ends ("length": max_tokens cut it)
+        self.name_logprobs = {}             # a tool name's log-probability when it is scored
 
     async def start(self):
         self.starts += 1
@@ -80,6 +81,9 @@ class FakeWorker:
     async def stream_chat(self, body, timeout, route="/v1/chat/completions"):
         self.chats = getattr(self, "chats", 0) + 1
         self.requests = getattr(self, "requests", []) + [(route, body)]
+        if route == "/v1/completions" and scored_name(body) is not None:
+            yield name_score_chunk(self.name_logprobs, body)
+            return
         if route == "/v1/completions":
             for tok in self.completion:
                 yield {"choices": [{"text": tok, "finish_reason": None}]}
@@ -101,6 +105,23 @@ class FakeWorker:
     async def stop(self, grace=0):
         if not self.exited():
             self.die(0)
+
+
+def scored_name(body):
+    """The tool name a completion scores (a grammar that holds it to '<name>"'), else None."""
+    grammar = body.get("grammar") or ""
+    prefix = 'root ::= "'
+    if not grammar.startswith(prefix) or "\n" in grammar:
+        return None
+    held = json.loads(grammar[len("root ::= "):])
+    return held[:held.index('"')]                   # the name, then what ends it ('", "')
+
+
+def name_score_chunk(name_logprobs, body):
+    """The one chunk a scored name gets: its text and log-probability (-20 when not given)."""
+    name = scored_name(body)
+    return {"choices": [{"index": 0, "text": name, "finish_reason": "stop",
+                         "logprobs": {"content": [{"logprob": name_logprobs.get(name, -20.0)}]}}]}
 
 
 def run(coro):

@@ -28,7 +28,9 @@ Per arm it prints accuracy, the accuracy on calls (name and arguments) and on th
 mean samples spent per task (`swarm.samples`, else `swarm.k`, else 1) and the mean wall time per
 request. A request that fails counts as wrong, is reported in `errors`, and is left out of the
 samples mean. `constrained` counts the candidates whose call the model began on its own and the
-swarm finished under its call grammar (the `constrained` flag in `swarm.candidates`).
+swarm finished under its call grammar (the `constrained` flag in `swarm.candidates`). `wrong tool`
+counts the replies that call a tool where text was right, or another tool than the right one:
+what an agent would run wrongly.
 
 Usage:
   python bench/tools.py --url http://127.0.0.1:8000 [--arms greedy,vote5] [--limit 5] [--stream]
@@ -299,7 +301,14 @@ def summarize(outcomes: list[Outcome]) -> dict:
         "mean_wall_s": sum(o.wall_s for o in outcomes) / len(outcomes) if outcomes else None,
         "errors": sum(o.error is not None for o in outcomes),
         "constrained": sum(o.constrained for o in outcomes),
+        "wrong_tool": sum(wrong_tool(o) for o in outcomes),
     }
+
+
+def wrong_tool(o: Outcome) -> bool:
+    """A call where text was right, or a call to another tool than the right one: what an agent
+    would run wrongly (a right tool with wrong arguments is not counted here)."""
+    return o.called is not None and (o.kind == "no_call" or o.name_ok is False)
 
 
 def _pct(value: float | None) -> str:
@@ -309,14 +318,15 @@ def _pct(value: float | None) -> str:
 def print_table(summaries: dict[str, dict]) -> None:
     print(f"{'arm':8} {'label':18} {'correct':>7} {'accuracy':>8} {'call':>7} {'name':>7} "
           f"{'no-call':>7} {'multi':>7} {'shape':>5} {'samples':>7} {'wall/task':>9} "
-          f"{'errors':>6} {'constrained':>11}")
+          f"{'errors':>6} {'constrained':>11} {'wrong tool':>10}")
     for name, s in summaries.items():
         samples = "-" if s["mean_samples"] is None else f"{s['mean_samples']:.2f}"
         wall = "-" if s["mean_wall_s"] is None else f"{s['mean_wall_s']:.2f} s"
         print(f"{name:8} {ARMS[name].label:18} {s['correct']:>3d}/{s['tasks']:<3d} "
               f"{_pct(s['accuracy']):>8} {_pct(s['call']):>7} {_pct(s['call_name']):>7} "
               f"{_pct(s['no_call']):>7} {_pct(s['multi_turn']):>7} {s['shape_errors']:5d} "
-              f"{samples:>7} {wall:>9} {s['errors']:6d} {s['constrained']:11d}")
+              f"{samples:>7} {wall:>9} {s['errors']:6d} {s['constrained']:11d} "
+              f"{s['wrong_tool']:10d}")
 
 
 def comparison(summaries: dict[str, dict]) -> str:

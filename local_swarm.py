@@ -6424,6 +6424,8 @@ class SwarmOptions:
     affinity: bool | None = None
     anchor: bool | None = None
     federate: bool | None = None      # False: answer from this swarm's workers only
+    explain: bool = False             # each candidate's text, calls and token log-probabilities
+                                      # in the `swarm` object (for measuring selection rules)
 
 
 TOOL_CHOICES = ("none", "auto", "required")
@@ -6485,7 +6487,8 @@ def _parse_swarm_options(body: dict) -> SwarmOptions:
     return SwarmOptions(votes=votes, mode=mode, adaptive=flag("adaptive"),
                         force_vote=_check_bool(opts, "force_vote", where),
                         constrain_calls=flag("constrain_calls") is not False,
-                        affinity=flag("affinity"), anchor=flag("anchor"), federate=flag("federate"))
+                        affinity=flag("affinity"), anchor=flag("anchor"), federate=flag("federate"),
+                        explain=_check_bool(opts, "explain", where))
 
 
 def _parse_stop(body: dict) -> list[str] | None:
@@ -7305,6 +7308,7 @@ class VotePlan:
     affinity: bool
     anchor: bool = False          # the first candidate decodes greedily (temperature 0)
     federate: bool = False              # peer swarms vote too (VoteRunner.plan decides)
+    explain: bool = False               # the report shows each candidate's text (swarm_report)
 
     @property
     def solo(self) -> bool:
@@ -7330,7 +7334,8 @@ def vote_plan(req: ChatRequest, cfg: Config, healthy: int, instances: int) -> Vo
     affinity = cfg.affinity if req.swarm.affinity is None else req.swarm.affinity
     anchor = cfg.anchor if req.swarm.anchor is None else req.swarm.anchor
     return VotePlan(mode=mode, k=k, adaptive=adaptive, temperature=temperature,
-                    affinity=affinity, anchor=anchor and "temperature" not in req.sampling)
+                    affinity=affinity, anchor=anchor and "temperature" not in req.sampling,
+                    explain=req.swarm.explain)
 
 
 def conversation_key(messages: Sequence[dict[str, Any]]) -> str:
@@ -7496,21 +7501,30 @@ def swarm_report(ballot: Ballot) -> dict[str, Any]:
         "samples": ballot.launched, "failed": ballot.failed, "cancelled": ballot.cancelled,
         "confidence": round(vote.confidence, 4), "winner": ballot.entries[vote.winner][0].worker,
         "votes": [len(group) for group in vote.groups],
-        "candidates": [_candidate_report(candidate, gen, vote, i)
+        "candidates": [_candidate_report(candidate, gen, vote, i, plan.explain)
                        for i, (candidate, gen) in enumerate(ballot.entries)],
         **({"peers": ballot.peers} if plan.federate else {})}
 
 
-def _candidate_report(c: Candidate, gen: Generation, vote: Vote, i: int) -> dict[str, Any]:
+def _candidate_report(c: Candidate, gen: Generation, vote: Vote, i: int, explain: bool = False
+                      ) -> dict[str, Any]:
     """One candidate in the `swarm` object; its tokens are its generation's (Generation.tokens:
     the winner's counted by the tokenizer, the others' streamed chunks); mean_logprob is the mean
-    log-probability of its tokens where the worker gives them (llama-server), else None."""
+    log-probability of its tokens where the worker gives them (llama-server), else None. With
+    `explain` (the request's swarm.explain) also what it said: `content` (the prose around its
+    calls, or its whole text), `calls` (name and arguments) and `logprobs` (each token's, as
+    generated freely: a call finished under the grammar adds none)."""
     mean_logprob = round(statistics.fmean(gen.logprobs), 4) if gen.logprobs else None
-    return {"worker": c.worker, "latency_ms": round(c.latency * 1000, 1), "tokens": gen.tokens,
-            "mean_logprob": mean_logprob,
-            "finish_reason": c.finish_reason, "score": round(vote.scores[i], 4),
-            "winner": i == vote.winner, "constrained": c.constrained, "greedy": c.greedy,
-            "repeat": c.repeat, "weight": round(c.weight, 4)}
+    report = {"worker": c.worker, "latency_ms": round(c.latency * 1000, 1), "tokens": gen.tokens,
+              "mean_logprob": mean_logprob,
+              "finish_reason": c.finish_reason, "score": round(vote.scores[i], 4),
+              "winner": i == vote.winner, "constrained": c.constrained, "greedy": c.greedy,
+              "repeat": c.repeat, "weight": round(c.weight, 4)}
+    if explain:
+        report.update(content=gen.shown_text,
+                      calls=[{"name": call.name, "arguments": call.arguments} for call in gen.calls],
+                      logprobs=[round(x, 4) for x in gen.logprobs])
+    return report
 
 
 def _seeds(req: ChatRequest, k: int) -> list[int]:

@@ -69,6 +69,16 @@ def samples_spent(reply: dict) -> int:
     return 1
 
 
+def checked_candidates(reply: dict, correct) -> list | None:
+    """The reply's explained candidates (swarm.explain), each with whether it is right
+    (`correct(candidate)`); None when the reply has none."""
+    swarm = reply.get("swarm") if isinstance(reply, dict) else None
+    candidates = swarm.get("candidates") if isinstance(swarm, dict) else None
+    if not candidates or not all(isinstance(c, dict) and "content" in c for c in candidates):
+        return None
+    return [{**c, "correct": bool(correct(c))} for c in candidates]
+
+
 @contextlib.contextmanager
 def started_swarm(command: list[str], pids: list[int] | None = None,
                   timeout: float = START_TIMEOUT_S) -> Iterator[str]:

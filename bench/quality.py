@@ -36,7 +36,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_tasks as qt  # noqa: E402
-from common import bench_main, run_arms, samples_spent, save_results  # noqa: E402
+from common import (bench_main, checked_candidates, run_arms, samples_spent,  # noqa: E402
+                    save_results)
 
 MAX_TOKENS = {"arithmetic": 400, "python": 512}
 
@@ -75,6 +76,7 @@ class Outcome:
     wall_s: float
     error: str | None
     reply: str
+    candidates: list | None = None   # --explain: each candidate, checked (bench/selection.py)
 
 
 # ============================================================================ requests
@@ -93,6 +95,8 @@ def request_body(arm: Arm, task: Any, args: argparse.Namespace) -> dict:
         del body["temperature"]
     if arm.seeded:
         body["seed"] = args.seed + TASK_NUMBER[task.id]
+    if getattr(args, "explain", False):
+        body["swarm"]["explain"] = True
     return body
 
 
@@ -121,7 +125,8 @@ def run_task(client: httpx.Client, url: str, arm: Arm, task: Any, args: argparse
                        time.perf_counter() - t0, str(exc)[:300], "")
     verdict = qt.check(task, text)
     return Outcome(task.id, task.kind, verdict.correct, verdict.detail,
-                   verdict.extracted, samples_spent(reply), wall, None, text)
+                   verdict.extracted, samples_spent(reply), wall, None, text,
+                   checked_candidates(reply, lambda c: qt.check(task, c["content"]).correct))
 
 
 def run_arm(client: httpx.Client, url: str, arm: Arm, tasks: list, args: argparse.Namespace
@@ -199,6 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--out", default="quality_results.json", help="JSON file of per-task outcomes")
     p.add_argument("--verbose", action="store_true", help="print each task's outcome")
+    p.add_argument("--explain", action="store_true", help="save each candidate of a vote, its "
+                   "text, log-probabilities and whether it is right (for bench/selection.py)")
     args = p.parse_args(argv)
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in args.arms if a not in ARMS]

@@ -50,7 +50,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tools_tasks as tt  # noqa: E402
-from common import bench_main, run_arms, samples_spent, save_results  # noqa: E402
+from common import (bench_main, checked_candidates, run_arms, samples_spent,  # noqa: E402
+                    save_results)
 
 MAX_TOKENS = 384                # a call, or a short answer; write_file content is the longest
 MAX_STREAM_EVENTS = 10_000      # MAX_TOKENS tokens send a few hundred events; more is a runaway
@@ -95,6 +96,7 @@ class Outcome:
     error: str | None
     reply: str                  # content, then the tool calls as JSON
     constrained: int = 0        # candidates whose call the swarm finished under its call grammar
+    candidates: list | None = None   # --explain: each candidate, checked (bench/selection.py)
 
 
 # ============================================================================ requests
@@ -119,6 +121,8 @@ def request_body(arm: Arm, task: tt.ToolTask, args: argparse.Namespace) -> dict:
         body["seed"] = args.seed + TASK_NUMBER[task.id]
     if args.stream:
         body["stream"] = True
+    if getattr(args, "explain", False):
+        body["swarm"]["explain"] = True
     return body
 
 
@@ -171,7 +175,20 @@ def run_task(client: httpx.Client, url: str, arm: Arm, task: tt.ToolTask,
     name_ok = None if task.expect is None else verdict.called == task.expect.name
     return Outcome(task.id, task.kind, task.multi_turn, verdict.correct, name_ok, verdict.called,
                    verdict.detail, shape, samples_spent(reply), wall, None, reply_summary(reply),
-                   constrained_calls(reply))
+                   constrained_calls(reply), checked_candidates(
+                       reply, lambda c: tt.check(task, candidate_reply(c)).correct))
+
+
+def candidate_reply(candidate: dict) -> dict:
+    """An explained candidate (swarm.explain) as a whole reply of its own, for the checker."""
+    calls = [{"id": f"call_{i}", "type": "function",
+              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+             for i, c in enumerate(candidate.get("calls") or ())]
+    message: dict[str, Any] = {"role": "assistant", "content": candidate.get("content") or None}
+    if calls:
+        message["tool_calls"] = calls
+    return {"choices": [{"index": 0, "message": message,
+                         "finish_reason": "tool_calls" if calls else "stop"}]}
 
 
 def constrained_calls(reply: dict) -> int:
@@ -361,6 +378,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--out", default="tools_results.json", help="JSON file of per-task outcomes")
     p.add_argument("--verbose", action="store_true", help="print each task's outcome")
+    p.add_argument("--explain", action="store_true", help="save each candidate of a vote, its "
+                   "text, calls, log-probabilities and whether it is right (bench/selection.py)")
     args = p.parse_args(argv)
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in args.arms if a not in ARMS]

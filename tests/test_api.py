@@ -42,6 +42,7 @@ def test_sampling_fields_pass_validation(extra, sampling):
     ({"stream_options": []}, "stream_options"),
     ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
     ({"n": 2}, "n"), ({"tools": {"a": 1}}, "tools"),
+    ({"swarm": {"explain": "yes"}}, "swarm.explain"),
     ({"tools": [{"type": "function", "function": {"name": 3}}]}, "tools"),
 ])
 def test_bad_fields_name_the_param(extra, param):

@@ -429,6 +429,22 @@ def test_a_vote_on_shared_prompt_slots_is_the_anchor_then_one_request_for_the_sa
     run(go())
 
 
+def test_explain_shows_each_candidates_text_and_log_probabilities():
+    async def go():
+        proc = FakeProcess(samples=["Answer: 9", "Answer: 5"])
+        pool = await slot_pool(proc)
+        svc = slot_service(pool, adaptive=False)
+        _, _, plain = await svc.complete(request(swarm={"votes": 3}))
+        assert not any("content" in c or "logprobs" in c for c in plain["candidates"])
+        proc.samples = ["Answer: 9", "Answer: 5"]
+        _, _, swarm = await svc.complete(request(swarm={"votes": 3, "explain": True}))
+        assert sorted(c["content"] for c in swarm["candidates"]) == \
+            ["Answer: 5", "Answer: 5", "Answer: 9"]
+        assert all(c["logprobs"] == [-0.25] and c["calls"] == [] for c in swarm["candidates"])
+        await pool.stop()
+    run(go())
+
+
 def test_an_unanchored_vote_on_shared_prompt_slots_is_one_request():
     async def go():
         proc = FakeProcess()

@@ -306,6 +306,18 @@ def test_arms_subset_and_missing_comparison(fake_server, tmp_path, capsys):
     assert len(bodies) == 2 and "k=5 minus one sample: n/a" in printed
 
 
+def test_explain_asks_for_the_candidates_and_checks_each(fake_server, tmp_path):
+    url, bodies = fake_server
+    out = tmp_path / "r.json"
+    quality.main(["--url", url, "--limit", "1", "--arms", "greedy,vote5", "--explain", "--out",
+                  str(out)])
+    assert all(b["swarm"]["explain"] is True for b in bodies)
+    arms = json.loads(out.read_text())["arms"]
+    assert all(t["candidates"] is None for t in arms["greedy"]["tasks"])    # no swarm object
+    [cands] = [t["candidates"] for t in arms["vote5"]["tasks"] if t["id"] == "ar-01"]
+    assert len(cands) == 5 and all(c["correct"] is False for c in cands)     # "x" is wrong
+
+
 def test_seeds_do_not_move_with_limit():
     args = quality.parse_args(["--url", "http://x", "--seed", "100"])
     task = qt.PYTHON[2]

@@ -431,17 +431,18 @@ def test_bench_reports_what_the_server_returned(fake_server, tmp_path, capsys, s
     assert [t.id for t in tasks] == ["read-01", "read-02", "text-01", "text-02", "multi-01",
                                      "multi-02", "multi-text-01", "multi-text-02"]
 
-    expected = {  # arm: correct, accuracy, call, name, no-call, multi, shape, samples, errors
-                  # (then wall/task and constrained, not checked here)
-        "greedy": ("8/8", "100.0%", "100.0%", "100.0%", "100.0%", "100.0%", "0", "1.00", "0"),
-        "sample": ("4/8", "50.0%", "0.0%", "0.0%", "100.0%", "50.0%", "0", "1.00", "0"),
-        "vote3": ("7/8", "87.5%", "75.0%", "75.0%", "100.0%", "100.0%", "0", "3.00", "1"),
-        "vote5": ("8/8", "100.0%", "100.0%", "100.0%", "100.0%", "100.0%", "4", "5.00", "0"),
+    expected = {  # arm: correct, accuracy, call, name, no-call, multi, shape, samples, errors,
+                  # wrong tool (wall/task and constrained are not checked here)
+        "greedy": ("8/8", "100.0%", "100.0%", "100.0%", "100.0%", "100.0%", "0", "1.00", "0", "0"),
+        "sample": ("4/8", "50.0%", "0.0%", "0.0%", "100.0%", "50.0%", "0", "1.00", "0", "0"),
+        "vote3": ("7/8", "87.5%", "75.0%", "75.0%", "100.0%", "100.0%", "0", "3.00", "1", "0"),
+        "vote5": ("8/8", "100.0%", "100.0%", "100.0%", "100.0%", "100.0%", "4", "5.00", "0", "0"),
     }
     for name, want in expected.items():
         line = next(l for l in printed.splitlines() if l.startswith(name + " ") and "%" in l)
         fields = line.split()
-        assert fields[-12:-4] == list(want[:8]) and fields[-2] == want[8], line
+        assert fields[-13:-5] == list(want[:8]) and fields[-3] == want[8], line
+        assert fields[-1] == want[9], line
     assert "k=5 minus one sample: +50.0 points; k=5 minus greedy: +0.0 points" in printed
     assert printed.count("shape error") == 4 and "vote5   shape error read-01" in printed
 
@@ -480,3 +481,16 @@ def test_temperature_flag_and_seeds():
     assert body["seed"] == 105 and body["temperature"] == 0.9
     assert tools.request_body(tools.ARMS["greedy"], task, args)["temperature"] == 0.0
     assert tools.request_body(tools.ARMS["vote5"], task, args)["temperature"] == 0.9
+
+
+def test_wrong_tool_counts_calls_an_agent_would_run_wrongly():
+    def outcome(kind, name_ok, called):
+        return tools.Outcome("t", kind, False, False, name_ok, called, "", None, 1, 1.0, None, "")
+    cases = [outcome("no_call", None, "read_file"),      # a call where text was right
+             outcome("call", False, "get_weather"),      # another tool than the right one
+             outcome("call", True, "read_file"),         # the right tool (arguments aside)
+             outcome("call", False, None),               # text where a call was right
+             outcome("no_call", None, None)]
+    assert [tools.wrong_tool(o) for o in cases] == [True, True, False, False, False]
+    assert tools.summarize(cases)["wrong_tool"] == 2
+

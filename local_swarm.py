@@ -8849,16 +8849,17 @@ class SwarmApp:
         return response
 
     async def _dispatch(self, request: Request) -> Response:
+        """The route's reply. With an API key, a request without it gets 401 on any path but
+        PUBLIC_PATHS, before 404 or 405: which routes exist is not told without the key."""
+        check_api_key(request, self.cfg.api_key)
         method = "GET" if request.method == "HEAD" else request.method
         route = self.routes.get((method, request.path))
         if route is None:
             return self._no_route(request, method)
-        check_api_key(request, self.cfg.api_key)
         return await route(request)
 
     def _no_route(self, request: Request, method: str) -> Response:
         if request.path.startswith("/v1/models/") and method == "GET":
-            check_api_key(request, self.cfg.api_key)
             return self.model_entry(request.path[len("/v1/models/"):])
         allowed = sorted(m for m, path in self.routes if path == request.path)
         if allowed:

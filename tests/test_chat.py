@@ -142,6 +142,29 @@ def test_health_is_503_while_initializing_and_200_once_a_worker_is_ready():
     run(go())
 
 
+def test_with_an_api_key_unknown_routes_are_401_before_404():
+    """Without the key no route is told apart from another (llama-server answers the same):
+    401 on unknown paths and wrong methods too; with it, 404 and 405 as usual."""
+    async def go():
+        pool = await started_pool([FakeWorker(1)])
+        app = ls.SwarmApp(ls.Config(api_key="k"), pool, chat_service(pool), "m")
+
+        async def status(method, path, key=None):
+            headers = (("x-api-key", key),) if key else ()
+            try:
+                return (await app.handle(ls.Request(method, path, path, "HTTP/1.1", headers,
+                                                    b""))).status
+            except ls.HTTPError as exc:
+                return exc.status
+        assert [await status("GET", "/nope"), await status("POST", "/v1/models"),
+                await status("GET", "/v1/models/x")] == [401, 401, 401]
+        assert [await status("GET", "/nope", "k"), await status("POST", "/v1/models", "k"),
+                await status("GET", "/v1/models/x", "k")] == [404, 405, 404]
+        assert await status("GET", "/health") == 200
+        await pool.stop()
+    run(go())
+
+
 # -- consensus over fake workers -------------------------------------------------------------------
 
 def voters(*answers, gated=()):

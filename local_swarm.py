@@ -6314,7 +6314,8 @@ TOP_K_LIMIT = 1 << 20               # top_k: 0 turns it off; any larger than the
 REPEAT_PENALTY_RANGE = (0.5, 2.0)   # 1.0 is none; below 1 favours repeats (0 would divide by 0)
 TOKEN_BOUND_SLACK = 8               # tokens a tokenizer may add beyond one per byte (BOS, prefix space)
 CONTINUATION_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
-                         "top_k", "min_p", "repeat_penalty")
+                         "top_k", "min_p", "repeat_penalty", "logit_bias")
+MAX_LOGIT_BIAS = 300                # token ids one logit_bias may bias (OpenAI's limit)
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
 NAME_ODDS_MIN = 0.1                 # an offered tool stands in for a tool name the model wrote that
                                     # is not offered only if at least this many times as likely
@@ -6491,6 +6492,24 @@ def _parse_swarm_options(body: dict) -> SwarmOptions:
                         explain=_check_bool(opts, "explain", where))
 
 
+def _parse_logit_bias(body: dict) -> dict[str, float] | None:
+    """OpenAI's logit_bias: token ids (decimal strings) to a bias in [-100, 100], passed to the
+    workers as it is (both kinds take this shape); None when absent or empty."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise _invalid(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids",
+                       "logit_bias")
+    for token, value in bias.items():
+        if not (token.isascii() and token.isdigit() and len(token) <= 9) \
+                or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -100 <= value <= 100:
+            raise _invalid("'logit_bias' maps token ids (\"15043\") to numbers from -100 to 100",
+                           "logit_bias")
+    return {token: float(value) for token, value in bias.items()} or None
+
+
 def _parse_stop(body: dict) -> list[str] | None:
     stop = body.get("stop")
     if stop is None:
@@ -6516,6 +6535,7 @@ def _parse_sampling(body: dict) -> dict[str, Any]:
         "top_k": _check_number(body, "top_k", 0, TOP_K_LIMIT, True),       # llama.cpp's own
         "min_p": _check_number(body, "min_p", 0.0, 1.0),
         "repeat_penalty": _check_number(body, "repeat_penalty", *REPEAT_PENALTY_RANGE),
+        "logit_bias": _parse_logit_bias(body),
         "stop": _parse_stop(body),
     }
     return {k: v for k, v in fields.items() if v is not None}
@@ -6577,7 +6597,71 @@ def _parse_response_format(body: dict) -> dict[str, Any] | None:
     if not isinstance(schema, dict):
         raise _invalid("'response_format.json_schema' must be {name, schema: {JSON schema}}",
                        "response_format.json_schema")
+    problem = schema_problem(schema)
+    if problem:
+        raise _invalid(f"'response_format.json_schema.schema' is not a valid JSON Schema: "
+                       f"{problem}", "response_format.json_schema")
     return schema
+
+
+JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "null", "object", "array"})
+_SCHEMA_MAPS = ("properties", "definitions", "$defs", "patternProperties")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+
+
+def schema_problem(schema: Any, path: str = "schema", depth: int = 0) -> str | None:
+    """What makes `schema` an invalid JSON Schema, for the keywords whose shape is fixed (type,
+    properties, required, items, enum, anyOf/oneOf/allOf, counts, ...); None when nothing does.
+    Unknown keywords are left alone (schemas carry titles, formats and vendor keys)."""
+    if isinstance(schema, bool):
+        return None
+    if not isinstance(schema, dict):
+        return f"{path} must be an object or a boolean"
+    if depth > MAX_ARGUMENT_DEPTH:
+        return f"{path} is nested too deeply"
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
+    if kind is not None and (not kinds or not all(isinstance(k, str) and k in JSON_TYPES
+                                                   for k in kinds)):
+        return f"{path}.type must be one of {sorted(JSON_TYPES)} or a list of them"
+    required = schema.get("required")
+    if required is not None and not (isinstance(required, list)
+                                     and all(isinstance(r, str) for r in required)):
+        return f"{path}.required must be a list of property names"
+    enum = schema.get("enum")
+    if enum is not None and not (isinstance(enum, list) and enum):
+        return f"{path}.enum must be a non-empty list"
+    for key in _COUNTS:
+        value = schema.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 0):
+            return f"{path}.{key} must be a non-negative integer"
+    subs: list[tuple[str, Any]] = []
+    for key in _SCHEMA_MAPS:
+        if key in schema:
+            if not isinstance(schema[key], dict):
+                return f"{path}.{key} must be an object of schemas"
+            subs += [(f"{path}.{key}.{name}", sub) for name, sub in schema[key].items()]
+    for key in _SCHEMA_LISTS:
+        if key in schema:
+            if not (isinstance(schema[key], list) and schema[key]):
+                return f"{path}.{key} must be a non-empty list of schemas"
+            subs += [(f"{path}.{key}[{i}]", sub) for i, sub in enumerate(schema[key])]
+    items = schema.get("items")
+    if isinstance(items, list):
+        subs += [(f"{path}.items[{i}]", sub) for i, sub in enumerate(items)]
+    elif items is not None:
+        subs.append((f"{path}.items", items))
+    for key in ("additionalProperties", "not"):
+        if key in schema:
+            subs.append((f"{path}.{key}", schema[key]))
+    if "$ref" in schema and not isinstance(schema["$ref"], str):
+        return f"{path}.$ref must be a string"
+    for sub_path, sub in subs:
+        if (problem := schema_problem(sub, sub_path, depth + 1)) is not None:
+            return problem
+    return None
 
 
 def parse_chat_request(body: Any) -> ChatRequest:

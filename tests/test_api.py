@@ -24,7 +24,9 @@ def body(**kw):
     ({"seed": 42}, {"seed": 42}),
     ({"top_k": 20, "min_p": 0.1, "repeat_penalty": 1.1},          # llama.cpp's own fields
      {"top_k": 20, "min_p": 0.1, "repeat_penalty": 1.1}),
-    ({"temperature": None, "user": "x", "logprobs": False}, {}),
+    ({"logit_bias": {"15043": -100, "7": 2.5}}, {"logit_bias": {"15043": -100.0, "7": 2.5}}),
+    ({"logit_bias": {}}, {}),
+    ({"temperature": None, "user": "x", "logprobs": False, "metadata": {"a": "b"}}, {}),
 ])
 def test_sampling_fields_pass_validation(extra, sampling):
     assert ls.parse_chat_request(body(**extra)).sampling == sampling
@@ -39,6 +41,8 @@ def test_sampling_fields_pass_validation(extra, sampling):
     ({"presence_penalty": 3}, "presence_penalty"), ({"stream": 1}, "stream"),
     ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"), ({"min_p": 2}, "min_p"),
     ({"repeat_penalty": 0}, "repeat_penalty"), ({"repeat_penalty": "1.1"}, "repeat_penalty"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": [1]}, "logit_bias"), ({"logit_bias": {"5": True}}, "logit_bias"),
     ({"stream_options": []}, "stream_options"),
     ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
     ({"n": 2}, "n"), ({"tools": {"a": 1}}, "tools"),
@@ -201,6 +205,34 @@ def test_bad_tool_fields_are_400(extra, param):
 def test_response_format_parsed(fmt, schema):
     extra = {} if fmt is None else {"response_format": fmt}
     assert ls.parse_chat_request(body(**extra)).response_schema == schema
+
+
+@pytest.mark.parametrize("schema,problem", [
+    ({"type": "hiccup"}, "schema.type must be one of"),
+    ({"type": []}, "schema.type"),
+    ({"type": "object", "properties": {"a": {"type": "strin"}}}, "schema.properties.a.type"),
+    ({"properties": []}, "schema.properties must be an object"),
+    ({"required": "a"}, "schema.required"),
+    ({"enum": []}, "schema.enum"),
+    ({"anyOf": [{"type": "string"}, 3]}, "schema.anyOf[1] must be an object or a boolean"),
+    ({"type": "array", "items": {"type": "x"}}, "schema.items.type"),
+    ({"maxLength": -1}, "schema.maxLength"),
+    ({"$ref": 3}, "schema.$ref"),
+])
+def test_a_response_format_schema_that_is_not_json_schema_is_400(schema, problem):
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    with pytest.raises(ls.HTTPError) as info:
+        ls.parse_chat_request(body(response_format=fmt))
+    assert info.value.status == 400 and problem in info.value.message
+
+
+@pytest.mark.parametrize("schema", [
+    {}, {"type": ["string", "null"]}, {"type": "object", "properties": {"a": True},
+                                       "additionalProperties": False, "title": "T"},
+    {"$defs": {"x": {"type": "integer"}}, "items": [{"$ref": "#/$defs/x"}], "x-vendor": 1},
+])
+def test_valid_schemas_pass(schema):
+    assert ls.schema_problem(schema) is None
 
 
 def test_tools_become_an_instruction_for_templates_without_tools():

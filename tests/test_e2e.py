@@ -57,6 +57,23 @@ def test_chat_whole_reply_with_worker_counted_usage(swarm):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
+def test_logit_bias_reaches_the_workers(swarm):
+    """A +100 bias on one token makes every generated token that one, on either kind: the
+    swarm passes OpenAI's logit_bias (token id -> bias) through."""
+    port = swarm.health()["details"][0]["port"]
+    if swarm.kind == "native":
+        ids = httpx.post(f"http://127.0.0.1:{port}/tokenize", json={"content": " banana"}).json()
+        token = ids["tokens"][-1]
+    else:
+        ids = httpx.post(f"http://127.0.0.1:{port}/extras/tokenize",
+                         json={"input": " banana"}).json()
+        token = ids["tokens"][-1]
+    reply = sdk(swarm).chat.completions.create(model="x", messages=HELLO, max_tokens=4,
+                                               temperature=0, logit_bias={str(token): 100})
+    text = reply.choices[0].message.content
+    assert "banana" in text and text.count("banana") >= 3, text
+
+
 def test_max_tokens_gives_length_and_exact_count(swarm):
     reply = sdk(swarm).chat.completions.create(
         model="local-swarm", max_tokens=5, temperature=0,

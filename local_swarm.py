@@ -8907,15 +8907,17 @@ class SwarmApp:
     """The API: one handler for the HTTP server, routing by method and path."""
 
     def __init__(self, cfg: Config, pool: WorkerPool, chat: ChatService, model_id: str,
-                 federation: Federation | None = None) -> None:
+                 federation: Federation | None = None, model: ModelInfo | None = None) -> None:
         self.cfg = cfg
         self.pool = pool
         self.chat = chat
         self.model_id = model_id
         self.federation = federation
+        self.model = model                    # the GGUF's facts, for /v1/models and /props
         self.started = time.time()
         self.routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("GET", "/v1/models"): self.models,
+            ("GET", "/props"): self.props,
             ("GET", "/health"): self.health,
             ("GET", "/v1/health"): self.health,
             ("POST", "/v1/chat/completions"): self.chat_completions,
@@ -8952,8 +8954,33 @@ class SwarmApp:
         raise HTTPError(404, f"no route {request.path}", code="not_found")
 
     def _model_object(self, model_id: str) -> dict[str, Any]:
+        """A /v1/models entry: OpenAI's fields, the context a conversation gets here
+        (`context_length`, as OpenRouter and LM Studio name it) and llama-server's `meta` (the
+        trained context `n_ctx_train`, ...), so clients that probe configure themselves."""
+        n_ctx = self.chat.preparer.n_ctx
+        meta: dict[str, Any] = {"n_ctx": n_ctx}
+        if self.model is not None:
+            meta.update(n_ctx_train=self.model.context_length, n_embd=self.model.n_embd,
+                        n_layer=self.model.n_layer, size=self.model.size_bytes,
+                        arch=self.model.arch)
         return {"id": model_id, "object": "model", "created": int(self.started),
-                "owned_by": "local-swarm"}
+                "owned_by": "local-swarm", "context_length": n_ctx, "meta": meta}
+
+    async def props(self, request: Request) -> Response:
+        """llama-server's GET /props, as clients configured for llama.cpp read it: the context
+        each conversation gets (default_generation_settings.n_ctx), the slots (workers), the
+        model and its chat template."""
+        n_ctx = self.chat.preparer.n_ctx
+        return Response.json({
+            "default_generation_settings": {"n_ctx": n_ctx, "params": {
+                "n_predict": -1, "temperature": self.cfg.vote_temperature, **WORKER_SAMPLING}},
+            "total_slots": len(self.pool.slots),
+            "model_alias": self.model_id,
+            "model_path": self.model.path.name if self.model is not None else self.model_id,
+            "n_ctx_train": self.model.context_length if self.model is not None else 0,
+            "chat_template": self.model.chat_template if self.model is not None else "",
+            "modalities": {"vision": False, "audio": False},
+            "build_info": f"local-swarm {VERSION}"})
 
     async def models(self, request: Request) -> Response:
         return Response.json({"object": "list", "data": [
@@ -9099,7 +9126,7 @@ class Swarm:
             log.info("%s", FEDERATION_OFF)
         chat = ChatService(self.pool, renderer, self.model_id, self.plan.ctx, self.cfg,
                            peers=self.federation)
-        app = SwarmApp(self.cfg, self.pool, chat, self.model_id, self.federation)
+        app = SwarmApp(self.cfg, self.pool, chat, self.model_id, self.federation, self.model)
         self.server = HttpServer(app.handle, self.cfg.http, self.cfg.host, self.cfg.port,
                                  self.cfg.cors_origins)
         await self.server.start()

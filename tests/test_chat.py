@@ -165,6 +165,31 @@ def test_with_an_api_key_unknown_routes_are_401_before_404():
     run(go())
 
 
+def test_models_and_props_tell_clients_the_context():
+    async def go():
+        pool = await started_pool([FakeWorker(1), FakeWorker(2)])
+        info = ls.ModelInfo(path=ls.Path("/m/tiny.gguf"), size_bytes=1000, sha256=None,
+                            name="tiny", arch="llama", context_length=8192, n_layer=2, n_embd=8,
+                            n_head=1, n_head_kv=1, head_dim=8, has_tool_template=False,
+                            chat_template_family="", chat_template="{{ x }}")
+        app = ls.SwarmApp(ls.Config(), pool, chat_service(pool, n_ctx=100), "m", model=info)
+
+        async def get(path):
+            reply = await app.handle(ls.Request("GET", path, path, "HTTP/1.1", (), b""))
+            return json.loads(reply.body)
+        models = (await get("/v1/models"))["data"]
+        assert [m["id"] for m in models] == ["local-swarm", "m"]
+        assert all(m["context_length"] == 100 and m["meta"]["n_ctx"] == 100
+                   and m["meta"]["n_ctx_train"] == 8192 for m in models)
+        assert (await get("/v1/models/m"))["context_length"] == 100
+        props = await get("/props")
+        assert props["default_generation_settings"]["n_ctx"] == 100
+        assert props["total_slots"] == 2 and props["n_ctx_train"] == 8192
+        assert props["model_path"] == "tiny.gguf" and props["chat_template"] == "{{ x }}"
+        await pool.stop()
+    run(go())
+
+
 # -- consensus over fake workers -------------------------------------------------------------------
 
 def voters(*answers, gated=()):

@@ -33,6 +33,17 @@ def test_models_lists_swarm_and_model(swarm):
     assert len(ids) == 2 and "smol" in ids[1].lower()
 
 
+def test_models_and_props_give_the_context_for_clients_that_probe(swarm):
+    """The context each conversation gets (--ctx 2048) and the model's trained context, in
+    /v1/models entries and in llama.cpp's GET /props."""
+    models = httpx.get(swarm.url + "/v1/models").json()["data"]
+    assert all(m["context_length"] == 2048 for m in models)
+    assert all(m["meta"]["n_ctx_train"] >= 2048 for m in models)
+    props = httpx.get(swarm.url + "/props").json()
+    assert props["default_generation_settings"]["n_ctx"] == 2048
+    assert props["total_slots"] == 2 and props["chat_template"]
+
+
 def test_health_reports_workers_and_version(swarm):
     for path in ("/health", "/v1/health"):
         body = httpx.get(swarm.url + path).json()

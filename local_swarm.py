@@ -18,14 +18,14 @@ packages alone (`python -I -S`, see isolate). It supervises llama.cpp's own `lla
 (the native kind, built from the same source: one process whose slots each serve one request at a
 time, and evaluate a vote's prompt once for all its candidates) or N `python -m llama_cpp.server`
 subprocesses (the python kind), bound to 127.0.0.1, and exposes /v1/models,
-/v1/chat/completions (streaming and not) and /health on a hand-written HTTP/1.1 +
-Server-Sent-Events server.
+/v1/chat/completions (streaming and not), /health, /props and /metrics on a hand-written
+HTTP/1.1 + Server-Sent-Events server.
 
 Sections, in dependency order: each uses only the ones before it (grep for "# ====" for a table
 of contents; tests/test_layout.py checks both):
     Constants, Errors, Config, HTTP/1.1 and SSE protocol, HTTP server, Hardware and build, Models,
-    Bundles, Workers, Worker pool, Voting, Tool calls, Chat API, Federation, Server wiring,
-    First run, CLI.
+    Bundles, Workers, Worker pool, Voting, Tool calls, Metrics, Chat API, Federation, Server
+    wiring, First run, CLI.
 
 With a shared secret (--secret or LOCAL_SWARM_SECRET), swarms on one network find each other by
 signed UDP beacons and vote together: each request's candidates are joined by the best answers of
@@ -6297,6 +6297,147 @@ def call_grammar(tools: Mapping[str, dict], family: str, parallel: bool = True,
 
 
 # =====================================================================================================
+# Metrics
+# =====================================================================================================
+# GET /metrics in Prometheus' text format (version 0.0.4), behind the API key like every route but
+# /health. The swarm's own figures are kept in memory from the start (counters and histograms,
+# names local_swarm_*); each llama-server's own (llamacpp:*, started with --metrics) are fetched
+# when asked for and passed on with a `worker` label naming its process, so a sum over the label is
+# the swarm's. Labels take only values from small fixed sets (a known route or "other", a status
+# code, a worker or peer name): no client-chosen text becomes a time series.
+
+METRIC_BUCKETS = {
+    "local_swarm_vote_candidates": (1, 2, 3, 4, 5, 6, 8, 12, 16),
+    "local_swarm_vote_confidence": (0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0),
+    "local_swarm_answer_seconds": (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+}
+METRIC_HELP = {
+    "local_swarm_requests_total": "HTTP requests answered, by route and status",
+    "local_swarm_vote_candidates": "candidates generated per answer (1: one worker answered)",
+    "local_swarm_vote_confidence": "the winner's share of the vote's support",
+    "local_swarm_answer_seconds": "seconds from a chat request's start to its winner's end",
+    "local_swarm_peer_votes_total": "peer swarms' answers to our votes, by peer and fate",
+    "local_swarm_workers": "workers (llama-server slots or processes) by state",
+    "local_swarm_queue_depth": "requests waiting for a worker",
+    "local_swarm_peers": "live peer swarms",
+    "local_swarm_up": "1 while the daemon serves",
+}
+METRICS_FETCH_TIMEOUT = 2.0          # seconds a worker's own /metrics may take
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{_metric_number(b)}"}} {c}'
+               for b, c in zip(self.bounds, self.counts)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}',
+                      f"{name}_sum {_metric_number(self.sum)}", f"{name}_count {self.count}"]
+
+
+def _metric_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """The swarm's own counters and histograms (see the section comment)."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.peer_votes: Counter[tuple[str, str]] = Counter()
+        self.histograms = {name: Histogram(bounds) for name, bounds in METRIC_BUCKETS.items()}
+
+    def request(self, route: str, status: int) -> None:
+        self.requests[(route, status)] += 1
+
+    def answer(self, candidates: int, confidence: float, seconds: float,
+               peers: Sequence[Mapping[str, Any]] = ()) -> None:
+        """A chat request answered: its candidates, the vote's confidence, the winner's latency
+        and the peers asked (each {"name", "status"}: voted or dropped)."""
+        self.histograms["local_swarm_vote_candidates"].observe(candidates)
+        self.histograms["local_swarm_vote_confidence"].observe(confidence)
+        self.histograms["local_swarm_answer_seconds"].observe(seconds)
+        for peer in peers:
+            self.peer_votes[(str(peer.get("name", "?")), str(peer.get("status", "?")))] += 1
+
+    def render(self, pool: WorkerPool, peers: int | None, workers_text: Sequence[tuple[str, str]]
+               ) -> str:
+        """The whole exposition: the swarm's own metrics, the pool's state, `peers` (None:
+        federation off) and each worker process's own metrics (worker name, its /metrics text)."""
+        out: list[str] = []
+
+        def head(name: str, kind: str) -> None:
+            out.extend([f"# HELP {name} {METRIC_HELP[name]}", f"# TYPE {name} {kind}"])
+        head("local_swarm_up", "gauge")
+        out.append("local_swarm_up 1")
+        head("local_swarm_requests_total", "counter")
+        out += [f'local_swarm_requests_total{{route="{_label(route)}",status="{status}"}} {n}'
+                for (route, status), n in sorted(self.requests.items())]
+        for name, histogram in self.histograms.items():
+            head(name, "histogram")
+            out += histogram.lines(name)
+        head("local_swarm_workers", "gauge")
+        states = Counter(s.state.value for s in pool.slots)
+        out += [f'local_swarm_workers{{state="{state.value}"}} {states.get(state.value, 0)}'
+                for state in SlotState]
+        head("local_swarm_queue_depth", "gauge")
+        out.append(f"local_swarm_queue_depth {pool.waiting()}")
+        if peers is not None:
+            head("local_swarm_peers", "gauge")
+            out.append(f"local_swarm_peers {peers}")
+            head("local_swarm_peer_votes_total", "counter")
+            out += [f'local_swarm_peer_votes_total{{peer="{_label(p)}",fate="{_label(f)}"}} {n}'
+                    for (p, f), n in sorted(self.peer_votes.items())]
+        out += worker_metric_lines(workers_text)
+        return "\n".join(out) + "\n"
+
+
+def worker_metric_lines(workers_text: Sequence[tuple[str, str]]) -> list[str]:
+    """Each worker process's own Prometheus text with a `worker` label added to every sample;
+    each metric's HELP and TYPE once."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for worker, text in workers_text:
+        for line in text.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("#"):
+                parts = line.split(None, 3)
+                key = " ".join(parts[:3])
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE") and key not in seen:
+                    seen.add(key)
+                    out.append(line)
+                continue
+            name, _, rest = line.partition(" ")
+            label = f'worker="{_label(worker)}"'
+            if "{" in name:
+                base, _, labels = name.partition("{")
+                name = f"{base}{{{label},{labels}" if labels != "}" else f"{base}{{{label}}}"
+            else:
+                name = f"{name}{{{label}}}"
+            out.append(f"{name} {rest}")
+    return out
+
+
+# =====================================================================================================
 # Chat API
 # =====================================================================================================
 # Rules: validate every field a client sends before it reaches a worker (types and ranges: llama.cpp
@@ -8095,6 +8236,13 @@ def _adopt(gen: Generation, winner: Generation) -> None:
         setattr(gen, name, getattr(winner, name))
 
 
+def count_answer(metrics: Metrics, ballot: Ballot) -> None:
+    """Count an answered request in the metrics: its candidates, confidence, latency, peers."""
+    vote = ballot.vote or tally(ballot.candidates)
+    metrics.answer(len(ballot.entries), vote.confidence, ballot.entries[vote.winner][0].latency,
+                   ballot.peers)
+
+
 class ChatService:
     """The chat API's replies for one model: a whole chat.completion (complete) or an SSE byte
     stream (open_stream), from one worker or a vote. Each request is prepared once
@@ -8108,11 +8256,13 @@ class ChatService:
         self.preparer = RequestPreparer(renderer, n_ctx)
         self.generator = Generator(pool, cfg, n_ctx)
         self.votes = VoteRunner(self.generator, pool, cfg, peers)
+        self.metrics = Metrics()                 # what GET /metrics shows of the answers
 
     async def complete(self, req: ChatRequest) -> tuple[dict[str, Any], Generation, dict]:
         """A whole (non-streamed) chat.completion object, its generation and `swarm` object.
         Raises HTTPError (4xx; 429/503 from the pool), WorkerError when no worker could answer."""
         ballot = await self.votes.run(self.preparer.prepare(req), self.votes.plan(req))
+        count_answer(self.metrics, ballot)
         gen, swarm = ballot.winner(), swarm_report(ballot)
         reply = {"id": new_completion_id(), "object": "chat.completion", "created": int(self.clock()),
                  "model": self.reply_model(req),
@@ -8154,7 +8304,9 @@ class ChatService:
             for event in frame.calls(gen):
                 yield event
             self.votes.remember(req, plan, [gen.worker])
-            swarm = swarm_report(single_ballot(plan, gen, attempt.prepared.answered))
+            ballot = single_ballot(plan, gen, attempt.prepared.answered)
+            count_answer(self.metrics, ballot)
+            swarm = swarm_report(ballot)
             for event in closing_events(frame, req, gen, swarm):
                 yield event
         except WorkerError as exc:
@@ -8187,6 +8339,7 @@ class ChatService:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        count_answer(self.metrics, ballot)
         winner = ballot.winner()
         _adopt(gen, winner)
         for piece in _PIECES.findall(winner.shown_text):
@@ -8918,6 +9071,7 @@ class SwarmApp:
         self.routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("GET", "/v1/models"): self.models,
             ("GET", "/props"): self.props,
+            ("GET", "/metrics"): self.metrics,
             ("GET", "/health"): self.health,
             ("GET", "/v1/health"): self.health,
             ("POST", "/v1/chat/completions"): self.chat_completions,
@@ -8928,7 +9082,14 @@ class SwarmApp:
 
     async def handle(self, request: Request) -> Response:
         started = time.monotonic()
-        response = await self._dispatch(request)
+        route = request.path if any(path == request.path for _, path in self.routes) \
+            else "other"
+        try:
+            response = await self._dispatch(request)
+        except HTTPError as exc:
+            self.chat.metrics.request(route, exc.status)
+            raise
+        self.chat.metrics.request(route, response.status)
         if log.isEnabledFor(logging.DEBUG) and response.stream is None:
             log.debug("%s %s -> %d (%d bytes) in %.1f ms", request.method, request.path,
                       response.status, len(response.body), (time.monotonic() - started) * 1000)
@@ -8965,6 +9126,30 @@ class SwarmApp:
                         arch=self.model.arch)
         return {"id": model_id, "object": "model", "created": int(self.started),
                 "owned_by": "local-swarm", "context_length": n_ctx, "meta": meta}
+
+    async def metrics(self, request: Request) -> Response:
+        """GET /metrics: Prometheus' text format (see the Metrics section)."""
+        texts = await self._worker_metrics()
+        peers = len(self.federation.table.live()) if self.federation is not None else None
+        return Response(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                        self.chat.metrics.render(self.pool, peers, texts).encode())
+
+    async def _worker_metrics(self) -> list[tuple[str, str]]:
+        """Each worker process's own /metrics text (llama-server's), by process name; a process
+        that has none (llama-cpp-python) or does not answer in time is left out."""
+        import httpx
+        ports = {s.worker.group: s.worker.port for s in self.pool.slots
+                 if s.state in (SlotState.IDLE, SlotState.BUSY, SlotState.DRAINING)}
+        texts = []
+        async with httpx.AsyncClient(timeout=METRICS_FETCH_TIMEOUT) as client:
+            for group, port in sorted(ports.items()):
+                try:
+                    reply = await client.get(f"http://127.0.0.1:{port}/metrics")
+                except httpx.HTTPError:
+                    continue
+                if reply.status_code == 200:
+                    texts.append((group, reply.text))
+        return texts
 
     async def props(self, request: Request) -> Response:
         """llama-server's GET /props, as clients configured for llama.cpp read it: the context

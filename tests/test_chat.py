@@ -190,6 +190,52 @@ def test_models_and_props_tell_clients_the_context():
     run(go())
 
 
+def test_metrics_count_requests_and_votes_in_prometheus_text():
+    async def go():
+        pool = await started_pool([FakeWorker(1, tokens=("4",)), FakeWorker(2, tokens=("4",))])
+        app = ls.SwarmApp(ls.Config(api_key="k"), pool, chat_service(pool, mode="vote"), "m")
+
+        async def call(method, path, body=b"", key="k"):
+            headers = (("x-api-key", key),) if key else ()
+            try:
+                return await app.handle(ls.Request(method, path, path, "HTTP/1.1", headers, body))
+            except ls.HTTPError as exc:
+                return exc.status
+        chat = json.dumps({"messages": [{"role": "user", "content": "2+2?"}],
+                           "swarm": {"votes": 2, "adaptive": False}}).encode()
+        assert (await call("POST", "/v1/chat/completions", chat)).status == 200
+        assert await call("GET", "/nope/secret-path") == 404
+        assert await call("GET", "/metrics", key=None) == 401         # behind the key
+        reply = await call("GET", "/metrics")
+        assert reply.status == 200 and reply.headers[0][1].startswith("text/plain; version=0.0.4")
+        text = reply.body.decode()
+        assert 'local_swarm_requests_total{route="/v1/chat/completions",status="200"} 1' in text
+        assert 'local_swarm_requests_total{route="other",status="404"} 1' in text
+        assert "secret-path" not in text                              # no client text as label
+        assert 'local_swarm_vote_candidates_bucket{le="2"} 1' in text
+        assert 'local_swarm_vote_confidence_bucket{le="1"} 1' in text
+        assert "local_swarm_answer_seconds_count 1" in text
+        assert 'local_swarm_workers{state="idle"} 2' in text and "local_swarm_queue_depth 0" in text
+        assert "local_swarm_peers" not in text                        # federation off
+        for line in text.splitlines():                                # the exposition grammar
+            assert line.startswith("# HELP ") or line.startswith("# TYPE ") or \
+                ls.re.fullmatch(r'[a-zA-Z_:][\w:]*(\{[^}]*\})? [-+\w.]+', line), line
+        await pool.stop()
+    run(go())
+
+
+def test_worker_metrics_get_a_worker_label_and_their_help_once():
+    llama = ("# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.\n"
+             "# TYPE llamacpp:prompt_tokens_total counter\n"
+             "llamacpp:prompt_tokens_total 120\n"
+             'llamacpp:x{slot="1"} 2\n')
+    lines = ls.worker_metric_lines([("worker-1", llama), ("worker-2", llama)])
+    assert lines.count("# TYPE llamacpp:prompt_tokens_total counter") == 1
+    assert 'llamacpp:prompt_tokens_total{worker="worker-1"} 120' in lines
+    assert 'llamacpp:prompt_tokens_total{worker="worker-2"} 120' in lines
+    assert 'llamacpp:x{worker="worker-2",slot="1"} 2' in lines
+
+
 # -- consensus over fake workers -------------------------------------------------------------------
 
 def voters(*answers, gated=()):

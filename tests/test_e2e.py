@@ -68,6 +68,15 @@ def test_chat_whole_reply_with_worker_counted_usage(swarm):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
+def test_metrics_show_the_swarms_figures_and_llama_servers_own(swarm):
+    sdk(swarm).chat.completions.create(model="x", messages=HELLO, max_tokens=2, temperature=0)
+    text = httpx.get(swarm.url + "/metrics").text
+    assert 'local_swarm_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert "local_swarm_vote_candidates_count" in text and "local_swarm_up 1" in text
+    own = 'llamacpp:prompt_tokens_total{worker="worker-1"}'
+    assert (own in text) is (swarm.kind == "native")     # llama-cpp-python's server has none
+
+
 def test_logit_bias_reaches_the_workers(swarm):
     """A +100 bias on one token makes every generated token that one, on either kind: the
     swarm passes OpenAI's logit_bias (token id -> bias) through."""

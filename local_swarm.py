@@ -4156,9 +4156,10 @@ async def post_json(client: Any, base: str, path: str, name: str, body: dict[str
     return reply.json()
 
 
-async def stream_sse(client: Any, url: str, name: str, body: dict[str, Any], timeout: float
-                     ) -> AsyncIterator[dict]:
-    """POST a streaming request to a worker's url; yield each chunk (a dict) until [DONE].
+async def stream_sse(client: Any, url: str, name: str, body: dict[str, Any], timeout: float,
+                     last: Callable[[dict], bool] | None = None) -> AsyncIterator[dict]:
+    """POST a streaming request to a worker's url; yield each chunk (a dict) until [DONE], or
+    until a chunk for which `last` is true (llama-server's own routes end with "stop": true).
 
     Raises WorkerError if the worker refuses, breaks the stream or ends it without [DONE].
     Closing this generator closes the connection, which stops the worker's generation.
@@ -4177,7 +4178,10 @@ async def stream_sse(client: Any, url: str, name: str, body: dict[str, Any], tim
                 for data in decoder.feed(raw):
                     if data == "[DONE]":
                         return
-                    yield json.loads(data)
+                    chunk = json.loads(data)
+                    yield chunk
+                    if last is not None and last(chunk):
+                        return
     except httpx.HTTPError as exc:
         raise WorkerError(f"{name}: stream broken: {exc!r}") from exc
     except json.JSONDecodeError as exc:
@@ -4329,6 +4333,7 @@ class LlamaCppPythonWorker(ServerProcess):
 # (it is started without --jinja: it parses no calls of its own).
 
 NATIVE_CACHE_RAM_MIB = 1024        # host memory for prompts of idle slots (llama-server: 8192)
+INFILL_ROUTE = "/infill"           # llama-server's fill in the middle, with the model's FIM tokens
 PROMPT_RATE_GUESS = 200.0          # prompt characters evaluated per second until one is measured
                                    # (about 50 tokens/s: a 1.5B model on 2 cores; a guess on the
                                    # slow side makes the first concurrent requests take turns)
@@ -4477,9 +4482,10 @@ class NativeWorker:
         WORKER_SAMPLING says. The last chunk's timings teach the process its prompt rate
         (NativeServer.note_prompt)."""
         prompt = body.get("prompt")
+        last = (lambda chunk: chunk.get("stop") is True) if route == INFILL_ROUTE else None
         async with contextlib.aclosing(stream_sse(
                 self.server.client, self.server.url + route, self.name,
-                {**WORKER_SAMPLING, **body}, timeout)) as chunks:
+                {**WORKER_SAMPLING, **body}, timeout, last)) as chunks:
             async for chunk in chunks:
                 if isinstance(chunk.get("timings"), dict) and isinstance(prompt, str):
                     self.server.note_prompt(len(prompt), chunk["timings"])
@@ -4765,9 +4771,11 @@ class WorkerPool:
                             "retry in a few seconds", "server_error", code="swarm_starting",
                             headers=[("Retry-After", str(STARTING_RETRY_AFTER))])
 
-    async def _acquire(self, prefer: Sequence[str] = ()) -> tuple[WorkerSlot, int]:
-        """Wait for a worker (an idle preferred one first). Raises HTTPError 429 when the waiting
-        line is full, 503 as check_serving does."""
+    async def _acquire(self, prefer: Sequence[str] = (), priority: bool = False
+                       ) -> tuple[WorkerSlot, int]:
+        """Wait for a worker (an idle preferred one first); with `priority`, ahead of everyone
+        waiting. Raises HTTPError 429 when the waiting line is full, 503 as check_serving
+        does."""
         self.check_serving()
         slot = self._idle_slot(prefer)
         if slot is not None:
@@ -4778,7 +4786,10 @@ class WorkerPool:
                             "requests are waiting; retry later", "rate_limit_error",
                             code="queue_full", headers=[("Retry-After", str(self._retry_after()))])
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        if priority:
+            self._waiters.insert(0, fut)
+        else:
+            self._waiters.append(fut)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -4843,11 +4854,13 @@ class WorkerPool:
             await slot.worker.stop()               # its supervisor restarts it
 
     @contextlib.asynccontextmanager
-    async def lease(self, prefer: Sequence[str] = ()) -> AsyncIterator[Worker]:
+    async def lease(self, prefer: Sequence[str] = (), priority: bool = False
+                    ) -> AsyncIterator[Worker]:
         """`async with pool.lease() as worker:` exclusive use of one ready worker, one named in
-        `prefer` when such is idle (conversation affinity: its KV cache holds the prefix). A
-        WorkerError out of the block sends the worker to be probed before it is leased again."""
-        slot, lease_id = await self._acquire(prefer)
+        `prefer` when such is idle (conversation affinity: its KV cache holds the prefix);
+        `priority` goes ahead of the requests waiting (autocomplete). A WorkerError out of the
+        block sends the worker to be probed before it is leased again."""
+        slot, lease_id = await self._acquire(prefer, priority)
         started = time.monotonic()
         try:
             yield slot.worker
@@ -8158,8 +8171,8 @@ _PIECES = re.compile(r"\s*\S+\s*|\s+")  # a voted reply streams as word-sized de
 CALL_FRAGMENT = 64                  # characters of a call's arguments per streamed delta
 
 
-def new_completion_id() -> str:
-    return "chatcmpl-" + os.urandom(12).hex()
+def new_completion_id(prefix: str = "chatcmpl-") -> str:
+    return prefix + os.urandom(12).hex()
 
 
 def new_call_id() -> str:
@@ -8352,6 +8365,259 @@ class ChatService:
 
     def reply_model(self, req: ChatRequest) -> str:
         return req.model if req.model in (SWARM_MODEL_ID, self.model_id) else self.model_id
+
+
+# ---- raw completions: /v1/completions (autocomplete) -----------------------------------------------
+# Rules: a raw prompt (an editor's own template, or a prefix and a `suffix` to fill in the middle)
+# goes to one worker, never to a vote: autocomplete is latency-first. Its lease goes ahead of the
+# chat requests waiting for a worker, and it takes its turn on the prompt like a chat does (the
+# file's prefix is in the slot that served the last keystroke). A client that hangs up (the next
+# keystroke) closes the worker's stream, which stops the generation. A `suffix` goes to
+# llama-server's /infill, which writes the fill-in-the-middle prompt with the model's own FIM
+# tokens; llama-cpp-python's `suffix` is broken (its FIM token ids are 0), so the python kind
+# refuses it. Replies have OpenAI's text_completion shape; logprobs the legacy shape (tokens,
+# token_logprobs, top_logprobs, text_offset).
+
+MAX_PROMPTS = 16                    # prompts in one request (a list: one choice each)
+COMPLETION_MAX_TOKENS = 16          # OpenAI's default max_tokens for /v1/completions
+MAX_COMPLETION_LOGPROBS = 5         # OpenAI's limit on `logprobs` for completions
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A validated /v1/completions request."""
+
+    prompts: tuple[str, ...]
+    suffix: str | None
+    stream: bool
+    include_usage: bool
+    sampling: dict[str, Any]
+    logprobs: int | None = None
+    model: str | None = None
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    """Validate a /v1/completions body. Raises HTTPError 400 naming the bad field: a field this
+    endpoint cannot honour (echo, n or best_of above 1, token-id prompts) is refused, not
+    ignored."""
+    if not isinstance(body, dict):
+        raise _invalid("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPTS \
+            or not all(isinstance(p, str) for p in prompts):
+        raise _invalid(f"'prompt' must be a string or a list of 1 to {MAX_PROMPTS} strings "
+                       "(token ids are not supported)", "prompt")
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise _invalid("'suffix' must be a string", "suffix")
+    if _check_bool(body, "echo"):
+        raise _invalid("'echo' is not supported", "echo", code="unsupported_value")
+    for name in ("n", "best_of"):
+        if body.get(name, 1) not in (1, None):
+            raise _invalid(f"only {name}=1 is supported", name, code="unsupported_value")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _invalid("'stream_options' must be an object", "stream_options")
+    sampling = _parse_sampling(body)
+    sampling.setdefault("max_tokens", COMPLETION_MAX_TOKENS)
+    model = body.get("model")
+    return CompletionRequest(
+        prompts=tuple(prompts), suffix=suffix or None, stream=_check_bool(body, "stream"),
+        include_usage=_check_bool(options or {}, "include_usage"), sampling=sampling,
+        logprobs=_check_number(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, integer=True),
+        model=model if isinstance(model, str) else None)
+
+
+def legacy_logprobs(choice: Mapping[str, Any], offset: int) -> dict[str, list] | None:
+    """A streamed choice's log-probabilities in the completions shape (tokens, token_logprobs,
+    top_logprobs, text_offset from `offset`), from either worker's shape; None when it has none."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return None
+    if isinstance(logprobs.get("token_logprobs"), list):
+        return {k: list(logprobs.get(k) or []) for k in
+                ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                            "text_offset": []}
+    for entry in logprobs.get("content") or ():
+        if not isinstance(entry, dict):
+            continue
+        out["tokens"].append(entry.get("token", ""))
+        out["token_logprobs"].append(entry.get("logprob"))
+        out["top_logprobs"].append({t.get("token", ""): t.get("logprob")
+                                    for t in entry.get("top_logprobs") or ()
+                                    if isinstance(t, dict)})
+        out["text_offset"].append(offset)
+        offset += len(entry.get("token", ""))
+    return out
+
+
+@dataclass
+class CompletionChoice:
+    """One prompt's completion as it arrives."""
+
+    index: int
+    text: str = ""
+    finish_reason: str = "stop"
+    logprobs: dict[str, list] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class CompletionService:
+    """Answers /v1/completions (see the rules above) on the chat's pool, turns and metrics."""
+
+    def __init__(self, pool: WorkerPool, cfg: Config, model_id: str, turns: PromptTurns,
+                 metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+        self.pool, self.cfg, self.model_id = pool, cfg, model_id
+        self.turns, self.metrics, self.clock = turns, metrics, clock
+
+    def reply_model(self, req: CompletionRequest) -> str:
+        return req.model if req.model in (SWARM_MODEL_ID, self.model_id) else self.model_id
+
+    async def complete(self, req: CompletionRequest) -> dict[str, Any]:
+        """A whole text_completion. Raises HTTPError (400 refused, 429/503 from the pool),
+        WorkerError when the worker failed."""
+        choices = []
+        for i, prompt in enumerate(req.prompts):
+            choice = CompletionChoice(i)
+            async with contextlib.aclosing(self._generate(req, prompt, choice)) as pieces:
+                async for _ in pieces:
+                    pass
+            choices.append(choice)
+        return {"id": new_completion_id("cmpl-"), "object": "text_completion",
+                "created": int(self.clock()), "model": self.reply_model(req),
+                "choices": [self._choice(c) for c in choices], "usage": _usage(choices)}
+
+    async def open_stream(self, req: CompletionRequest) -> AsyncIterator[bytes]:
+        """The SSE stream of a streamed request, its first choice already started (so a refusal
+        is a 4xx before any byte of the 200). Raises as complete."""
+        first = CompletionChoice(0)
+        pieces = self._generate(req, req.prompts[0], first)
+        try:
+            head = await anext(pieces, None)
+        except BaseException:
+            await pieces.aclose()
+            raise
+        return self._sse(req, first, pieces, head)
+
+    async def _sse(self, req: CompletionRequest, first: CompletionChoice,
+                   pieces: AsyncIterator[dict[str, Any]], head: dict[str, Any] | None
+                   ) -> AsyncIterator[bytes]:
+        cid, created, model = new_completion_id("cmpl-"), int(self.clock()), self.reply_model(req)
+
+        def event(choices: list, **extra: Any) -> bytes:
+            return sse_json({"id": cid, "object": "text_completion", "created": created,
+                             "model": model, "choices": choices, **extra})
+        choices = [first]
+        try:
+            for i, prompt in enumerate(req.prompts):
+                choice = first if i == 0 else CompletionChoice(i)
+                if i:
+                    choices.append(choice)
+                    pieces, head = self._generate(req, prompt, choice), None
+                async with contextlib.aclosing(pieces) as rest:
+                    if head is not None:
+                        yield event([{"index": i, "finish_reason": None, **head}])
+                    async for piece in rest:
+                        yield event([{"index": i, "finish_reason": None, **piece}])
+                yield event([{"index": i, "text": "", "logprobs": None,
+                              "finish_reason": choice.finish_reason}])
+            if req.include_usage:
+                yield event([], usage=_usage(choices))
+        except WorkerError as exc:
+            log.error("completion stream broken after output began: %s", exc)
+            yield sse_json(HTTPError(502, f"the worker failed mid-stream: {exc}", "server_error",
+                                     code="worker_failed").body())
+        yield SSE_DONE
+
+    async def _generate(self, req: CompletionRequest, prompt: str, choice: CompletionChoice
+                        ) -> AsyncIterator[dict[str, Any]]:
+        """Run one prompt on a worker (leased ahead of the waiting chats, after its turn on the
+        prompt); yield each piece ({"text", "logprobs"}) as it comes, filling in `choice`."""
+        started = time.monotonic()
+        turn = await self.turns.take(prompt)
+        try:
+            async with self.pool.lease(priority=True) as worker:
+                route, body = self._worker_request(req, prompt, worker)
+                try:
+                    async with contextlib.aclosing(worker.stream_chat(
+                            body, self.cfg.request_timeout, route)) as chunks:
+                        async for chunk in chunks:
+                            piece = self._piece(chunk, choice)
+                            if piece is not None:
+                                yield piece
+                except WorkerError as exc:
+                    if exc.status is not None:
+                        raise HTTPError(400, f"the worker refused the request: {exc}",
+                                        code="worker_rejected") from exc
+                    raise
+                if not (choice.prompt_tokens and choice.completion_tokens) and choice.text:
+                    choice.prompt_tokens = choice.prompt_tokens or await worker.count_tokens(
+                        prompt + (req.suffix or ""))
+                    choice.completion_tokens = max(0, await worker.count_tokens(choice.text)
+                                                   - await worker.count_tokens(""))
+        finally:
+            turn.end()
+        self.metrics.answer(1, 1.0, time.monotonic() - started)
+
+    def _worker_request(self, req: CompletionRequest, prompt: str, worker: Worker
+                        ) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = dict(req.sampling)
+        if req.logprobs is not None:
+            body["logprobs"] = req.logprobs
+        if req.suffix is None:
+            return "/v1/completions", {"prompt": prompt, **body}
+        if not worker.shares_prompt:
+            raise HTTPError(400, "'suffix' (fill in the middle) needs the native worker kind "
+                            "(--worker native): llama-cpp-python's suffix is broken",
+                            code="unsupported_value", param="suffix")
+        return INFILL_ROUTE, {"input_prefix": prompt, "input_suffix": req.suffix, "prompt": "",
+                              "n_predict": body.pop("max_tokens"), **body}
+
+    @staticmethod
+    def _piece(chunk: Mapping[str, Any], choice: CompletionChoice) -> dict[str, Any] | None:
+        """Fold one worker chunk (OpenAI's completion shape, or /infill's own) into `choice`;
+        the piece to send, None when it carries no text."""
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            choice.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            choice.completion_tokens = int(usage.get("completion_tokens") or 0)
+        if "content" in chunk and "choices" not in chunk:          # /infill
+            text = chunk.get("content") or ""
+            if chunk.get("stop") is True:
+                choice.finish_reason = "length" if chunk.get("stop_type") == "limit" else "stop"
+                choice.prompt_tokens = int(chunk.get("tokens_evaluated") or 0)
+                choice.completion_tokens = int(chunk.get("tokens_predicted") or 0)
+            logprobs = None
+        else:
+            item = (chunk.get("choices") or [{}])[0]
+            text = item.get("text") or ""
+            if item.get("finish_reason") in FINISH_REASONS:
+                choice.finish_reason = item["finish_reason"]
+            logprobs = legacy_logprobs(item, len(choice.text))
+        if not text:
+            return None
+        choice.text += text
+        if logprobs is not None:
+            merged = choice.logprobs or {k: [] for k in logprobs}
+            for key, values in logprobs.items():
+                merged.setdefault(key, []).extend(values)
+            choice.logprobs = merged
+        return {"text": text, "logprobs": logprobs}
+
+    @staticmethod
+    def _choice(c: CompletionChoice) -> dict[str, Any]:
+        return {"text": c.text, "index": c.index, "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason}
+
+
+def _usage(choices: Sequence[CompletionChoice]) -> dict[str, int]:
+    prompt = sum(c.prompt_tokens for c in choices)
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 # =====================================================================================================
@@ -9067,6 +9333,8 @@ class SwarmApp:
         self.model_id = model_id
         self.federation = federation
         self.model = model                    # the GGUF's facts, for /v1/models and /props
+        self.raw = CompletionService(pool, cfg, model_id, chat.votes.turns, chat.metrics,
+                                     chat.clock)
         self.started = time.time()
         self.routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("GET", "/v1/models"): self.models,
@@ -9075,6 +9343,7 @@ class SwarmApp:
             ("GET", "/health"): self.health,
             ("GET", "/v1/health"): self.health,
             ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/v1/completions"): self.completions,
             ("GET", STATUS_PATH): self.federation_status,
             ("GET", PEERS_PATH): self.federation_peers,
             ("POST", VOTE_PATH): self.federation_vote,
@@ -9222,6 +9491,17 @@ class SwarmApp:
                             code="workers_unavailable", headers=[("Retry-After", "5")]) from exc
         return Response.sse(self._logged(stream, req, gen),
                             headers=[("x-swarm-mode", plan.mode), ("x-swarm-k", str(plan.k))])
+
+    async def completions(self, request: Request) -> Response:
+        req = parse_completion_request(request.json())
+        self.pool.check_serving()
+        try:
+            if not req.stream:
+                return Response.json(await self.raw.complete(req))
+            return Response.sse(await self.raw.open_stream(req))
+        except WorkerError as exc:
+            raise HTTPError(503, f"no worker could answer: {exc}", "server_error",
+                            code="workers_unavailable", headers=[("Retry-After", "5")]) from exc
 
     async def _logged(self, stream: AsyncIterator[bytes], req: ChatRequest, gen: Generation
                       ) -> AsyncIterator[bytes]:

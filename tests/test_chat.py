@@ -1238,3 +1238,117 @@ def test_the_vote_runner_adds_the_peers_answers_and_records_each_fate():
         assert "peers" not in swarm and len(peers.tasks) == 3    # not asked again
         await pool.stop()
     run(go())
+
+# -- raw completions (/v1/completions) ---------------------------------------------------------------
+
+def completion_app(workers, **cfg):
+    async def make():
+        pool = await started_pool(workers)
+        return pool, ls.SwarmApp(ls.Config(**cfg), pool, chat_service(pool), "m")
+    return make()
+
+
+async def post(app, path, body):
+    request = ls.Request("POST", path, path, "HTTP/1.1", (), json.dumps(body).encode())
+    return await app.handle(request)
+
+
+def test_a_completion_is_one_workers_text_in_openais_shape():
+    async def go():
+        w = FakeWorker(1)
+        w.completion, w.completion_finish = ("def", " add", "(a, b)"), "length"
+        other = FakeWorker(2)
+        pool, app = await completion_app([w, other])
+        reply = json.loads((await post(app, "/v1/completions", {
+            "model": "local-swarm", "prompt": "# add two numbers\n", "max_tokens": 3,
+            "temperature": 0.2})).body)
+        assert reply["object"] == "text_completion" and reply["id"].startswith("cmpl-")
+        assert reply["model"] == "local-swarm"
+        [choice] = reply["choices"]
+        assert choice == {"text": "def add(a, b)", "index": 0, "logprobs": None,
+                          "finish_reason": "length"}
+        assert reply["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+        (route, body), = w.requests
+        assert route == "/v1/completions" and body["prompt"] == "# add two numbers\n"
+        assert body["max_tokens"] == 3 and body["temperature"] == 0.2 and "n" not in body
+        assert not getattr(other, "requests", [])                  # one worker: never voted
+        await pool.stop()
+    run(go())
+
+
+def test_a_streamed_completion_sends_each_piece_then_its_finish_and_usage():
+    async def go():
+        w = FakeWorker(1)
+        w.completion = ("x", " = ", "1")
+        pool, app = await completion_app([w])
+        reply = await post(app, "/v1/completions", {
+            "prompt": ["a", "b"], "stream": True, "stream_options": {"include_usage": True}})
+        events = [e async for e in reply.stream]
+        assert events[-1] == ls.SSE_DONE
+        chunks = sse_payloads(events)
+        assert all(c["object"] == "text_completion" for c in chunks)
+        texts = [(c["choices"][0]["index"], c["choices"][0]["text"]) for c in chunks
+                 if c["choices"] and c["choices"][0]["text"]]
+        assert texts == [(0, "x"), (0, " = "), (0, "1"), (1, "x"), (1, " = "), (1, "1")]
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finishes.count("stop") == 2 and chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"]["completion_tokens"] == 6
+        assert [b["prompt"] for _, b in w.requests] == ["a", "b"]
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": [1, 2]}, "prompt"), ({}, "prompt"), ({"prompt": []}, "prompt"),
+    ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "suffix": 3}, "suffix"), ({"prompt": "x", "temperature": 9}, "temperature"),
+])
+def test_completion_fields_it_cannot_honour_are_400(body, param):
+    with pytest.raises(ls.HTTPError) as info:
+        ls.parse_completion_request(body)
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_a_suffix_on_workers_that_cannot_fill_in_the_middle_is_400_before_any_generation():
+    async def go():
+        w = FakeWorker(1)
+        pool, app = await completion_app([w])
+        with pytest.raises(ls.HTTPError) as info:
+            await post(app, "/v1/completions", {"prompt": "a", "suffix": "b", "stream": True})
+        assert info.value.status == 400 and info.value.param == "suffix"
+        assert not getattr(w, "requests", []) and pool.describe()[0]["state"] == "idle"
+        await pool.stop()
+    run(go())
+
+
+def test_a_completion_goes_ahead_of_the_chats_waiting_for_a_worker():
+    async def go():
+        w = FakeWorker(1, tokens=("chat",))
+        w.completion = ("done",)
+        pool, app = await completion_app([w], queue_size=8)
+        order = []
+        async with pool.lease():                           # the only worker is busy
+            chat = asyncio.create_task(app.chat.complete(request()))
+            await until(lambda: pool.waiting() == 1)
+            done = asyncio.create_task(post(app, "/v1/completions", {"prompt": "p"}))
+            await until(lambda: pool.waiting() == 2)
+            chat.add_done_callback(lambda _: order.append("chat"))
+            done.add_done_callback(lambda _: order.append("completion"))
+        await asyncio.gather(chat, done)
+        assert order == ["completion", "chat"]
+        await pool.stop()
+    run(go())
+
+
+def test_legacy_logprobs_from_either_workers_shape():
+    native = {"logprobs": {"content": [
+        {"token": "a", "logprob": -0.5, "top_logprobs": [{"token": "a", "logprob": -0.5}]},
+        {"token": "bc", "logprob": -1.0, "top_logprobs": []}]}}
+    assert ls.legacy_logprobs(native, 3) == {
+        "tokens": ["a", "bc"], "token_logprobs": [-0.5, -1.0],
+        "top_logprobs": [{"a": -0.5}, {}], "text_offset": [3, 4]}
+    legacy = {"logprobs": {"tokens": ["x"], "token_logprobs": [-2.0], "top_logprobs": [None],
+                           "text_offset": [0]}}
+    assert ls.legacy_logprobs(legacy, 0)["token_logprobs"] == [-2.0]
+    assert ls.legacy_logprobs({"logprobs": None}, 0) is None

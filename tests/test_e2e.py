@@ -77,6 +77,32 @@ def test_metrics_show_the_swarms_figures_and_llama_servers_own(swarm):
     assert (own in text) is (swarm.kind == "native")     # llama-cpp-python's server has none
 
 
+def test_completions_through_the_openai_sdk_whole_and_streamed(swarm):
+    client = sdk(swarm)
+    whole = client.completions.create(model="local-swarm", prompt="The capital of France is",
+                                      max_tokens=5, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].text
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert 0 < whole.usage.completion_tokens <= 5 and whole.usage.prompt_tokens >= 4
+    pieces = list(client.completions.create(model="local-swarm", prompt="The capital of France is",
+                                            max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(p.choices[0].text for p in pieces if p.choices)
+    assert text == whole.choices[0].text                       # greedy: the same words
+    assert pieces[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_a_suffix_for_a_model_without_fim_tokens_is_400(swarm):
+    """SmolLM2 has no fill-in-the-middle tokens (llama-server says so); the python kind cannot
+    fill in the middle at all: a clear 400 either way, never a 5xx."""
+    r = httpx.post(swarm.url + "/v1/completions", timeout=60, json={
+        "prompt": "def add(a, b):\n    return ", "suffix": "\n", "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert ("not supported by this model" in message) if swarm.kind == "native" \
+        else ("native worker kind" in message)
+
+
 def test_logit_bias_reaches_the_workers(swarm):
     """A +100 bias on one token makes every generated token that one, on either kind: the
     swarm passes OpenAI's logit_bias (token id -> bias) through."""

@@ -184,3 +184,18 @@ def test_response_format_gives_json(qwen_swarm, fmt):
     assert isinstance(value, dict)
     if fmt["type"] == "json_schema":
         assert isinstance(value["name"], str) and isinstance(value["age"], int)
+
+
+def test_a_suffix_fills_in_the_middle_with_the_models_own_fim_tokens(qwen_swarm):
+    """Qwen2.5-Coder has FIM tokens: with a suffix the swarm asks llama-server's /infill, whose
+    prompt is <|fim_prefix|>PREFIX<|fim_suffix|>SUFFIX<|fim_middle|>; the openai SDK gets the
+    middle as a completion."""
+    client = openai.OpenAI(base_url=qwen_swarm.url + "/v1", api_key="x", max_retries=0,
+                           timeout=300)
+    reply = client.completions.create(model="local-swarm", prompt="def add(a, b):\n    return ",
+                                      suffix="\n\nprint(add(1, 2))\n", max_tokens=8,
+                                      temperature=0)
+    middle = reply.choices[0].text
+    assert "a" in middle and "b" in middle, middle
+    assert reply.usage.prompt_tokens > 10 and reply.usage.completion_tokens > 0
+

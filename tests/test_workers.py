@@ -488,7 +488,7 @@ def test_a_native_slot_learns_its_prompt_rate_from_the_timings_of_its_generation
     which says how long a prompt would take to evaluate anew. Short evaluations say little."""
     timings = []
 
-    async def fake_sse(client, url, name, body, timeout):
+    async def fake_sse(client, url, name, body, timeout, last=None):
         yield {"choices": [{"index": 0, "text": "ok", "finish_reason": None}]}
         yield {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}],
                "timings": timings.pop(0)}
@@ -521,7 +521,7 @@ def test_both_kinds_sample_as_llama_cpp_does_unless_the_request_says_otherwise(
     penalty: llama-cpp-python's own default of 1.1 would apply otherwise); what it sets wins."""
     sent = []
 
-    async def fake_sse(client, url, name, body, timeout):
+    async def fake_sse(client, url, name, body, timeout, last=None):
         sent.append(body)
         yield {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
     monkeypatch.setattr(ls, "stream_sse", fake_sse)

@@ -8394,6 +8394,8 @@ class CompletionRequest:
     sampling: dict[str, Any]
     logprobs: int | None = None
     model: str | None = None
+    extra: tuple[dict[str, str], ...] = ()     # /infill's input_extra: other files' text
+    middle: str = ""                           # /infill's prompt: the middle typed so far
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
@@ -8427,6 +8429,52 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         include_usage=_check_bool(options or {}, "include_usage"), sampling=sampling,
         logprobs=_check_number(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, integer=True),
         model=model if isinstance(model, str) else None)
+
+
+LLAMA_SAMPLING = {"temperature": (0.0, 2.0, False), "top_k": (0, TOP_K_LIMIT, True),
+                  "top_p": (0.0, 1.0, False), "min_p": (0.0, 1.0, False),
+                  "repeat_penalty": (*REPEAT_PENALTY_RANGE, False),
+                  "presence_penalty": (-2.0, 2.0, False), "frequency_penalty": (-2.0, 2.0, False),
+                  "seed": (*SEED_RANGE, True)}
+MAX_INPUT_EXTRA = 64                # other files /infill may be given as context
+
+
+def parse_llama_completion(body: Any, infill: bool) -> CompletionRequest:
+    """Validate a body of llama.cpp's own POST /completion (prompt, n_predict, ...) or POST
+    /infill (input_prefix, input_suffix, input_extra, prompt), as clients configured for
+    llama.cpp send them. Only the fields listed here reach a worker. Raises HTTPError 400."""
+    if not isinstance(body, dict):
+        raise _invalid("the request body must be a JSON object")
+    prompt = body.get("input_prefix" if infill else "prompt", "")
+    if not isinstance(prompt, str) or (not infill and not prompt):
+        name = "input_prefix" if infill else "prompt"
+        raise _invalid(f"'{name}' must be a string" + ("" if infill else " (not empty)"), name)
+    suffix = body.get("input_suffix", "") if infill else None
+    if infill and not isinstance(suffix, str):
+        raise _invalid("'input_suffix' must be a string", "input_suffix")
+    extra = body.get("input_extra") or []
+    if not infill and extra:
+        raise _invalid("'input_extra' is for /infill", "input_extra")
+    if not (isinstance(extra, list) and len(extra) <= MAX_INPUT_EXTRA and all(
+            isinstance(e, dict) and isinstance(e.get("text"), str)
+            and isinstance(e.get("filename", ""), str) for e in extra)):
+        raise _invalid(f"'input_extra' must be a list of at most {MAX_INPUT_EXTRA} "
+                       "{filename, text} objects", "input_extra")
+    sampling = {name: value for name, (lo, hi, integer) in LLAMA_SAMPLING.items()
+                if (value := _check_number(body, name, lo, hi, integer)) is not None}
+    n_predict = _check_number(body, "n_predict", -1, MAX_TOKENS_LIMIT, integer=True)
+    sampling["max_tokens"] = COMPLETION_MAX_TOKENS if n_predict is None else \
+        None if n_predict == -1 else n_predict
+    if (stop := _parse_stop(body)) is not None:
+        sampling["stop"] = stop
+    middle = body.get("prompt", "") if infill else ""
+    if not isinstance(middle, str):
+        raise _invalid("'prompt' of /infill (the middle typed so far) must be a string", "prompt")
+    return CompletionRequest(
+        prompts=(prompt,), suffix=suffix, stream=_check_bool(body, "stream"),
+        include_usage=False, sampling={k: v for k, v in sampling.items() if v is not None},
+        extra=tuple({"filename": e.get("filename", ""), "text": e["text"]} for e in extra),
+        middle=middle)
 
 
 def legacy_logprobs(choice: Mapping[str, Any], offset: int) -> dict[str, list] | None:
@@ -8494,13 +8542,55 @@ class CompletionService:
         """The SSE stream of a streamed request, its first choice already started (so a refusal
         is a 4xx before any byte of the 200). Raises as complete."""
         first = CompletionChoice(0)
-        pieces = self._generate(req, req.prompts[0], first)
+        pieces, head = await self._started(req, first)
+        return self._sse(req, first, pieces, head)
+
+    async def _started(self, req: CompletionRequest, choice: CompletionChoice
+                       ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any] | None]:
+        """The first prompt's generation, started: its iterator and first piece (None: none)."""
+        pieces = self._generate(req, req.prompts[0], choice)
         try:
-            head = await anext(pieces, None)
+            return pieces, await anext(pieces, None)
         except BaseException:
             await pieces.aclose()
             raise
-        return self._sse(req, first, pieces, head)
+
+    async def llama_reply(self, req: CompletionRequest) -> dict[str, Any]:
+        """A whole reply in llama.cpp's own shape (POST /completion, /infill)."""
+        choice = CompletionChoice(0)
+        async with contextlib.aclosing(self._generate(req, req.prompts[0], choice)) as pieces:
+            async for _ in pieces:
+                pass
+        return self._llama_last(req, choice, choice.text)
+
+    async def open_llama_stream(self, req: CompletionRequest) -> AsyncIterator[bytes]:
+        """llama.cpp's own stream: `data: {"content", "stop": false}` per piece, then one with
+        "stop": true and the counts (no [DONE]). Raises as complete, before any byte."""
+        choice = CompletionChoice(0)
+        pieces, head = await self._started(req, choice)
+        return self._llama_sse(req, choice, pieces, head)
+
+    async def _llama_sse(self, req: CompletionRequest, choice: CompletionChoice,
+                         pieces: AsyncIterator[dict[str, Any]], head: dict[str, Any] | None
+                         ) -> AsyncIterator[bytes]:
+        try:
+            async with contextlib.aclosing(pieces) as rest:
+                if head is not None:
+                    yield sse_json({"content": head["text"], "stop": False})
+                async for piece in rest:
+                    yield sse_json({"content": piece["text"], "stop": False})
+            yield sse_json(self._llama_last(req, choice, ""))
+        except WorkerError as exc:
+            log.error("completion stream broken after output began: %s", exc)
+            yield sse_json(HTTPError(502, f"the worker failed mid-stream: {exc}", "server_error",
+                                     code="worker_failed").body())
+
+    def _llama_last(self, req: CompletionRequest, choice: CompletionChoice, content: str
+                    ) -> dict[str, Any]:
+        return {"content": content, "stop": True, "model": self.reply_model(req),
+                "stop_type": "limit" if choice.finish_reason == "length" else "eos",
+                "tokens_predicted": choice.completion_tokens,
+                "tokens_evaluated": choice.prompt_tokens, "truncated": False}
 
     async def _sse(self, req: CompletionRequest, first: CompletionChoice,
                    pieces: AsyncIterator[dict[str, Any]], head: dict[str, Any] | None
@@ -8573,8 +8663,10 @@ class CompletionService:
             raise HTTPError(400, "'suffix' (fill in the middle) needs the native worker kind "
                             "(--worker native): llama-cpp-python's suffix is broken",
                             code="unsupported_value", param="suffix")
-        return INFILL_ROUTE, {"input_prefix": prompt, "input_suffix": req.suffix, "prompt": "",
-                              "n_predict": body.pop("max_tokens"), **body}
+        max_tokens = body.pop("max_tokens", None)
+        return INFILL_ROUTE, {"input_prefix": prompt, "input_suffix": req.suffix,
+                              "input_extra": list(req.extra), "prompt": req.middle,
+                              "n_predict": -1 if max_tokens is None else max_tokens, **body}
 
     @staticmethod
     def _piece(chunk: Mapping[str, Any], choice: CompletionChoice) -> dict[str, Any] | None:
@@ -9344,6 +9436,8 @@ class SwarmApp:
             ("GET", "/v1/health"): self.health,
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/completions"): self.completions,
+            ("POST", "/completion"): self.llama_completion,
+            ("POST", INFILL_ROUTE): self.llama_completion,
             ("GET", STATUS_PATH): self.federation_status,
             ("GET", PEERS_PATH): self.federation_peers,
             ("POST", VOTE_PATH): self.federation_vote,
@@ -9499,6 +9593,18 @@ class SwarmApp:
             if not req.stream:
                 return Response.json(await self.raw.complete(req))
             return Response.sse(await self.raw.open_stream(req))
+        except WorkerError as exc:
+            raise HTTPError(503, f"no worker could answer: {exc}", "server_error",
+                            code="workers_unavailable", headers=[("Retry-After", "5")]) from exc
+
+    async def llama_completion(self, request: Request) -> Response:
+        """llama.cpp's own POST /completion and /infill, for clients configured for llama.cpp."""
+        req = parse_llama_completion(request.json(), infill=request.path == INFILL_ROUTE)
+        self.pool.check_serving()
+        try:
+            if not req.stream:
+                return Response.json(await self.raw.llama_reply(req))
+            return Response.sse(await self.raw.open_llama_stream(req))
         except WorkerError as exc:
             raise HTTPError(503, f"no worker could answer: {exc}", "server_error",
                             code="workers_unavailable", headers=[("Retry-After", "5")]) from exc

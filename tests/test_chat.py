@@ -1352,3 +1352,49 @@ def test_legacy_logprobs_from_either_workers_shape():
                            "text_offset": [0]}}
     assert ls.legacy_logprobs(legacy, 0)["token_logprobs"] == [-2.0]
     assert ls.legacy_logprobs({"logprobs": None}, 0) is None
+
+
+def test_llama_cpps_own_completion_route_answers_in_its_shape():
+    async def go():
+        w = FakeWorker(1)
+        w.completion = ("x", " = ", "1")
+        pool, app = await completion_app([w])
+        whole = json.loads((await post(app, "/completion", {"prompt": "a", "n_predict": 3,
+                                                            "top_k": 5})).body)
+        assert whole["content"] == "x = 1" and whole["stop"] is True
+        assert whole["stop_type"] == "eos" and whole["tokens_predicted"] == 3
+        (route, body), = w.requests
+        assert route == "/v1/completions" and body["max_tokens"] == 3 and body["top_k"] == 5
+        reply = await post(app, "/completion", {"prompt": "a", "stream": True})
+        events = [e async for e in reply.stream]
+        chunks = [json.loads(e[6:]) for e in events]
+        assert [c["content"] for c in chunks] == ["x", " = ", "1", ""]
+        assert [c["stop"] for c in chunks] == [False, False, False, True]
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/completion", {"prompt": ""}, "prompt"), ("/completion", {"prompt": 3}, "prompt"),
+    ("/completion", {"prompt": "a", "n_predict": -2}, "n_predict"),
+    ("/completion", {"prompt": "a", "input_extra": [{"text": "x"}]}, "input_extra"),
+    ("/infill", {"input_prefix": "a", "input_suffix": 3}, "input_suffix"),
+    ("/infill", {"input_prefix": "a", "input_extra": [{"filename": "f"}]}, "input_extra"),
+    ("/infill", {"input_prefix": "a", "temperature": -1}, "temperature"),
+])
+def test_llama_cpp_routes_validate_their_fields(path, body, param):
+    with pytest.raises(ls.HTTPError) as info:
+        ls.parse_llama_completion(body, infill=path == "/infill")
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_infill_sends_llama_server_the_prefix_suffix_extra_and_typed_middle():
+    req = ls.parse_llama_completion({"input_prefix": "def f(", "input_suffix": ")\n",
+                                     "input_extra": [{"filename": "a.py", "text": "X = 1"}],
+                                     "prompt": "x", "n_predict": 8}, infill=True)
+    slot = type("Slot", (), {"shares_prompt": True})()
+    service = ls.CompletionService(None, ls.Config(), "m", None, None)
+    route, body = service._worker_request(req, req.prompts[0], slot)
+    assert route == "/infill" and body["input_prefix"] == "def f(" and body["prompt"] == "x"
+    assert body["input_suffix"] == ")\n" and body["n_predict"] == 8
+    assert body["input_extra"] == [{"filename": "a.py", "text": "X = 1"}]

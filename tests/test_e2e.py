@@ -92,6 +92,16 @@ def test_completions_through_the_openai_sdk_whole_and_streamed(swarm):
     assert pieces[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_llama_cpps_completion_route_streams_in_its_own_shape(swarm):
+    with httpx.stream("POST", swarm.url + "/completion", timeout=120, json={
+            "prompt": "The capital of France is", "n_predict": 4, "stream": True,
+            "temperature": 0}) as reply:
+        assert reply.status_code == 200
+        chunks = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
+    assert chunks[-1]["stop"] is True and all(c["stop"] is False for c in chunks[:-1])
+    assert "".join(c["content"] for c in chunks) and chunks[-1]["tokens_predicted"] <= 4
+
+
 def test_a_suffix_for_a_model_without_fim_tokens_is_400(swarm):
     """SmolLM2 has no fill-in-the-middle tokens (llama-server says so); the python kind cannot
     fill in the middle at all: a clear 400 either way, never a 5xx."""

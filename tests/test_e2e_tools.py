@@ -199,3 +199,19 @@ def test_a_suffix_fills_in_the_middle_with_the_models_own_fim_tokens(qwen_swarm)
     assert "a" in middle and "b" in middle, middle
     assert reply.usage.prompt_tokens > 10 and reply.usage.completion_tokens > 0
 
+
+
+def test_llama_cpps_infill_route_with_other_files_as_context(qwen_swarm):
+    """A client configured for llama.cpp (Continue's llama.cpp provider, minuet-ai.nvim) posts
+    /infill with the prefix, the suffix and other files; it gets llama.cpp's own shape, and the
+    other files reach the prompt (it is longer by them)."""
+    def infill(extra):
+        reply = httpx.post(qwen_swarm.url + "/infill", timeout=300, json={
+            "input_prefix": "from util import ", "input_suffix": "\n\nprint(GREETING)\n",
+            "input_extra": extra, "n_predict": 6, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+    alone = infill([])
+    body = infill([{"filename": "util.py", "text": "GREETING = 'hello'\n" * 20}])
+    assert body["stop"] is True and body["content"] and 0 < body["tokens_predicted"] <= 6
+    assert body["tokens_evaluated"] >= alone["tokens_evaluated"] + 20 * 5

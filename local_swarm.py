@@ -10091,13 +10091,35 @@ def accept_defaults(prompt: str) -> str:
     return ""
 
 
+PROMPT_POLL = 0.2                   # seconds between looks at the terminal while a question waits
+
+
+def terminal_input(prompt: str) -> str:
+    """input() that a Ctrl-C always interrupts. input() blocks in C: a Ctrl-C typed between the
+    prompt's write and that read (easily, right as the prompt appears on a busy machine) only
+    marks the signal, and the read goes on waiting. Here the wait is in Python, PROMPT_POLL at a
+    time, so the KeyboardInterrupt comes out at once. EOFError at the end of input. (Windows
+    cannot select() on a console: input() there.)"""
+    if os.name == "nt" or not sys.stdin.isatty():
+        return input(prompt)
+    import select
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    while not select.select([sys.stdin], [], [], PROMPT_POLL)[0]:
+        pass
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
 @dataclass(frozen=True)
 class Prompter:
     """How the setup talks: read(prompt) returns the line typed (EOFError at the end of input,
     KeyboardInterrupt on Ctrl-C); write(text) shows text. `attempts` bounds the bad answers to one
     question (1 when nobody types: a default that fails is an error, not a loop)."""
 
-    read: Callable[[str], str] = input
+    read: Callable[[str], str] = terminal_input
     write: Callable[[str], None] = print
     attempts: int = MAX_SETUP_ATTEMPTS
 

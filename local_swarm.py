@@ -9414,6 +9414,12 @@ def check_api_key(request: Request, api_key: str | None) -> None:
                         "authentication_error", code="invalid_api_key")
 
 
+def workers_unavailable(exc: WorkerError) -> HTTPError:
+    """A request no worker could answer (each failed or none is up): 503 with Retry-After."""
+    return HTTPError(503, f"no worker could answer: {exc}", "server_error",
+                     code="workers_unavailable", headers=[("Retry-After", "5")])
+
+
 class SwarmApp:
     """The API: one handler for the HTTP server, routing by method and path."""
 
@@ -9436,8 +9442,8 @@ class SwarmApp:
             ("GET", "/v1/health"): self.health,
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/completions"): self.completions,
-            ("POST", "/completion"): self.llama_completion,
-            ("POST", INFILL_ROUTE): self.llama_completion,
+            ("POST", "/completion"): self.completions,
+            ("POST", INFILL_ROUTE): self.completions,
             ("GET", STATUS_PATH): self.federation_status,
             ("GET", PEERS_PATH): self.federation_peers,
             ("POST", VOTE_PATH): self.federation_vote,
@@ -9581,33 +9587,25 @@ class SwarmApp:
             gen = Generation()
             stream, plan = await self.chat.open_stream(req, gen)
         except WorkerError as exc:
-            raise HTTPError(503, f"no worker could answer: {exc}", "server_error",
-                            code="workers_unavailable", headers=[("Retry-After", "5")]) from exc
+            raise workers_unavailable(exc) from exc
         return Response.sse(self._logged(stream, req, gen),
                             headers=[("x-swarm-mode", plan.mode), ("x-swarm-k", str(plan.k))])
 
     async def completions(self, request: Request) -> Response:
-        req = parse_completion_request(request.json())
+        """POST /v1/completions in OpenAI's shapes, and llama.cpp's own /completion and /infill
+        in its shapes, for clients configured for llama.cpp."""
+        llama = request.path != "/v1/completions"
+        req = parse_llama_completion(request.json(), infill=request.path == INFILL_ROUTE) \
+            if llama else parse_completion_request(request.json())
         self.pool.check_serving()
         try:
             if not req.stream:
-                return Response.json(await self.raw.complete(req))
-            return Response.sse(await self.raw.open_stream(req))
+                return Response.json(await (self.raw.llama_reply(req) if llama
+                                            else self.raw.complete(req)))
+            return Response.sse(await (self.raw.open_llama_stream(req) if llama
+                                       else self.raw.open_stream(req)))
         except WorkerError as exc:
-            raise HTTPError(503, f"no worker could answer: {exc}", "server_error",
-                            code="workers_unavailable", headers=[("Retry-After", "5")]) from exc
-
-    async def llama_completion(self, request: Request) -> Response:
-        """llama.cpp's own POST /completion and /infill, for clients configured for llama.cpp."""
-        req = parse_llama_completion(request.json(), infill=request.path == INFILL_ROUTE)
-        self.pool.check_serving()
-        try:
-            if not req.stream:
-                return Response.json(await self.raw.llama_reply(req))
-            return Response.sse(await self.raw.open_llama_stream(req))
-        except WorkerError as exc:
-            raise HTTPError(503, f"no worker could answer: {exc}", "server_error",
-                            code="workers_unavailable", headers=[("Retry-After", "5")]) from exc
+            raise workers_unavailable(exc) from exc
 
     async def _logged(self, stream: AsyncIterator[bytes], req: ChatRequest, gen: Generation
                       ) -> AsyncIterator[bytes]:

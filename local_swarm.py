@@ -6968,12 +6968,12 @@ def surely_fits(prompt: str, n_ctx: int) -> bool:
     return len(prompt.encode("utf-8")) + TOKEN_BOUND_SLACK < n_ctx
 
 
-def check_fits(count: int, n_ctx: int) -> None:
+def check_fits(count: int, n_ctx: int, param: str = "messages") -> None:
     """Raise 400 context_length_exceeded when a prompt of `count` tokens cannot be served."""
     if count >= n_ctx:
         raise HTTPError(400, f"This model's maximum context length is {n_ctx} tokens. However, "
-                        f"your messages resulted in {count} tokens. Please reduce the length of "
-                        "the messages.", code="context_length_exceeded", param="messages")
+                        f"your {param} resulted in {count} tokens. Please reduce the length of "
+                        f"the {param}.", code="context_length_exceeded", param=param)
 
 
 @dataclass(frozen=True)
@@ -8516,9 +8516,10 @@ class CompletionChoice:
 class CompletionService:
     """Answers /v1/completions (see the rules above) on the chat's pool, turns and metrics."""
 
-    def __init__(self, pool: WorkerPool, cfg: Config, model_id: str, turns: PromptTurns,
-                 metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
-        self.pool, self.cfg, self.model_id = pool, cfg, model_id
+    def __init__(self, pool: WorkerPool, cfg: Config, model_id: str, n_ctx: int,
+                 turns: PromptTurns, metrics: Metrics, clock: Callable[[], float] = time.time
+                 ) -> None:
+        self.pool, self.cfg, self.model_id, self.n_ctx = pool, cfg, model_id, n_ctx
         self.turns, self.metrics, self.clock = turns, metrics, clock
 
     def reply_model(self, req: CompletionRequest) -> str:
@@ -8631,6 +8632,10 @@ class CompletionService:
         try:
             async with self.pool.lease(priority=True) as worker:
                 route, body = self._worker_request(req, prompt, worker)
+                whole = prompt + (req.suffix or "") + req.middle + \
+                    "".join(e["text"] for e in req.extra)
+                if not surely_fits(whole, self.n_ctx):        # a 4xx, not a 200 that fails
+                    check_fits(await worker.count_tokens(whole), self.n_ctx, "prompt")
                 try:
                     async with contextlib.aclosing(worker.stream_chat(
                             body, self.cfg.request_timeout, route)) as chunks:
@@ -9431,8 +9436,8 @@ class SwarmApp:
         self.model_id = model_id
         self.federation = federation
         self.model = model                    # the GGUF's facts, for /v1/models and /props
-        self.raw = CompletionService(pool, cfg, model_id, chat.votes.turns, chat.metrics,
-                                     chat.clock)
+        self.raw = CompletionService(pool, cfg, model_id, chat.preparer.n_ctx, chat.votes.turns,
+                                     chat.metrics, chat.clock)
         self.started = time.time()
         self.routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("GET", "/v1/models"): self.models,

@@ -1393,8 +1393,24 @@ def test_infill_sends_llama_server_the_prefix_suffix_extra_and_typed_middle():
                                      "input_extra": [{"filename": "a.py", "text": "X = 1"}],
                                      "prompt": "x", "n_predict": 8}, infill=True)
     slot = type("Slot", (), {"shares_prompt": True})()
-    service = ls.CompletionService(None, ls.Config(), "m", None, None)
+    service = ls.CompletionService(None, ls.Config(), "m", 100, None, None)
     route, body = service._worker_request(req, req.prompts[0], slot)
     assert route == "/infill" and body["input_prefix"] == "def f(" and body["prompt"] == "x"
     assert body["input_suffix"] == ")\n" and body["n_predict"] == 8
     assert body["input_extra"] == [{"filename": "a.py", "text": "X = 1"}]
+
+
+def test_a_completion_longer_than_the_context_is_400_before_any_generation():
+    async def go():
+        w = FakeWorker(1)
+        w.completion = ("never",)
+        pool, app = await completion_app([w])               # the context is 100 tokens
+        for stream in (False, True):
+            with pytest.raises(ls.HTTPError) as info:
+                await post(app, "/v1/completions", {"prompt": "word " * 150, "stream": stream})
+            assert info.value.status == 400 and info.value.code == "context_length_exceeded"
+            assert info.value.param == "prompt" and "150 tokens" in info.value.message
+        assert not any(route == "/v1/completions" for route, _ in getattr(w, "requests", []))
+        await pool.stop()
+    run(go())
+

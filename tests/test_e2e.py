@@ -102,6 +102,12 @@ def test_llama_cpps_completion_route_streams_in_its_own_shape(swarm):
     assert "".join(c["content"] for c in chunks) and chunks[-1]["tokens_predicted"] <= 4
 
 
+def test_a_completion_longer_than_the_context_is_400(swarm):
+    r = httpx.post(swarm.url + "/v1/completions", timeout=60, json={
+        "prompt": "lorem ipsum dolor " * 1200, "max_tokens": 4, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_a_suffix_for_a_model_without_fim_tokens_is_400(swarm):
     """SmolLM2 has no fill-in-the-middle tokens (llama-server says so); the python kind cannot
     fill in the middle at all: a clear 400 either way, never a 5xx."""

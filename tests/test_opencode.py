@@ -27,8 +27,9 @@ exact prompt, greedy decoding reads `<project>/note.txt`, and 1 of 8 samples at 
 `<project>/notes/answer.txt` (the others `/tmp/opencode/answer.txt`, `<project>/answer.txt`, or
 a guessed number as text). The 1.5B reads `<project>/notes/answer.txt` greedily (plus a `grep`
 of the same file alongside) and in 4 of 6 samples, and answers the second turn with the number
-greedily and in 3 of 3 samples (with llama-cpp-python's repeat penalty of 1.1, which both worker
-kinds apply). The swarm runs 2 python workers (k=2); opencode sends no temperature, so the vote's
+greedily and in 3 of 3 samples (measured with llama-cpp-python's repeat penalty of 1.1; since
+issue 14 no worker applies a repeat penalty unless asked, and the test passed so in CI). The
+swarm runs 2 python workers (k=2); opencode sends no temperature, so the vote's
 anchor decodes the first candidate greedily and it wins a split (see Voting). On the native kind's
 default plan (8 slots, k=5) the 1.5B passed this task in 2 runs of 3: in the third a sample that
 wrote its `read` call as prose in a ```bash fence won the vote (bench/opencode_turns.py runs both

@@ -6470,6 +6470,7 @@ TOKEN_BOUND_SLACK = 8               # tokens a tokenizer may add beyond one per 
 CONTINUATION_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
                          "top_k", "min_p", "repeat_penalty", "logit_bias")
 MAX_LOGIT_BIAS = 300                # token ids one logit_bias may bias (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20               # alternatives per token a chat may ask for (OpenAI's limit)
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
 NAME_ODDS_MIN = 0.1                 # an offered tool stands in for a tool name the model wrote that
                                     # is not offered only if at least this many times as likely
@@ -6622,6 +6623,17 @@ class ChatRequest:
     swarm: SwarmOptions = SwarmOptions()
     tool_use: ToolUse = ToolUse()
     response_schema: dict[str, Any] | None = None
+    logprobs: int | None = None        # asked: the top alternatives per token (0..20); None: not
+
+
+def _parse_logprobs(body: dict) -> int | None:
+    """OpenAI's logprobs (a boolean) and top_logprobs (0 to 20, only with logprobs): the number
+    of alternatives per token when log-probabilities are asked, None when not."""
+    asked = _check_bool(body, "logprobs")
+    top = _check_number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not asked:
+        raise _invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if asked else None
 
 
 def _parse_swarm_options(body: dict) -> SwarmOptions:
@@ -6838,7 +6850,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         include_usage=_check_bool(options or {}, "include_usage"),
         sampling=_parse_sampling(body), tools=tools,
         model=model if isinstance(model, str) else None, swarm=_parse_swarm_options(body),
-        tool_use=_parse_tool_use(body, tools), response_schema=_parse_response_format(body))
+        tool_use=_parse_tool_use(body, tools), response_schema=_parse_response_format(body),
+        logprobs=_parse_logprobs(body))
 
 
 class PromptRenderer:
@@ -7075,13 +7088,15 @@ def worker_request(prepared: PreparedRequest, worker: Worker, sampling: Mapping[
     chat body for a worker that applies the template itself; the rendered prompt on
     /v1/completions for one that takes prompts (with the chosen tokens' log-probabilities), or,
     when the template could not be rendered here, the chat body without tools."""
+    top = max(1, prepared.req.logprobs or 0)
     if not worker.takes_prompt:
-        return "/v1/chat/completions", {**prepared.body, **sampling}
+        asked = {} if prepared.req.logprobs is None else {"logprobs": True, "top_logprobs": top}
+        return "/v1/chat/completions", {**prepared.body, **sampling, **asked}
     if not prepared.exact:
         body = {k: v for k, v in prepared.body.items() if k != "tools"}
-        return "/v1/chat/completions", {**body, **sampling, "logprobs": True, "top_logprobs": 1}
+        return "/v1/chat/completions", {**body, **sampling, "logprobs": True, "top_logprobs": top}
     body = {"prompt": prepared.completion_prompt, **prepared.req.sampling, **sampling,
-            "logprobs": 1}
+            "logprobs": top}
     if prepared.grammar:
         body["grammar"] = prepared.grammar
     return "/v1/completions", body
@@ -7090,6 +7105,31 @@ def worker_request(prepared: PreparedRequest, worker: Worker, sampling: Mapping[
 def chunk_text(choice: Mapping[str, Any]) -> str:
     """The text one streamed choice carries: a completion's `text` or a chat delta's content."""
     return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+def chunk_entries(choice: Mapping[str, Any], top: int) -> list[dict[str, Any]]:
+    """The tokens one streamed choice carries, in the chat reply's logprobs shape (token,
+    logprob, bytes, top_logprobs: at most `top` alternatives), from either shape a worker
+    sends (see chunk_logprobs)."""
+    logprobs = choice.get("logprobs") or {}
+    if isinstance(logprobs.get("token_logprobs"), list):
+        tops = logprobs.get("top_logprobs") or []
+        return [_entry(token, lp, [{"token": t, "logprob": v}
+                                   for t, v in (tops[i] or {}).items()] if i < len(tops) else [],
+                       top)
+                for i, (token, lp) in enumerate(zip(logprobs.get("tokens") or [],
+                                                    logprobs["token_logprobs"]))]
+    return [_entry(e.get("token", ""), e.get("logprob"), e.get("top_logprobs") or [], top)
+            for e in logprobs.get("content") or () if isinstance(e, dict)]
+
+
+def _entry(token: Any, logprob: Any, alternatives: Sequence[Any], top: int) -> dict[str, Any]:
+    token = token if isinstance(token, str) else ""
+    return {"token": token, "logprob": float(logprob) if isinstance(logprob, (int, float)) else None,
+            "bytes": list(token.encode("utf-8")),
+            "top_logprobs": [{"token": a.get("token", ""), "logprob": a.get("logprob"),
+                              "bytes": list(str(a.get("token", "")).encode("utf-8"))}
+                             for a in alternatives[:top] if isinstance(a, dict)]}
 
 
 def chunk_logprobs(choice: Mapping[str, Any]) -> list[float]:
@@ -7124,11 +7164,20 @@ class Generation:
                                        # offered tool (so the reply stayed text)
     chunks: int = 0                   # content chunks streamed by the worker
     logprobs: list[float] = field(default_factory=list)   # each token's, when the worker gives them
+    entries: list[dict[str, Any]] = field(default_factory=list)   # the same in the reply's shape,
+                                                                  # when the request asks
     counted: bool = False             # the usage is a tokenizer's count (a worker's, or a peer's)
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def noted(self, choice: Mapping[str, Any], top: int | None) -> None:
+        """Keep the log-probabilities a chunk carries; in the reply's shape too (top: the
+        alternatives per token) when the request asked for them (top not None)."""
+        self.logprobs.extend(chunk_logprobs(choice))
+        if top is not None:
+            self.entries.extend(chunk_entries(choice, top))
 
     def arrived(self, text: str) -> None:
         """A chunk of the worker's text arrived (one token): the first one's time is kept."""
@@ -7476,6 +7525,7 @@ class Attempt:
             raise exc
         gen.parts.clear()
         gen.logprobs.clear()
+        gen.entries.clear()
         gen.constrained = False
         gen.first_token_at = None
         gen.chunks = 0
@@ -7497,7 +7547,7 @@ class Attempt:
                 body, self.generator.cfg.request_timeout, route)) as chunks:
             async for chunk in chunks:
                 choice = (chunk.get("choices") or [{}])[0]
-                gen.logprobs.extend(chunk_logprobs(choice))
+                gen.noted(choice, prepared.req.logprobs)
                 text = chunk_text(choice)
                 if text:
                     gen.arrived(text)
@@ -7897,7 +7947,7 @@ class CandidateBatch:
                         if not isinstance(i, int) or not 0 <= i < len(gens) \
                                 or self.futures[i].done():
                             continue
-                        self._arrived(gens[i], scanners[i], choice)
+                        self._arrived(gens[i], scanners[i], choice, prepared.req.logprobs)
                         if choice.get("finish_reason") in FINISH_REASONS:
                             gens[i].finish_reason = choice["finish_reason"]
                             if scanners[i] is None or scanners[i].start is None:
@@ -7915,12 +7965,13 @@ class CandidateBatch:
             await self._finish(workers[i], gen, scanners[i], i)
 
     @staticmethod
-    def _arrived(gen: Generation, scanner: CallScanner | None, choice: Mapping[str, Any]) -> None:
+    def _arrived(gen: Generation, scanner: CallScanner | None, choice: Mapping[str, Any],
+                 top: int | None) -> None:
         text = chunk_text(choice)
         if not text:
             return
         gen.arrived(text)
-        gen.logprobs.extend(chunk_logprobs(choice))
+        gen.noted(choice, top)
         if scanner is not None:
             scanner.feed(text)
 
@@ -8225,9 +8276,10 @@ class ChunkFrame:
         return self._event([{"index": 0, "delta": delta, "logprobs": None,
                              "finish_reason": None}])
 
-    def finish(self, reason: str, swarm: dict | None = None) -> bytes:
-        return self._event([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}],
-                           swarm=swarm)
+    def finish(self, reason: str, swarm: dict | None = None,
+               logprobs: dict[str, Any] | None = None) -> bytes:
+        return self._event([{"index": 0, "delta": {}, "logprobs": logprobs,
+                             "finish_reason": reason}], swarm=swarm)
 
     def usage(self, usage: dict[str, int], swarm: dict | None = None) -> bytes:
         return self._event([], ',"usage":' + json.dumps(usage, separators=(",", ":")), swarm)
@@ -8235,11 +8287,19 @@ class ChunkFrame:
 
 def closing_events(frame: ChunkFrame, req: ChatRequest, gen: Generation, swarm: dict
                    ) -> list[bytes]:
-    """The closing events: the finish chunk, then the usage chunk when asked for; the `swarm`
-    object rides on the last of them."""
+    """The closing events: the finish chunk (with the reply's logprobs, when asked), then the
+    usage chunk when asked for; the `swarm` object rides on the last of them."""
+    logprobs = reply_logprobs(req, gen)
     if not req.include_usage:
-        return [frame.finish(gen.finish_reason, swarm)]
-    return [frame.finish(gen.finish_reason), frame.usage(gen.usage(), swarm)]
+        return [frame.finish(gen.finish_reason, swarm, logprobs)]
+    return [frame.finish(gen.finish_reason, logprobs=logprobs), frame.usage(gen.usage(), swarm)]
+
+
+def reply_logprobs(req: ChatRequest, gen: Generation) -> dict[str, Any] | None:
+    """A reply's `logprobs` when the request asked for them (None otherwise): the tokens the
+    model wrote freely, each with its log-probability and top alternatives (a call finished
+    under the call grammar is not among them)."""
+    return None if req.logprobs is None else {"content": gen.entries}
 
 
 def _adopt(gen: Generation, winner: Generation) -> None:
@@ -8280,7 +8340,8 @@ class ChatService:
         reply = {"id": new_completion_id(), "object": "chat.completion", "created": int(self.clock()),
                  "model": self.reply_model(req),
                  "choices": [{"index": 0, "message": gen.message(),
-                              "logprobs": None, "finish_reason": gen.finish_reason}],
+                              "logprobs": reply_logprobs(req, gen),
+                              "finish_reason": gen.finish_reason}],
                  "usage": gen.usage(), "swarm": swarm}
         return reply, gen, swarm
 

@@ -47,6 +47,8 @@ def test_sampling_fields_pass_validation(extra, sampling):
     ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
     ({"n": 2}, "n"), ({"tools": {"a": 1}}, "tools"),
     ({"swarm": {"explain": "yes"}}, "swarm.explain"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": 1}, "logprobs"),
     ({"tools": [{"type": "function", "function": {"name": 3}}]}, "tools"),
 ])
 def test_bad_fields_name_the_param(extra, param):
@@ -249,3 +251,24 @@ def test_tools_become_an_instruction_for_templates_without_tools():
                       '<tool_call>\n{"name": "read", "arguments": {"path": "a"}}\n</tool_call>'}
     assert out[3] == {"role": "user", "content": "<tool_response>\n42\n</tool_response>"}
     assert history[3]["role"] == "tool"                       # the request is not changed
+
+
+@pytest.mark.parametrize("extra,asked", [
+    ({}, None), ({"logprobs": False}, None), ({"logprobs": True}, 0),
+    ({"logprobs": True, "top_logprobs": 3}, 3),
+])
+def test_logprobs_asked(extra, asked):
+    assert ls.parse_chat_request(body(**extra)).logprobs == asked
+
+
+def test_chunk_entries_from_either_workers_shape():
+    native = {"logprobs": {"content": [{"token": "Hi", "logprob": -0.1, "top_logprobs": [
+        {"token": "Hi", "logprob": -0.1}, {"token": "Hello", "logprob": -2.5}]}]}}
+    assert ls.chunk_entries(native, 1) == [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105],
+                                            "top_logprobs": [{"token": "Hi", "logprob": -0.1,
+                                                              "bytes": [72, 105]}]}]
+    legacy = {"logprobs": {"tokens": ["a"], "token_logprobs": [-1.0],
+                           "top_logprobs": [{"a": -1.0, "b": -2.0}]}}
+    [entry] = ls.chunk_entries(legacy, 2)
+    assert entry["token"] == "a" and [t["token"] for t in entry["top_logprobs"]] == ["a", "b"]
+

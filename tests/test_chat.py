@@ -539,6 +539,26 @@ def test_explain_shows_each_candidates_text_and_log_probabilities():
     run(go())
 
 
+def test_asked_logprobs_are_the_winners_tokens_in_the_reply_whole_and_streamed():
+    async def go():
+        proc = FakeProcess(samples=["Answer: 5"] * 8)
+        pool = await slot_pool(proc)
+        svc = slot_service(pool, adaptive=False)
+        reply, _, _ = await svc.complete(request(swarm={"votes": 3}))
+        assert reply["choices"][0]["logprobs"] is None                 # not asked
+        reply, _, _ = await svc.complete(request(swarm={"votes": 3}, logprobs=True,
+                                                 top_logprobs=2))
+        [entry] = reply["choices"][0]["logprobs"]["content"]
+        assert entry["logprob"] == -0.25 and entry["top_logprobs"] == []
+        assert proc.requests[-1]["logprobs"] == 2                      # the workers were asked
+        stream, _ = await svc.open_stream(request(stream=True, logprobs=True), ls.Generation())
+        chunks = sse_payloads([e async for e in stream])
+        finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert finish[-1]["choices"][0]["logprobs"]["content"][0]["logprob"] == -0.25
+        await pool.stop()
+    run(go())
+
+
 def test_an_unanchored_vote_on_shared_prompt_slots_is_one_request():
     async def go():
         proc = FakeProcess()

@@ -119,6 +119,22 @@ def test_a_suffix_for_a_model_without_fim_tokens_is_400(swarm):
         else ("native worker kind" in message)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_come_from_the_workers_through_the_openai_sdk(swarm, stream):
+    client = sdk(swarm)
+    kw = dict(model="x", messages=HELLO, max_tokens=4, temperature=0, logprobs=True,
+              top_logprobs=2)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        content = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+        entries = content[-1].content
+    else:
+        entries = client.chat.completions.create(**kw).choices[0].logprobs.content
+    assert 1 <= len(entries) <= 4
+    assert all(e.logprob <= 0 and len(e.top_logprobs) <= 2 for e in entries)
+    assert entries[0].top_logprobs and entries[0].top_logprobs[0].logprob >= entries[0].logprob
+
+
 def test_logit_bias_reaches_the_workers(swarm):
     """A +100 bias on one token makes every generated token that one, on either kind: the
     swarm passes OpenAI's logit_bias (token id -> bias) through."""

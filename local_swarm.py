@@ -8285,6 +8285,14 @@ class ChunkFrame:
         return self._event([], ',"usage":' + json.dumps(usage, separators=(",", ":")), swarm)
 
 
+def stream_broken(exc: WorkerError) -> bytes:
+    """The error event of a stream whose worker failed after output began (logged): a 200 has
+    gone out, so the error can only ride in the stream."""
+    log.error("stream broken after output began: %s", exc)
+    return sse_json(HTTPError(502, f"the worker failed mid-stream: {exc}", "server_error",
+                              code="worker_failed").body())
+
+
 def closing_events(frame: ChunkFrame, req: ChatRequest, gen: Generation, swarm: dict
                    ) -> list[bytes]:
     """The closing events: the finish chunk (with the reply's logprobs, when asked), then the
@@ -8384,9 +8392,7 @@ class ChatService:
             for event in closing_events(frame, req, gen, swarm):
                 yield event
         except WorkerError as exc:
-            log.error("stream broken after output began: %s", exc)
-            yield sse_json(HTTPError(502, f"the worker failed mid-stream: {exc}", "server_error",
-                                     code="worker_failed").body())
+            yield stream_broken(exc)
         finally:
             await attempt.aclose()
         yield SSE_DONE
@@ -8643,9 +8649,7 @@ class CompletionService:
                     yield sse_json({"content": piece["text"], "stop": False})
             yield sse_json(self._llama_last(req, choice, ""))
         except WorkerError as exc:
-            log.error("completion stream broken after output began: %s", exc)
-            yield sse_json(HTTPError(502, f"the worker failed mid-stream: {exc}", "server_error",
-                                     code="worker_failed").body())
+            yield stream_broken(exc)
 
     def _llama_last(self, req: CompletionRequest, choice: CompletionChoice, content: str
                     ) -> dict[str, Any]:
@@ -8679,9 +8683,7 @@ class CompletionService:
             if req.include_usage:
                 yield event([], usage=_usage(choices))
         except WorkerError as exc:
-            log.error("completion stream broken after output began: %s", exc)
-            yield sse_json(HTTPError(502, f"the worker failed mid-stream: {exc}", "server_error",
-                                     code="worker_failed").body())
+            yield stream_broken(exc)
         yield SSE_DONE
 
     async def _generate(self, req: CompletionRequest, prompt: str, choice: CompletionChoice

@@ -704,7 +704,8 @@ def test_no_turns_where_the_workers_do_not_share_prompts():
     async def go():
         turns = ls.PromptTurns(lambda chars: None)
         held = await turns.take(PREFIX + "1")
-        await asyncio.wait_for(turns.take(PREFIX + "2"), 1)
+        beside = await asyncio.wait_for(turns.take(PREFIX + "2"), 1)   # no wait for `held`
+        assert turns._turns == [held, beside]
         held.end()
     run(go())
 

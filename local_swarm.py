@@ -18,8 +18,8 @@ packages alone (`python -I -S`, see isolate). It supervises llama.cpp's own `lla
 (the native kind, built from the same source: one process whose slots each serve one request at a
 time, and evaluate a vote's prompt once for all its candidates) or N `python -m llama_cpp.server`
 subprocesses (the python kind), bound to 127.0.0.1, and exposes /v1/models,
-/v1/chat/completions (streaming and not), /health, /props and /metrics on a hand-written
-HTTP/1.1 + Server-Sent-Events server.
+/v1/chat/completions (streaming and not), /v1/completions, /v1/embeddings, /health, /props,
+/metrics and a status page at / on a hand-written HTTP/1.1 + Server-Sent-Events server.
 
 Sections, in dependency order: each uses only the ones before it (grep for "# ====" for a table
 of contents; tests/test_layout.py checks both):
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import enum
@@ -62,7 +63,7 @@ import time
 import tomllib
 import uuid
 import zipfile
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from email.parser import HeaderParser
 from http import HTTPStatus
@@ -320,6 +321,7 @@ class Config:
     port: int = 8000
     api_key: str | None = None
     model: str | None = None                  # path to a .gguf; None: discover, else fetch the default
+    embedding_model: str | None = None        # /v1/embeddings' .gguf; None: the chat model's
     worker: str = "native"                    # WORKER_KINDS: llama-server, or llama_cpp.server
     instances: int | None = None              # python workers, or native slots
     ctx: int | None = None
@@ -473,6 +475,9 @@ SETTINGS = (
     Setting("model", str, "a .gguf path, or a known id to fetch (qwen2.5-coder-0.5b, smollm2-135m, "
             "qwen2.5-coder-1.5b); default: the first model found locally, else qwen2.5-coder-0.5b",
             _not_empty),
+    Setting("embedding_model", str, "a .gguf path (or a known id) of an embedding model for "
+            "/v1/embeddings, served by its own llama-server once asked (default: the chat model, "
+            "its token states mean-pooled)", _not_empty),
     Setting("worker", str, "native (default): llama.cpp's own llama-server, one process whose "
             "slots share the prompt of a vote's candidates; python: llama-cpp-python's server, "
             "one process per worker", choices=WORKER_KINDS),
@@ -4033,6 +4038,9 @@ class WorkerSpec:
     binary: Path | None = None    # the native kind: llama-server (None: the python kind)
     slots: int = 1                # the native kind: requests one process serves at once
     kv_tokens: int = 0            # the native kind: its one KV cache, which the slots share
+    role: str = "worker"          # its name is role-index (worker-1; embedder-1)
+    embedding: str | None = None  # the native kind: serve embeddings only, pooled this way
+                                  # ("": the model's own pooling)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -4221,7 +4229,7 @@ class ServerProcess:
 
     @property
     def name(self) -> str:
-        return f"worker-{self.spec.index}"
+        return f"{self.spec.role}-{self.spec.index}"
 
     @property
     def url(self) -> str:
@@ -4370,6 +4378,9 @@ def native_argv(spec: WorkerSpec, port: int, lifeline: bool = False) -> list[str
             "--threads", str(spec.threads), "--threads-batch", str(spec.threads_batch),
             "--n-gpu-layers", gpu_layers, "--cache-ram", str(NATIVE_CACHE_RAM_MIB),
             "--no-webui", "--metrics"]
+    if spec.embedding is not None:      # each input is one batch: as long as the context
+        args += ["--embeddings", "--batch-size", str(spec.n_ctx), "--ubatch-size", str(spec.n_ctx),
+                 *(["--pooling", spec.embedding] if spec.embedding else [])]
     return [spec.python, *ISOLATED_FLAGS, "-c", NATIVE_LIFELINE, *args] if lifeline else args
 
 
@@ -6336,6 +6347,7 @@ METRIC_HELP = {
     "local_swarm_up": "1 while the daemon serves",
 }
 METRICS_FETCH_TIMEOUT = 2.0          # seconds a worker's own /metrics may take
+RECENT_VOTES = 20                    # answers the status page lists (Metrics.recent)
 
 
 class Histogram:
@@ -6376,14 +6388,21 @@ class Metrics:
         self.requests: Counter[tuple[str, int]] = Counter()
         self.peer_votes: Counter[tuple[str, str]] = Counter()
         self.histograms = {name: Histogram(bounds) for name, bounds in METRIC_BUCKETS.items()}
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_VOTES)
 
     def request(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1
 
     def answer(self, candidates: int, confidence: float, seconds: float,
-               peers: Sequence[Mapping[str, Any]] = ()) -> None:
-        """A chat request answered: its candidates, the vote's confidence, the winner's latency
-        and the peers asked (each {"name", "status"}: voted or dropped)."""
+               peers: Sequence[Mapping[str, Any]] = (), vote: Mapping[str, Any] | None = None
+               ) -> None:
+        """A request answered: its candidates, the vote's confidence, the winner's latency, the
+        peers asked (each {"name", "status"}: voted or dropped) and, for a chat, what the status
+        page lists of it (`vote`: k, strategy, winner, ...; the last RECENT_VOTES are kept)."""
+        if vote is not None:
+            self.recent.append({"at": round(time.time(), 3), "candidates": candidates,
+                                "confidence": round(confidence, 4),
+                                "seconds": round(seconds, 3), **vote})
         self.histograms["local_swarm_vote_candidates"].observe(candidates)
         self.histograms["local_swarm_vote_confidence"].observe(confidence)
         self.histograms["local_swarm_answer_seconds"].observe(seconds)
@@ -6624,6 +6643,7 @@ class ChatRequest:
     tool_use: ToolUse = ToolUse()
     response_schema: dict[str, Any] | None = None
     logprobs: int | None = None        # asked: the top alternatives per token (0..20); None: not
+    n: int = 1                         # choices: the vote's candidates, the winner first
 
 
 def _parse_logprobs(body: dict) -> int | None:
@@ -6838,8 +6858,6 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
         raise _invalid(f"'messages' must be a non-empty list of at most {MAX_MESSAGES} messages",
                        "messages")
-    if body.get("n", 1) != 1:
-        raise _invalid("only n=1 is supported", "n", code="unsupported_value")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _invalid("'stream_options' must be an object", "stream_options")
@@ -6851,7 +6869,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         sampling=_parse_sampling(body), tools=tools,
         model=model if isinstance(model, str) else None, swarm=_parse_swarm_options(body),
         tool_use=_parse_tool_use(body, tools), response_schema=_parse_response_format(body),
-        logprobs=_parse_logprobs(body))
+        logprobs=_parse_logprobs(body), n=_check_number(body, "n", 1, MAX_VOTES, integer=True) or 1)
 
 
 class PromptRenderer:
@@ -7597,6 +7615,7 @@ class VotePlan:
     anchor: bool = False          # the first candidate decodes greedily (temperature 0)
     federate: bool = False              # peer swarms vote too (VoteRunner.plan decides)
     explain: bool = False               # the report shows each candidate's text (swarm_report)
+    choices: int = 1                    # candidates the reply returns (the request's n)
 
     @property
     def solo(self) -> bool:
@@ -7609,21 +7628,27 @@ class VotePlan:
 
 
 def vote_plan(req: ChatRequest, cfg: Config, healthy: int, instances: int) -> VotePlan:
-    """The plan for one request; request options beat the daemon's flags."""
-    mode = req.swarm.mode or cfg.mode
+    """The plan for one request; request options beat the daemon's flags. A request for n
+    choices gets at least n candidates, all of them run (not adaptive, no early finish), and is
+    a 400 when n is more than the swarm's workers."""
+    if req.n > instances:
+        raise _invalid(f"'n' is at most {instances} here (the swarm's workers: each choice is "
+                       "one of the vote's candidates)", "n", code="unsupported_value")
+    mode = "vote" if req.n > 1 else req.swarm.mode or cfg.mode
     temperature = req.sampling.get("temperature", cfg.vote_temperature)
     k = req.swarm.votes or cfg.votes or min(instances, DEFAULT_MAX_VOTES)
     if mode == "fastest" or (temperature == 0 and not req.swarm.force_vote):
         k = 1
-    k = max(1, min(k, max(healthy, 1)))
+    k = max(1, min(max(k, req.n), max(healthy, 1)))
     if k == 1 and mode == "vote":
         mode = "single"                        # one candidate: nothing to vote on
-    adaptive = cfg.adaptive if req.swarm.adaptive is None else req.swarm.adaptive
+    adaptive = (cfg.adaptive if req.swarm.adaptive is None else req.swarm.adaptive) \
+        and req.n == 1
     affinity = cfg.affinity if req.swarm.affinity is None else req.swarm.affinity
     anchor = cfg.anchor if req.swarm.anchor is None else req.swarm.anchor
     return VotePlan(mode=mode, k=k, adaptive=adaptive, temperature=temperature,
                     affinity=affinity, anchor=anchor and "temperature" not in req.sampling,
-                    explain=req.swarm.explain)
+                    explain=req.swarm.explain, choices=req.n)
 
 
 def conversation_key(messages: Sequence[dict[str, Any]]) -> str:
@@ -7758,6 +7783,13 @@ class Ballot:
 
     def winner(self) -> Generation:
         return self.entries[self.vote.winner if self.vote else 0][1]
+
+    def choices(self, n: int) -> list[Generation]:
+        """A reply's n choices (a request's `n`): the winner first, then the other candidates by
+        their score in the vote."""
+        vote = self.vote or tally(self.candidates)
+        order = sorted(range(len(self.entries)), key=lambda i: (i != vote.winner, -vote.scores[i]))
+        return [self.entries[i][1] for i in order[:n]]
 
 
 def candidate_of(gen: Generation, started: float, greedy: bool, answered: frozenset[str]
@@ -8162,7 +8194,7 @@ class VoteRunner:
             outstanding = len(pending) + ballot.plan.k - ballot.launched
             stuck = leader_repeats(ballot.candidates, keys)   # a sample that moves on would win
             if keys and not stuck and choose_strategy(ballot.candidates) == "majority" \
-                    and decided(keys, outstanding):
+                    and len(ballot.entries) >= ballot.plan.choices and decided(keys, outstanding):
                 ballot.strategy = "majority"               # early finish: the leader is safe
                 return
             if not pending and ballot.plan.adaptive and keys:
@@ -8231,15 +8263,18 @@ def new_call_id() -> str:
 
 
 class ChunkFrame:
-    """Pre-serialised pieces of chat.completion.chunk events: each token costs one json.dumps
-    of its text and a few byte joins (the per-token path must stay cheap)."""
+    """Pre-serialised pieces of chat.completion.chunk events for choice `index`: each token
+    costs one json.dumps of its text and a few byte joins (the per-token path must stay cheap)."""
 
-    def __init__(self, cid: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, cid: str, created: int, model: str, include_usage: bool, index: int = 0
+                 ) -> None:
+        self.args = (cid, created, model, include_usage)
+        self.index = index
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
         self.head = json.dumps(head, separators=(",", ":"))[:-1]
         self.usage_field = ',"usage":null' if include_usage else ""
         self.content_pre = (b"data: " + self.head.encode()
-                            + b',"choices":[{"index":0,"delta":{"content":')
+                            + b',"choices":[{"index":%d,"delta":{"content":' % index)
         self.content_post = (b'},"logprobs":null,"finish_reason":null}]'
                              + self.usage_field.encode() + b"}\n\n")
 
@@ -8250,8 +8285,12 @@ class ChunkFrame:
                                                                            separators=(",", ":"))
         return ("data: " + body + (extra or self.usage_field) + "}\n\n").encode()
 
+    def choice(self, index: int) -> ChunkFrame:
+        """The frame of the same stream's choice `index` (a request for n choices)."""
+        return self if index == self.index else ChunkFrame(*self.args, index=index)
+
     def role(self) -> bytes:
-        return self._event([{"index": 0, "delta": {"role": "assistant", "content": ""},
+        return self._event([{"index": self.index, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}])
 
     def content(self, text: str) -> bytes:
@@ -8273,12 +8312,12 @@ class ChunkFrame:
         return events
 
     def _delta(self, delta: dict[str, Any]) -> bytes:
-        return self._event([{"index": 0, "delta": delta, "logprobs": None,
+        return self._event([{"index": self.index, "delta": delta, "logprobs": None,
                              "finish_reason": None}])
 
     def finish(self, reason: str, swarm: dict | None = None,
                logprobs: dict[str, Any] | None = None) -> bytes:
-        return self._event([{"index": 0, "delta": {}, "logprobs": logprobs,
+        return self._event([{"index": self.index, "delta": {}, "logprobs": logprobs,
                              "finish_reason": reason}], swarm=swarm)
 
     def usage(self, usage: dict[str, int], swarm: dict | None = None) -> bytes:
@@ -8293,14 +8332,44 @@ def stream_broken(exc: WorkerError) -> bytes:
                               code="worker_failed").body())
 
 
-def closing_events(frame: ChunkFrame, req: ChatRequest, gen: Generation, swarm: dict
-                   ) -> list[bytes]:
+def closing_events(frame: ChunkFrame, req: ChatRequest, gen: Generation, swarm: dict,
+                   usage: dict[str, int] | None = None) -> list[bytes]:
     """The closing events: the finish chunk (with the reply's logprobs, when asked), then the
-    usage chunk when asked for; the `swarm` object rides on the last of them."""
+    usage chunk (`usage`, else the generation's) when asked for; the `swarm` object rides on the
+    last of them."""
     logprobs = reply_logprobs(req, gen)
     if not req.include_usage:
         return [frame.finish(gen.finish_reason, swarm, logprobs)]
-    return [frame.finish(gen.finish_reason, logprobs=logprobs), frame.usage(gen.usage(), swarm)]
+    return [frame.finish(gen.finish_reason, logprobs=logprobs),
+            frame.usage(usage or gen.usage(), swarm)]
+
+
+def voted_events(frame: ChunkFrame, req: ChatRequest, gens: Sequence[Generation], swarm: dict
+                 ) -> Iterator[bytes]:
+    """A voted reply's events after its role chunk: per choice (the winner first, as choice 0;
+    the others open with their own role chunk) its text as word-sized deltas, its calls and its
+    finish chunk, then the usage chunk when asked; `swarm` rides on the last event."""
+    for i, gen in enumerate(gens):
+        choice = frame.choice(i)
+        if i:
+            yield choice.role()
+        for piece in _PIECES.findall(gen.shown_text):
+            yield choice.content(piece)
+        yield from choice.calls(gen)
+        if i < len(gens) - 1:
+            yield choice.finish(gen.finish_reason, logprobs=reply_logprobs(req, gen))
+    yield from closing_events(frame.choice(len(gens) - 1), req, gens[-1], swarm,
+                              choices_usage(gens))
+
+
+def choices_usage(gens: Sequence[Generation]) -> dict[str, int]:
+    """The usage of a reply: its one generation's, or with n choices the prompt once and every
+    choice's completion tokens."""
+    if len(gens) == 1:
+        return gens[0].usage()
+    prompt, completion = gens[0].prompt_tokens, sum(gen.tokens for gen in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def reply_logprobs(req: ChatRequest, gen: Generation) -> dict[str, Any] | None:
@@ -8321,7 +8390,10 @@ def count_answer(metrics: Metrics, ballot: Ballot) -> None:
     """Count an answered request in the metrics: its candidates, confidence, latency, peers."""
     vote = ballot.vote or tally(ballot.candidates)
     metrics.answer(len(ballot.entries), vote.confidence, ballot.entries[vote.winner][0].latency,
-                   ballot.peers)
+                   ballot.peers, {"mode": ballot.plan.mode, "k": ballot.plan.k,
+                                  "strategy": vote.strategy, "votes": [len(g) for g in vote.groups],
+                                  "winner": ballot.entries[vote.winner][0].worker,
+                                  "peers": sum(p.get("status") == "voted" for p in ballot.peers)})
 
 
 class ChatService:
@@ -8344,13 +8416,13 @@ class ChatService:
         Raises HTTPError (4xx; 429/503 from the pool), WorkerError when no worker could answer."""
         ballot = await self.votes.run(self.preparer.prepare(req), self.votes.plan(req))
         count_answer(self.metrics, ballot)
-        gen, swarm = ballot.winner(), swarm_report(ballot)
+        gen, swarm, gens = ballot.winner(), swarm_report(ballot), ballot.choices(req.n)
         reply = {"id": new_completion_id(), "object": "chat.completion", "created": int(self.clock()),
                  "model": self.reply_model(req),
-                 "choices": [{"index": 0, "message": gen.message(),
-                              "logprobs": reply_logprobs(req, gen),
-                              "finish_reason": gen.finish_reason}],
-                 "usage": gen.usage(), "swarm": swarm}
+                 "choices": [{"index": i, "message": g.message(),
+                              "logprobs": reply_logprobs(req, g), "finish_reason": g.finish_reason}
+                             for i, g in enumerate(gens)],
+                 "usage": choices_usage(gens), "swarm": swarm}
         return reply, gen, swarm
 
     async def open_stream(self, req: ChatRequest, gen: Generation) -> tuple[AsyncIterator[bytes],
@@ -8400,7 +8472,8 @@ class ChatService:
     async def _voted_sse(self, req: ChatRequest, plan: VotePlan, prepared: PreparedRequest,
                          gen: Generation) -> AsyncIterator[bytes]:
         """Role chunk at once, SSE comments while the vote runs (so clients do not time out),
-        then the winner as word-sized deltas, the finish chunk and the `swarm` object."""
+        then the winner (and with n, the other choices) as word-sized deltas, the finish chunk
+        and the `swarm` object (voted_events)."""
         frame = self._frame(req)
         yield frame.role()
         task = asyncio.create_task(self.votes.vote(prepared, plan))
@@ -8420,13 +8493,8 @@ class ChatService:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         count_answer(self.metrics, ballot)
-        winner = ballot.winner()
-        _adopt(gen, winner)
-        for piece in _PIECES.findall(winner.shown_text):
-            yield frame.content(piece)
-        for event in frame.calls(winner):
-            yield event
-        for event in closing_events(frame, req, winner, swarm_report(ballot)):
+        _adopt(gen, ballot.winner())
+        for event in voted_events(frame, req, ballot.choices(req.n), swarm_report(ballot)):
             yield event
         yield SSE_DONE
 
@@ -8436,7 +8504,8 @@ class ChatService:
 
 # ---- raw completions: /v1/completions (autocomplete) -----------------------------------------------
 # Rules: a raw prompt (an editor's own template, or a prefix and a `suffix` to fill in the middle)
-# goes to one worker, never to a vote: autocomplete is latency-first. Its lease goes ahead of the
+# goes to one worker, never to a vote: autocomplete is latency-first (n choices per prompt are n
+# generations, one after another, choice i*n+j being prompt i's j-th). Its lease goes ahead of the
 # chat requests waiting for a worker, and it takes its turn on the prompt like a chat does (the
 # file's prefix is in the slot that served the last keystroke). A client that hangs up (the next
 # keystroke) closes the worker's stream, which stops the generation. A `suffix` goes to
@@ -8445,7 +8514,8 @@ class ChatService:
 # refuses it. Replies have OpenAI's text_completion shape; logprobs the legacy shape (tokens,
 # token_logprobs, top_logprobs, text_offset).
 
-MAX_PROMPTS = 16                    # prompts in one request (a list: one choice each)
+MAX_PROMPTS = 16                    # prompts in one request (a list: n choices each)
+MAX_COMPLETION_CHOICES = 64         # prompts times n
 COMPLETION_MAX_TOKENS = 16          # OpenAI's default max_tokens for /v1/completions
 MAX_COMPLETION_LOGPROBS = 5         # OpenAI's limit on `logprobs` for completions
 
@@ -8463,12 +8533,16 @@ class CompletionRequest:
     model: str | None = None
     extra: tuple[dict[str, str], ...] = ()     # /infill's input_extra: other files' text
     middle: str = ""                           # /infill's prompt: the middle typed so far
+    n: int = 1                                 # choices per prompt
+
+    def choice_prompts(self) -> list[str]:
+        """Each choice's prompt, in the order of the choices' indexes: n per prompt."""
+        return [prompt for prompt in self.prompts for _ in range(self.n)]
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
     """Validate a /v1/completions body. Raises HTTPError 400 naming the bad field: a field this
-    endpoint cannot honour (echo, n or best_of above 1, token-id prompts) is refused, not
-    ignored."""
+    endpoint cannot honour (echo, best_of above 1, token-id prompts) is refused, not ignored."""
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object")
     prompt = body.get("prompt")
@@ -8482,9 +8556,12 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         raise _invalid("'suffix' must be a string", "suffix")
     if _check_bool(body, "echo"):
         raise _invalid("'echo' is not supported", "echo", code="unsupported_value")
-    for name in ("n", "best_of"):
-        if body.get(name, 1) not in (1, None):
-            raise _invalid(f"only {name}=1 is supported", name, code="unsupported_value")
+    if body.get("best_of", 1) not in (1, None):
+        raise _invalid("only best_of=1 is supported (ask for n choices instead)", "best_of",
+                       code="unsupported_value")
+    n = _check_number(body, "n", 1, MAX_VOTES, integer=True) or 1
+    if n * len(prompts) > MAX_COMPLETION_CHOICES:
+        raise _invalid(f"prompts times n must be at most {MAX_COMPLETION_CHOICES}", "n")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _invalid("'stream_options' must be an object", "stream_options")
@@ -8495,7 +8572,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         prompts=tuple(prompts), suffix=suffix or None, stream=_check_bool(body, "stream"),
         include_usage=_check_bool(options or {}, "include_usage"), sampling=sampling,
         logprobs=_check_number(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, integer=True),
-        model=model if isinstance(model, str) else None)
+        model=model if isinstance(model, str) else None, n=n)
 
 
 LLAMA_SAMPLING = {"temperature": (0.0, 2.0, False), "top_k": (0, TOP_K_LIMIT, True),
@@ -8596,7 +8673,7 @@ class CompletionService:
         """A whole text_completion. Raises HTTPError (400 refused, 429/503 from the pool),
         WorkerError when the worker failed."""
         choices = []
-        for i, prompt in enumerate(req.prompts):
+        for i, prompt in enumerate(req.choice_prompts()):
             choice = CompletionChoice(i)
             async with contextlib.aclosing(self._generate(req, prompt, choice)) as pieces:
                 async for _ in pieces:
@@ -8616,7 +8693,7 @@ class CompletionService:
     async def _started(self, req: CompletionRequest, choice: CompletionChoice
                        ) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any] | None]:
         """The first prompt's generation, started: its iterator and first piece (None: none)."""
-        pieces = self._generate(req, req.prompts[0], choice)
+        pieces = self._generate(req, req.choice_prompts()[0], choice)
         try:
             return pieces, await anext(pieces, None)
         except BaseException:
@@ -8668,7 +8745,7 @@ class CompletionService:
                              "model": model, "choices": choices, **extra})
         choices = [first]
         try:
-            for i, prompt in enumerate(req.prompts):
+            for i, prompt in enumerate(req.choice_prompts()):
                 choice = first if i == 0 else CompletionChoice(i)
                 if i:
                     choices.append(choice)
@@ -8694,7 +8771,7 @@ class CompletionService:
         turn = await self.turns.take(prompt)
         try:
             async with self.pool.lease(priority=True) as worker:
-                route, body = self._worker_request(req, prompt, worker)
+                route, body = self._worker_request(req, prompt, worker, choice.index % req.n)
                 whole = prompt + (req.suffix or "") + req.middle + \
                     "".join(e["text"] for e in req.extra)
                 if not surely_fits(whole, self.n_ctx):        # a 4xx, not a 200 that fails
@@ -8720,9 +8797,13 @@ class CompletionService:
             turn.end()
         self.metrics.answer(1, 1.0, time.monotonic() - started)
 
-    def _worker_request(self, req: CompletionRequest, prompt: str, worker: Worker
+    def _worker_request(self, req: CompletionRequest, prompt: str, worker: Worker, nth: int = 0
                         ) -> tuple[str, dict[str, Any]]:
+        """The worker's route and body for one choice, the `nth` of its prompt (its seed is the
+        request's + nth, so that n seeded choices differ)."""
         body: dict[str, Any] = dict(req.sampling)
+        if nth and body.get("seed", -1) >= 0:
+            body["seed"] = (body["seed"] + nth) % 2 ** 32
         if req.logprobs is not None:
             body["logprobs"] = req.logprobs
         if req.suffix is None:
@@ -8778,6 +8859,112 @@ def _usage(choices: Sequence[CompletionChoice]) -> dict[str, int]:
     completion = sum(c.completion_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
+
+
+# ---- embeddings: /v1/embeddings ----------------------------------------------------------------------
+# Rules: embeddings come from a llama-server of their own, started with --embeddings (llama-server
+# so started serves nothing else) the first time a request asks, and again whenever it has exited:
+# a swarm that is never asked pays nothing. It serves the embedding model given by the
+# embedding_model setting with that model's own pooling, else the chat model's GGUF with its token
+# states mean-pooled (EMBED_POOLING). Vectors are normalised to length 1 (llama-server's default
+# for this route). Each input is evaluated whole, up to EMBED_CTX tokens; a longer one is a 400.
+
+EMBED_CTX = 2048                    # tokens per input (the embedding process's context and batch)
+EMBED_POOLING = "mean"              # a chat model's token states, pooled for an embedding
+MAX_EMBED_INPUTS = 256              # inputs per request (Continue sends batches of up to 128)
+EMBED_FORMATS = ("float", "base64")
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """A validated /v1/embeddings request."""
+
+    inputs: tuple[str, ...]
+    encoding_format: str = "float"
+    model: str | None = None
+
+
+def parse_embedding_request(body: Any) -> EmbeddingRequest:
+    """Validate a /v1/embeddings body: `input` a string or a list of 1 to MAX_EMBED_INPUTS
+    non-empty strings (token ids are refused), `encoding_format` float or base64; `dimensions`
+    is refused (the model's size is the vector's). Raises HTTPError 400 naming the field."""
+    if not isinstance(body, dict):
+        raise _invalid("the request body must be a JSON object")
+    given = body.get("input")
+    inputs = [given] if isinstance(given, str) else given
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= MAX_EMBED_INPUTS \
+            or not all(isinstance(text, str) and text for text in inputs):
+        raise _invalid(f"'input' must be a non-empty string or a list of 1 to {MAX_EMBED_INPUTS} "
+                       "non-empty strings (token ids are not supported)", "input")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in EMBED_FORMATS:
+        raise _invalid(f"'encoding_format' must be one of {list(EMBED_FORMATS)}",
+                       "encoding_format")
+    if body.get("dimensions") is not None:
+        raise _invalid("'dimensions' is not supported: the vectors have the model's own size",
+                       "dimensions", code="unsupported_value")
+    model = body.get("model")
+    return EmbeddingRequest(tuple(inputs), fmt, model if isinstance(model, str) else None)
+
+
+def encode_embedding(vector: Sequence[float], fmt: str) -> list[float] | str:
+    """A vector as OpenAI sends it: floats, or base64 of little-endian float32s."""
+    if fmt == "float":
+        return list(vector)
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+class EmbeddingService:
+    """Answers /v1/embeddings (see the rules above) from its own llama-server; None as the
+    server: this swarm has no llama-server build (the python kind), so every request is a 400."""
+
+    def __init__(self, server: NativeServer | None, model_id: str, start_timeout: float,
+                 request_timeout: float) -> None:
+        self.server = server
+        self.model_id = model_id              # what replies name as their model
+        self.start_timeout = start_timeout
+        self.request_timeout = request_timeout
+        self._lock = asyncio.Lock()
+
+    async def embed(self, req: EmbeddingRequest) -> dict[str, Any]:
+        """The reply, in OpenAI's shape. Raises HTTPError 400 (no build, an input too long),
+        WorkerError when the embedding process cannot start or fails."""
+        server = await self._ready()
+        try:
+            data = await post_json(server.client, server.url, "/v1/embeddings", server.name,
+                                   {"input": list(req.inputs)}, self.request_timeout)
+        except WorkerError as exc:
+            if exc.status is not None and exc.status < 500 or "too large" in str(exc):
+                raise HTTPError(400, f"the embedding worker refused the input (at most "
+                                f"{EMBED_CTX} tokens each): {exc}", code="invalid_value",
+                                param="input") from exc
+            raise
+        rows = sorted(data.get("data") or [], key=lambda row: row.get("index", 0))
+        if len(rows) != len(req.inputs):
+            raise WorkerError(f"{server.name}: {len(rows)} embeddings for {len(req.inputs)} inputs")
+        usage = data.get("usage") or {}
+        tokens = int(usage.get("prompt_tokens") or 0)
+        return {"object": "list", "model": self.model_id,
+                "data": [{"object": "embedding", "index": i,
+                          "embedding": encode_embedding(row["embedding"], req.encoding_format)}
+                         for i, row in enumerate(rows)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    async def _ready(self) -> NativeServer:
+        """The embedding process, started (and waited for) unless it runs."""
+        if self.server is None:
+            raise HTTPError(400, "/v1/embeddings needs llama-server (the native worker kind; "
+                            "this swarm runs --worker python)", code="unsupported_value")
+        async with self._lock:
+            if self.server.exited():
+                log.info("starting %s for /v1/embeddings", self.server.name)
+                await self.server.start()
+                await self.server.wait_ready(self.start_timeout)
+        return self.server
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
 
 
 # =====================================================================================================
@@ -9467,8 +9654,98 @@ class FederationApp:
 # service (HTTP server, worker pool, HTTP client, and with a secret the federation and its
 # listener) for one run, and stops them in reverse order.
 
-PUBLIC_PATHS = {"/health", "/v1/health"}        # answered without the API key
+PUBLIC_PATHS = {"/health", "/v1/health", "/"}   # answered without the API key (the status
+                                                # page holds no data: it asks for it with the key)
 SHUTDOWN_DEADLINE = 5.0                         # every worker gone within this after a signal
+
+# The status page: one HTML page with no external assets, which polls the swarm's status (workers,
+# the last answers, peers) and shows how to connect a client.
+STATUS_PAGE_PATH = "/"                    # the status page, for a person
+SWARM_STATUS_PATH = "/v1/swarm/status"     # what the page polls (behind the API key)
+STATUS_POLL_MS = 2000
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>local-swarm</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em auto;max-width:60em;padding:0 1em;color:#222}
+h1{font-size:1.4em;margin:0}h2{font-size:1.1em;margin:1.4em 0 .4em}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.2em .6em;border-bottom:1px solid #ddd}
+th{background:#f4f4f4}code,pre{background:#f4f4f4;padding:.1em .3em;border-radius:3px}
+pre{padding:.6em;white-space:pre-wrap;word-break:break-all}.idle,.healthy{color:#070}.busy{color:#05a}
+.starting,.initializing,.draining,.degraded{color:#a60}.dead,.failed,.down{color:#b00}
+#note{color:#b00}.muted{color:#777}
+</style></head><body>
+<h1>local-swarm <span id="version" class="muted"></span></h1>
+<div><span id="status">loading...</span> &middot; model <b id="model"></b> &middot;
+ up <span id="uptime"></span> &middot; <span id="queued"></span> waiting</div>
+<p id="note"></p>
+<form id="keyform" hidden>This swarm needs its API key:
+ <input id="key" type="password" size="30"> <button>Show</button></form>
+<h2>Workers</h2>
+<table><thead><tr><th>worker</th><th>state</th><th>served</th><th>restarts</th><th>pid</th>
+<th>port</th></tr></thead><tbody id="workers"></tbody></table>
+<h2>Last answers</h2>
+<table><thead><tr><th>when</th><th>mode</th><th>k</th><th>candidates</th><th>strategy</th>
+<th>votes</th><th>confidence</th><th>winner</th><th>seconds</th></tr></thead>
+<tbody id="votes"></tbody></table>
+<h2>Peers</h2><div id="peers"></div>
+<h2>Connect a client</h2>
+<p>Base URL <code id="base"></code>, model <code>local-swarm</code>, API key
+ <span id="keyneed"></span>.</p>
+<pre id="curl"></pre>
+<script>
+"use strict";
+const $ = id => document.getElementById(id);
+function cell(row, text, cls) {
+  const td = document.createElement("td"); td.textContent = text;
+  if (cls) td.className = cls; row.appendChild(td);
+}
+function rows(id, items, fill) {
+  const body = $(id); body.replaceChildren();
+  for (const item of items) { const tr = document.createElement("tr"); fill(tr, item); body.appendChild(tr); }
+}
+function ago(s) { return s < 90 ? Math.round(s) + " s" : s < 5400 ? Math.round(s / 60) + " min"
+                  : (s / 3600).toFixed(1) + " h"; }
+function show(d) {
+  $("version").textContent = d.version; $("model").textContent = d.model;
+  $("status").textContent = d.status; $("status").className = d.status;
+  $("uptime").textContent = ago(d.uptime_s); $("queued").textContent = d.queued;
+  rows("workers", d.details, (tr, w) => {
+    cell(tr, w.id); cell(tr, w.state, w.state); cell(tr, w.served); cell(tr, w.restarts);
+    cell(tr, w.pid == null ? "" : w.pid); cell(tr, w.port == null ? "" : w.port); });
+  const now = Date.now() / 1000;
+  rows("votes", d.votes.slice().reverse(), (tr, v) => {
+    cell(tr, ago(now - v.at) + " ago"); cell(tr, v.mode); cell(tr, v.k); cell(tr, v.candidates);
+    cell(tr, v.strategy); cell(tr, v.votes.join(" / ")); cell(tr, v.confidence.toFixed(2));
+    cell(tr, v.winner); cell(tr, v.seconds.toFixed(2)); });
+  if (!d.votes.length) rows("votes", [0], tr => cell(tr, "none yet", "muted"));
+  const peers = $("peers");
+  if (d.peers === null) peers.textContent = "Federation is off (start every swarm with --secret S to vote together).";
+  else if (!d.peers.length) peers.textContent = "Federation is on; no peer seen yet.";
+  else peers.textContent = d.peers.map(p => p.name + " (" + p.host + ", " + p.model + ", "
+                                        + p.instances + " workers, seen " + p.age_s + " s ago)").join("; ");
+  const base = location.origin + "/v1";
+  $("base").textContent = base; $("keyneed").textContent = d.api_key ? "required" : "not needed";
+  $("curl").textContent = "curl " + base + "/chat/completions -H 'Content-Type: application/json'"
+    + (d.api_key ? " -H 'Authorization: Bearer $KEY'" : "")
+    + " -d '{\\"model\\": \\"local-swarm\\", \\"messages\\": [{\\"role\\": \\"user\\", \\"content\\": \\"Hi\\"}]}'";
+}
+async function poll() {
+  const key = sessionStorage.getItem("local-swarm-key");
+  try {
+    const r = await fetch("__PATH__", {headers: key ? {"Authorization": "Bearer " + key} : {}});
+    if (r.status === 401) { $("keyform").hidden = false; $("note").textContent = ""; return; }
+    $("keyform").hidden = true;
+    if (!r.ok) throw new Error("status " + r.status);
+    show(await r.json()); $("note").textContent = "";
+  } catch (e) { $("note").textContent = "The swarm does not answer (" + e.message + "); retrying."; }
+}
+$("keyform").addEventListener("submit", e => {
+  e.preventDefault(); sessionStorage.setItem("local-swarm-key", $("key").value); poll(); });
+poll(); setInterval(poll, __EVERY__);
+</script></body></html>
+""".replace("__PATH__", SWARM_STATUS_PATH).replace("__EVERY__", str(STATUS_POLL_MS))
 
 
 def check_api_key(request: Request, api_key: str | None) -> None:
@@ -9492,7 +9769,8 @@ class SwarmApp:
     """The API: one handler for the HTTP server, routing by method and path."""
 
     def __init__(self, cfg: Config, pool: WorkerPool, chat: ChatService, model_id: str,
-                 federation: Federation | None = None, model: ModelInfo | None = None) -> None:
+                 federation: Federation | None = None, model: ModelInfo | None = None,
+                 embeddings: EmbeddingService | None = None) -> None:
         self.cfg = cfg
         self.pool = pool
         self.chat = chat
@@ -9501,6 +9779,7 @@ class SwarmApp:
         self.model = model                    # the GGUF's facts, for /v1/models and /props
         self.raw = CompletionService(pool, cfg, model_id, chat.preparer.n_ctx, chat.votes.turns,
                                      chat.metrics, chat.clock)
+        self.embeddings = embeddings or EmbeddingService(None, model_id, 0, 0)
         self.started = time.time()
         self.routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("GET", "/v1/models"): self.models,
@@ -9508,10 +9787,13 @@ class SwarmApp:
             ("GET", "/metrics"): self.metrics,
             ("GET", "/health"): self.health,
             ("GET", "/v1/health"): self.health,
+            ("GET", STATUS_PAGE_PATH): self.status_page,
+            ("GET", SWARM_STATUS_PATH): self.swarm_status,
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/completion"): self.completions,
             ("POST", INFILL_ROUTE): self.completions,
+            ("POST", "/v1/embeddings"): self.embed,
             ("GET", STATUS_PATH): self.federation_status,
             ("GET", PEERS_PATH): self.federation_peers,
             ("POST", VOTE_PATH): self.federation_vote,
@@ -9617,14 +9899,32 @@ class SwarmApp:
     async def health(self, request: Request) -> Response:
         """200 while healthy or degraded; 503 (same body) until a worker has been ready, for the
         probes and clients that read only the status code (llama-server answers 503 as it loads)."""
-        healthy, total, status = self.pool.healthy(), len(self.pool.slots), self.pool.status()
-        return Response.json({
-            "status": status, "version": VERSION, "model": self.model_id,
-            "workers": {"healthy": healthy, "total": total}, "healthy_workers": healthy,
-            "total_workers": total, "queued": self.pool.waiting(),
-            "uptime_s": round(time.time() - self.started, 1), "details": self.pool.describe()},
-            *((503, [("Retry-After", str(STARTING_RETRY_AFTER))]) if status == "initializing"
-              else (200,)))
+        body = self._health()
+        return Response.json(body, *((503, [("Retry-After", str(STARTING_RETRY_AFTER))])
+                                     if body["status"] == "initializing" else (200,)))
+
+    def _health(self) -> dict[str, Any]:
+        healthy, total = self.pool.healthy(), len(self.pool.slots)
+        return {"status": self.pool.status(), "version": VERSION, "model": self.model_id,
+                "workers": {"healthy": healthy, "total": total}, "healthy_workers": healthy,
+                "total_workers": total, "queued": self.pool.waiting(),
+                "uptime_s": round(time.time() - self.started, 1), "details": self.pool.describe()}
+
+    async def status_page(self, request: Request) -> Response:
+        """GET /: the status page (STATUS_PAGE), for a person with a browser."""
+        return Response(200, [("Content-Type", "text/html; charset=utf-8"),
+                              ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                              ("Content-Security-Policy", "default-src 'none'; script-src "
+                               "'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'")],
+                        STATUS_PAGE.encode())
+
+    async def swarm_status(self, request: Request) -> Response:
+        """GET /v1/swarm/status, what the status page shows: /health's fields (the workers in
+        `details`), the last answers (Metrics.recent: k, strategy, votes, confidence, winner), the live peers
+        (None: federation off) and whether the API needs a key."""
+        peers = self.federation.peers()["data"] if self.federation is not None else None
+        return Response.json({**self._health(), "votes": list(self.chat.metrics.recent),
+                              "peers": peers, "api_key": bool(self.cfg.api_key)})
 
     def _federation(self) -> Federation:
         if self.federation is None:
@@ -9675,6 +9975,15 @@ class SwarmApp:
         except WorkerError as exc:
             raise workers_unavailable(exc) from exc
 
+    async def embed(self, request: Request) -> Response:
+        """POST /v1/embeddings (see EmbeddingService)."""
+        req = parse_embedding_request(request.json())
+        try:
+            return Response.json(await self.embeddings.embed(req))
+        except WorkerError as exc:
+            raise HTTPError(503, f"the embedding worker could not answer: {exc}", "server_error",
+                            code="workers_unavailable", headers=[("Retry-After", "5")]) from exc
+
     async def _logged(self, stream: AsyncIterator[bytes], req: ChatRequest, gen: Generation
                       ) -> AsyncIterator[bytes]:
         try:
@@ -9708,8 +10017,10 @@ class Swarm:
 
     def __init__(self, cfg: Config, build: BuildInfo, model: ModelInfo, plan: Plan,
                  native: NativeBuild | None = None, launcher: Launcher = launch_process,
-                 progress: Callable[[str], None] = print_progress) -> None:
+                 progress: Callable[[str], None] = print_progress,
+                 embedding_model: Path | None = None) -> None:
         self.cfg = cfg
+        self.embedding_model = embedding_model    # None: embeddings from the chat model
         self.build = build
         self.native = native                  # llama-server, when the plan's kind is native
         self.model = model
@@ -9722,10 +10033,26 @@ class Swarm:
         self.server: HttpServer | None = None
         self.federation: Federation | None = None
         self.federation_server: HttpServer | None = None
+        self.embeddings: EmbeddingService | None = None
 
     @property
     def model_id(self) -> str:
         return self.model.path.stem
+
+    def _embeddings(self) -> EmbeddingService:
+        """The /v1/embeddings service: a llama-server of its own (started when first asked) on
+        the embedding model, else on the chat model mean-pooled; none without a native build."""
+        if self.native is None:
+            return EmbeddingService(None, self.model_id, 0, 0)
+        p, path = self.plan, self.embedding_model or self.model.path
+        spec = WorkerSpec(index=1, model=path, model_id=path.stem, n_ctx=EMBED_CTX,
+                          threads=p.threads, threads_batch=p.threads_batch,
+                          gpu_layers=p.gpu_layers, site=self.build.site, env=worker_env(),
+                          log_dir=worker_log_dir(self.cfg.cache_dir / "logs"),
+                          binary=self.native.binary, kv_tokens=EMBED_CTX, role="embedder",
+                          embedding="" if self.embedding_model else EMBED_POOLING)
+        return EmbeddingService(NativeServer(spec, self.client, self.launcher), path.stem,
+                                self.cfg.worker_start_timeout, self.cfg.request_timeout)
 
     def _worker_specs(self) -> list[WorkerSpec]:
         """One spec per process: a python worker each, or one llama-server for all the slots."""
@@ -9763,7 +10090,9 @@ class Swarm:
             log.info("%s", FEDERATION_OFF)
         chat = ChatService(self.pool, renderer, self.model_id, self.plan.ctx, self.cfg,
                            peers=self.federation)
-        app = SwarmApp(self.cfg, self.pool, chat, self.model_id, self.federation, self.model)
+        self.embeddings = self._embeddings()
+        app = SwarmApp(self.cfg, self.pool, chat, self.model_id, self.federation, self.model,
+                       self.embeddings)
         self.server = HttpServer(app.handle, self.cfg.http, self.cfg.host, self.cfg.port,
                                  self.cfg.cors_origins)
         await self.server.start()
@@ -9815,6 +10144,8 @@ class Swarm:
                     await asyncio.wait_for(server.stop(), 1.0)
         if self.pool:
             await self.pool.stop()
+        if self.embeddings:
+            await self.embeddings.stop()
         if self.client:
             await self.client.aclose()
 
@@ -10583,11 +10914,14 @@ def run(cfg: Config, args: Sequence[str]) -> int:
     model = model_info(resolve_model(cfg.model, cfg.cache_dir, progress=print_progress,
                                      fetch=configured_fetch(cfg)))
     native = ensure_native(build, hw, cfg.builds_dir) if cfg.worker == "native" else None
+    embedder = resolve_model(cfg.embedding_model, cfg.cache_dir, progress=print_progress,
+                             fetch=configured_fetch(cfg)) if cfg.embedding_model else None
     the_plan = planner(cfg.worker)(hw, model, cfg.instances, cfg.ctx, cfg.threads)
     for reason in the_plan.reasons:
         log.info("plan: %s", reason)
     try:
-        return asyncio.run(serve(Swarm(cfg, build, model, the_plan, native)))
+        return asyncio.run(serve(Swarm(cfg, build, model, the_plan, native,
+                                       embedding_model=embedder)))
     except StartupError as exc:
         raise StartupError(f"{exc}; {startup_fix(exc.__cause__, build)}") from exc.__cause__
 

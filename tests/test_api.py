@@ -45,7 +45,7 @@ def test_sampling_fields_pass_validation(extra, sampling):
     ({"logit_bias": [1]}, "logit_bias"), ({"logit_bias": {"5": True}}, "logit_bias"),
     ({"stream_options": []}, "stream_options"),
     ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
-    ({"n": 2}, "n"), ({"tools": {"a": 1}}, "tools"),
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"n": 1.5}, "n"), ({"tools": {"a": 1}}, "tools"),
     ({"swarm": {"explain": "yes"}}, "swarm.explain"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logprobs": 1}, "logprobs"),

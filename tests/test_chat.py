@@ -224,6 +224,37 @@ def test_metrics_count_requests_and_votes_in_prometheus_text():
     run(go())
 
 
+def test_status_page_is_public_and_its_data_lists_workers_and_the_last_votes_behind_the_key():
+    async def go():
+        pool = await started_pool([FakeWorker(1, tokens=("4",)), FakeWorker(2, tokens=("4",))])
+        app = ls.SwarmApp(ls.Config(api_key="k"), pool, chat_service(pool, mode="vote"), "m")
+
+        async def call(method, path, body=b"", key="k"):
+            headers = (("x-api-key", key),) if key else ()
+            try:
+                return await app.handle(ls.Request(method, path, path, "HTTP/1.1", headers, body))
+            except ls.HTTPError as exc:
+                return exc.status
+        page = await call("GET", "/", key=None)
+        assert page.status == 200 and dict(page.headers)["Content-Type"].startswith("text/html")
+        html = page.body.decode()
+        assert ls.SWARM_STATUS_PATH in html and "<script" in html
+        assert not ls.re.search(r'(src|href)="(https?:)?//', html)      # no external assets
+        assert await call("GET", ls.SWARM_STATUS_PATH, key=None) == 401
+        chat = json.dumps({"messages": [{"role": "user", "content": "2+2?"}],
+                           "swarm": {"votes": 2, "adaptive": False}}).encode()
+        assert (await call("POST", "/v1/chat/completions", chat)).status == 200
+        status = json.loads((await call("GET", ls.SWARM_STATUS_PATH)).body)
+        assert [w["id"] for w in status["details"]] == ["worker-1", "worker-2"]
+        [vote] = status["votes"]
+        assert vote["k"] == 2 and vote["candidates"] == 2 and vote["votes"] == [2]
+        assert vote["winner"] in ("worker-1", "worker-2") and vote["confidence"] == 1.0
+        assert status["peers"] is None and status["api_key"] is True
+        assert status["status"] == "healthy" and status["model"] == "m"
+        await pool.stop()
+    run(go())
+
+
 def test_worker_metrics_get_a_worker_label_and_their_help_once():
     llama = ("# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.\n"
              "# TYPE llamacpp:prompt_tokens_total counter\n"
@@ -535,6 +566,53 @@ def test_explain_shows_each_candidates_text_and_log_probabilities():
         assert sorted(c["content"] for c in swarm["candidates"]) == \
             ["Answer: 5", "Answer: 5", "Answer: 9"]
         assert all(c["logprobs"] == [-0.25] and c["calls"] == [] for c in swarm["candidates"])
+        await pool.stop()
+    run(go())
+
+
+def test_n_choices_are_the_votes_candidates_winner_first_whole_and_streamed():
+    """n=3 runs three candidates however early the vote is decided, and answers each as a
+    choice: the winner (the majority's) as choice 0, the usage counting every choice; a stream
+    sends each choice under its own index, with its own role and finish chunks."""
+    async def go():
+        proc = FakeProcess(samples=["Answer: 9", "Answer: 5", "Answer: 9", "Answer: 9"])
+        proc.greedy = "Answer: 9"
+        pool = await slot_pool(proc)
+        svc = slot_service(pool)
+        reply, _, swarm = await svc.complete(request(n=3, swarm={"votes": 2}))
+        texts = [c["message"]["content"] for c in reply["choices"]]
+        assert [c["index"] for c in reply["choices"]] == [0, 1, 2] and swarm["samples"] == 3
+        assert texts[0] == "Answer: 9" and sorted(texts) == ["Answer: 5", "Answer: 9", "Answer: 9"]
+        one, _, _ = await svc.complete(request(swarm={"votes": 1}))   # the greedy "Answer: 9"
+        assert len(one["choices"]) == 1
+        winner = one["usage"]["completion_tokens"]                    # the tokenizer's count
+        assert reply["usage"]["completion_tokens"] == winner + 2     # + one chunk each other
+        proc.samples = ["Answer: 5", "Answer: 9"]
+        stream, _ = await svc.open_stream(request(stream=True, n=3, swarm={"votes": 2},
+                                                  stream_options={"include_usage": True}),
+                                          ls.Generation())
+        chunks = sse_payloads([e async for e in stream])
+        by_index = {}
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                by_index.setdefault(choice["index"], []).append(choice)
+        assert sorted(by_index) == [0, 1, 2]
+        for deltas in by_index.values():
+            assert deltas[0]["delta"]["role"] == "assistant" and deltas[-1]["finish_reason"]
+        text = {i: "".join(d["delta"].get("content") or "" for d in ds) for i, ds in by_index.items()}
+        assert text[0] == "Answer: 9" and sorted(text.values()) == ["Answer: 5", "Answer: 9",
+                                                                     "Answer: 9"]
+        assert chunks[-1]["usage"]["completion_tokens"] == winner + 2 and "swarm" in chunks[-1]
+        await pool.stop()
+    run(go())
+
+
+def test_n_above_the_swarms_workers_is_a_400():
+    async def go():
+        pool = await slot_pool(FakeProcess(samples=[]), slots=2)
+        with pytest.raises(ls.HTTPError) as info:
+            await slot_service(pool).complete(request(n=3))
+        assert info.value.status == 400 and info.value.param == "n"
         await pool.stop()
     run(go())
 
@@ -1319,9 +1397,30 @@ def test_a_streamed_completion_sends_each_piece_then_its_finish_and_usage():
     run(go())
 
 
+def test_n_completions_per_prompt_each_its_own_seed_and_index():
+    async def go():
+        w = FakeWorker(1)
+        w.completion = ("x",)
+        pool, app = await completion_app([w])
+        reply = json.loads((await post(app, "/v1/completions", {
+            "prompt": ["a", "b"], "n": 2, "seed": 7, "temperature": 0.8})).body)
+        assert [(c["index"], c["text"]) for c in reply["choices"]] == \
+            [(0, "x"), (1, "x"), (2, "x"), (3, "x")]
+        assert [(b["prompt"], b["seed"]) for _, b in w.requests] == \
+            [("a", 7), ("a", 8), ("b", 7), ("b", 8)]
+        assert all("n" not in b for _, b in w.requests)
+        stream = await post(app, "/v1/completions", {"prompt": "a", "n": 3, "stream": True})
+        chunks = sse_payloads([e async for e in stream.stream])
+        finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+        assert finished == [0, 1, 2]
+        await pool.stop()
+    run(go())
+
+
 @pytest.mark.parametrize("body,param", [
     ({"prompt": [1, 2]}, "prompt"), ({}, "prompt"), ({"prompt": []}, "prompt"),
-    ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 17}, "n"), ({"prompt": ["x"] * 5, "n": 16}, "n"),
     ({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "logprobs": 6}, "logprobs"),
     ({"prompt": "x", "suffix": 3}, "suffix"), ({"prompt": "x", "temperature": 9}, "temperature"),
 ])
@@ -1435,3 +1534,81 @@ def test_a_completion_longer_than_the_context_is_400_before_any_generation():
         await pool.stop()
     run(go())
 
+
+
+# -- embeddings -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,param", [
+    ({}, "input"), ({"input": ""}, "input"), ({"input": []}, "input"), ({"input": [1, 2]}, "input"),
+    ({"input": ["a", ""]}, "input"), ({"input": ["a"] * 257}, "input"),
+    ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": "a", "dimensions": 64}, "dimensions"),
+])
+def test_embedding_fields_it_cannot_honour_are_400(body, param):
+    with pytest.raises(ls.HTTPError) as info:
+        ls.parse_embedding_request(body)
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_base64_embeddings_are_little_endian_float32():
+    vector = [0.5, -1.25, 3.0]
+    encoded = ls.encode_embedding(vector, "base64")
+    assert list(ls.struct.unpack("<3f", ls.base64.b64decode(encoded))) == vector
+    assert ls.encode_embedding(vector, "float") == vector
+
+
+class FakeEmbedder:
+    """An embedding process: started on demand, answers llama-server's /v1/embeddings shape in
+    an order of its own; `too_large` answers as llama-server does to an over-long input."""
+
+    name, url, client = "embedder-1", "http://fake", None
+
+    def __init__(self):
+        self.starts, self.running, self.too_large = 0, False, False
+
+    def exited(self):
+        return not self.running
+
+    async def start(self):
+        self.starts += 1
+        self.running = True
+
+    async def wait_ready(self, timeout):
+        pass
+
+    async def stop(self):
+        self.running = False
+
+
+def test_embeddings_start_their_process_once_and_keep_the_inputs_order(monkeypatch):
+    server = FakeEmbedder()
+
+    async def post_json(client, base, path, name, body, timeout):
+        assert path == "/v1/embeddings"
+        if server.too_large:
+            raise ls.WorkerError("embedder-1: /v1/embeddings answered 500: input (3001 tokens) "
+                                 "is too large to process", status=500)
+        rows = [{"index": i, "embedding": [float(len(t)), 1.0]} for i, t in enumerate(body["input"])]
+        return {"data": rows[::-1], "usage": {"prompt_tokens": 7, "total_tokens": 7}}
+    monkeypatch.setattr(ls, "post_json", post_json)
+
+    async def go():
+        service = ls.EmbeddingService(server, "emb", 5, 5)
+        reply = await service.embed(ls.parse_embedding_request({"input": ["a", "bbb"]}))
+        assert [(d["index"], d["embedding"]) for d in reply["data"]] == [(0, [1.0, 1.0]),
+                                                                         (1, [3.0, 1.0])]
+        assert reply["usage"] == {"prompt_tokens": 7, "total_tokens": 7} and reply["model"] == "emb"
+        await service.embed(ls.parse_embedding_request({"input": "x"}))
+        assert server.starts == 1                          # started once, when first asked
+        server.running = False                             # it exited: the next request restarts
+        await service.embed(ls.parse_embedding_request({"input": "x"}))
+        assert server.starts == 2
+        server.too_large = True
+        with pytest.raises(ls.HTTPError) as info:
+            await service.embed(ls.parse_embedding_request({"input": "x"}))
+        assert info.value.status == 400 and info.value.param == "input"
+        with pytest.raises(ls.HTTPError) as info:                       # the python kind
+            await ls.EmbeddingService(None, "m", 5, 5).embed(
+                ls.parse_embedding_request({"input": "x"}))
+        assert info.value.status == 400
+    run(go())

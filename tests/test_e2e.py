@@ -2,9 +2,13 @@
 Clients: httpx and the openai SDK."""
 from __future__ import annotations
 
+import base64
 import json
 import re
+import shutil
 import signal
+import struct
+import subprocess
 import threading
 import time
 
@@ -31,6 +35,36 @@ def test_models_lists_swarm_and_model(swarm):
     ids = [m.id for m in sdk(swarm).models.list().data]
     assert ids[0] == "local-swarm"
     assert len(ids) == 2 and "smol" in ids[1].lower()
+
+
+def chromium_flags(profile) -> list[str]:
+    """Headless Debian chromium (.ci/run installs it), with no traffic beyond loopback."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "the status page test needs a chromium: apt-get install chromium (Debian)"
+    return [path, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--disable-extensions", f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000"]
+
+
+def test_status_page_in_a_headless_browser_lists_the_workers_and_the_last_vote(swarm, tmp_path):
+    """The page at / renders in a real browser: its script fetches the status and lists every
+    worker and the vote just answered; a screenshot of it is a real PNG (kept under tmp_path)."""
+    sdk(swarm).chat.completions.create(model="local-swarm", messages=HELLO, max_tokens=4)
+    flags = chromium_flags(tmp_path / "profile")
+    dom = subprocess.run([*flags, "--dump-dom", swarm.url + "/"], capture_output=True,
+                         text=True, timeout=120).stdout
+    workers = [d["id"] for d in swarm.health()["details"]]
+    body = dom[dom.index('<tbody id="workers">'):dom.index('<tbody id="votes">')]
+    assert all(f"<td>{worker}</td>" in body for worker in workers), dom[:2000]
+    votes = dom[dom.index('<tbody id="votes">'):]
+    assert "none yet" not in votes.split("</tbody>")[0] and "<td>vote</td>" in votes
+    assert swarm.url + "/v1" in dom                                  # how to connect
+    shot = tmp_path / "status.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1100,800", swarm.url + "/"],
+                   capture_output=True, timeout=120, check=True)
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 def test_models_and_props_give_the_context_for_clients_that_probe(swarm):
@@ -90,6 +124,32 @@ def test_completions_through_the_openai_sdk_whole_and_streamed(swarm):
     text = "".join(p.choices[0].text for p in pieces if p.choices)
     assert text == whole.choices[0].text                       # greedy: the same words
     assert pieces[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_embeddings_through_the_openai_sdk_from_the_chat_models_own_process(swarm):
+    """Native: a llama-server of its own, started when first asked, gives unit vectors in
+    which two sentences that say the same are closer than an unrelated one; base64 carries the
+    same floats. Python kind: a 400 that says why."""
+    client = sdk(swarm)
+    texts = ["The cat sat on the mat.", "A cat was sitting on a mat.",
+             "Quarterly revenue grew by ten percent."]
+    if swarm.kind == "python":
+        with pytest.raises(openai.BadRequestError, match="native"):
+            client.embeddings.create(model="local-swarm", input=texts)
+        return
+    reply = client.embeddings.create(model="local-swarm", input=texts, encoding_format="float")
+    a, b, c = (d.embedding for d in reply.data)
+    dot = lambda x, y: sum(i * j for i, j in zip(x, y))    # noqa: E731
+    assert len(a) == 576 and abs(dot(a, a) - 1) < 1e-3     # SmolLM2-135M's width, unit length
+    assert dot(a, b) > dot(a, c) + 0.1
+    assert reply.usage.prompt_tokens > 10
+    raw = httpx.post(swarm.url + "/v1/embeddings", timeout=60,
+                     json={"input": texts[0], "encoding_format": "base64"}).json()
+    floats = struct.unpack(f"<{len(a)}f", base64.b64decode(raw["data"][0]["embedding"]))
+    assert max(abs(x - y) for x, y in zip(floats, a)) < 1e-6
+    with pytest.raises(openai.BadRequestError):                   # longer than EMBED_CTX
+        client.embeddings.create(model="local-swarm", input="word " * 3000)
+    assert len(client.embeddings.create(model="x", input="still serving").data) == 1
 
 
 def test_llama_cpps_completion_route_streams_in_its_own_shape(swarm):
@@ -234,7 +294,7 @@ BAD_BODIES = [
     (b'{"messages": [{"role": "user", "content": "x"}], "top_p": true}', "invalid_value", "top_p"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stop": [1]}', "invalid_value", "stop"),
     (b'{"messages": [{"role": "user", "content": "x"}], "seed": 1.5}', "invalid_value", "seed"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "n": 3}', "unsupported_value", "n"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n": 17}', "invalid_value", "n"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "invalid_value", "stream"),
     (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"x": 1}]}', "invalid_value", "tools"),
 ]
@@ -400,6 +460,19 @@ def test_sigterm_stops_every_worker_within_5s(kind):
     _wait_gone(pids, started + 5)
 
 
+def test_sigterm_stops_the_embedding_process_too():
+    s = start_swarm("--model", TEST_MODEL, "--instances", "1", "--threads", "1", "--ctx", "512")
+    before = set(s.worker_pids())
+    r = httpx.post(s.url + "/v1/embeddings", json={"input": "x"}, timeout=120)
+    assert r.status_code == 200, r.text
+    embedder = [p for p in s.worker_pids() if p not in before and "--embeddings" in
+                psutil.Process(p).cmdline()]
+    assert len(embedder) == 1
+    started = time.monotonic()
+    assert s.stop(signal.SIGTERM, timeout=10) == 0
+    _wait_gone(list(before) + embedder, started + 5)
+
+
 @pytest.mark.parametrize("kind", PROCESSES)
 def test_sigkill_of_daemon_takes_workers_down(kind):
     """The daemon killed outright (no handler runs): its workers go too. llama-server has no
@@ -471,6 +544,33 @@ def test_streamed_vote_carries_the_swarm_object_on_its_last_chunk(swarm):
     assert chunks[-1]["swarm"]["k"] == 2 and "swarm" not in chunks[-2]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text.strip()
+
+
+def test_n_choices_are_the_votes_candidates_through_the_openai_sdk(swarm):
+    """n=2 on two workers: both candidates come back as choices, the vote's winner first,
+    whole and streamed (each choice's deltas under its index); n=3 is more than the workers."""
+    client = sdk(swarm)
+    kw = dict(model="local-swarm", messages=HELLO, max_tokens=6, n=2)
+    raw = client.chat.completions.with_raw_response.create(**kw)
+    reply = raw.parse()
+    assert [c.index for c in reply.choices] == [0, 1] and all(
+        c.message.content is not None for c in reply.choices)
+    vote = json.loads(raw.text)["swarm"]
+    assert len(vote["candidates"]) == 2 and vote["k"] == 2
+    winner = next(c for c in vote["candidates"] if c["winner"])
+    others = [c["tokens"] for c in vote["candidates"] if not c["winner"]]
+    assert reply.usage.completion_tokens == winner["tokens"] + sum(others)
+    texts: dict[int, str] = {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert sorted(texts) == [0, 1] and all(t.strip() for t in texts.values())
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**{**kw, "n": 3})
+    assert info.value.body["param"] == "n"
+    comp = client.completions.create(model="local-swarm", prompt="The sky is", max_tokens=4, n=2,
+                                     seed=3, temperature=0.9)
+    assert [c.index for c in comp.choices] == [0, 1] and all(c.text for c in comp.choices)
 
 
 def test_fastest_mode_and_temperature_zero_answer_from_one_worker(swarm):

@@ -446,6 +446,18 @@ def test_native_argv_shares_one_kv_cache_among_the_slots_and_caps_each_at_the_co
     assert dict(zip(gpu, gpu[1:]))["--n-gpu-layers"] == "all"
 
 
+def test_an_embedding_server_serves_embeddings_each_input_in_one_batch(tmp_path):
+    argv = ls.native_argv(native_spec(tmp_path, embedding="mean", role="embedder"), 1)
+    pairs = dict(zip(argv, argv[1:]))
+    assert "--embeddings" in argv and pairs["--pooling"] == "mean"
+    assert pairs["--batch-size"] == pairs["--ubatch-size"] == "256"       # the context
+    own = ls.native_argv(native_spec(tmp_path, embedding=""), 1)
+    assert "--embeddings" in own and "--pooling" not in own               # the model's own
+    assert "--embeddings" not in ls.native_argv(native_spec(tmp_path), 1)
+    server = ls.NativeServer(native_spec(tmp_path, role="embedder"), None)
+    assert server.name == "embedder-1"
+
+
 def test_native_argv_under_the_lifeline_runs_the_same_command_as_its_child(tmp_path):
     plain = ls.native_argv(native_spec(tmp_path), 4321)
     wrapped = ls.native_argv(native_spec(tmp_path), 4321, lifeline=True)

@@ -122,7 +122,7 @@ def test_text_key_never_collides_with_calls(text):
     (long_text(1, 300) + " #### 7", True),
     (long_text(1, 300) + r" \boxed{7} done", True),
     (long_text(1, 300) + " in 1999.", False),                 # a trailing number is no announcement
-    ("```\nx = 1\n```", False),                               # code votes by centrality
+    ("```\nx = 1\n```", False),                               # code is keyed by its block
     ("Run `ls`.", True),                                      # inline code is not a block
 ])
 def test_is_short(text, short):
@@ -141,10 +141,21 @@ LONG_A, LONG_B = long_text(2, 100), long_text(3, 100)
     ([LONG_A, LONG_B, "42"], [(), (), ()], "central"),
     ([LONG_A, LONG_B], [(), ()], "central"),
     ([LONG_A, LONG_B], [("f()",), ()], "majority"),            # tool calls vote exactly
-    (["```\nx\n```", "```\ny\n```"], [(), ()], "central"),
+    (["```\nx\n```", "```\ny\n```"], [(), ()], "majority"),    # code votes by its exact block
+    (["```\nx\n```", LONG_A, LONG_B], [(), (), ()], "central"),  # unless most is prose
 ])
 def test_choose_strategy(texts, calls, strategy):
     assert ls.choose_strategy([cand(t, calls=c) for t, c in zip(texts, calls)]) == strategy
+
+
+def test_code_votes_by_its_exact_block_and_the_anchor_wins_when_no_two_agree():
+    f = "Here:\n```python\ndef f(x):\n    return x + {}\n```"
+    spaced = "Also:\n```python\ndef f(x):\n        return x + 2\n```\n"   # same block, other prose
+    anchor = cand(f.format(1), greedy=True)
+    agreed = ls.tally([anchor, cand(f.format(2)), cand(spaced), cand(f.format(3))])
+    assert agreed.strategy == "majority" and agreed.winner == 1 and agreed.confidence == 0.5
+    apart = ls.tally([cand(f.format(2)), anchor, cand(f.format(3))])
+    assert apart.strategy == "majority" and apart.winner == 1          # all differ: the anchor
 
 
 # -- similarity -------------------------------------------------------------------------------------

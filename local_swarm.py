@@ -7736,12 +7736,13 @@ class PromptTurns:
         self.least = least
         self._turns: list[Turn] = []
 
-    async def take(self, prompt: str) -> Turn:
+    async def take(self, prompt: str, least: float | None = None) -> Turn:
         """A turn for a request with `prompt`, once no request in flight holds a costly prefix
-        of it or the wait has lasted as long as evaluating that prefix would; the caller ends it
-        (Turn.end). Cancelled while waiting, it takes no turn."""
+        of it (costly: `least` seconds, else the turns' own) or the wait has lasted as long as
+        evaluating that prefix would; the caller ends it (Turn.end). Cancelled while waiting, it
+        takes no turn."""
         deadline = None
-        while (found := self._holder(prompt)) is not None:
+        while (found := self._holder(prompt, self.least if least is None else least)) is not None:
             holder, shared, cost = found
             if deadline is None:
                 deadline = time.monotonic() + cost
@@ -7761,16 +7762,17 @@ class PromptTurns:
         if turn in self._turns:
             self._turns.remove(turn)
 
-    def _holder(self, prompt: str) -> tuple[Turn, int, float] | None:
-        """The turn in flight with the longest prefix of `prompt` that is costly to evaluate
-        again, that prefix's length and the cost; None when there is none."""
+    def _holder(self, prompt: str, least: float) -> tuple[Turn, int, float] | None:
+        """The turn in flight with the longest prefix of `prompt` that would take at least
+        `least` seconds to evaluate again, that prefix's length and the cost; None when there is
+        none."""
         best = None
         for turn in self._turns:
             shared = shared_prefix(prompt, turn.prompt)
             if best is not None and shared <= best[1]:
                 continue
             cost = self.seconds(shared) if shared else None
-            if cost is not None and cost >= self.least:
+            if cost is not None and cost >= least:
                 best = (turn, shared, cost)
         return best
 
@@ -8519,9 +8521,11 @@ class ChatService:
 # Rules: a raw prompt (an editor's own template, or a prefix and a `suffix` to fill in the middle)
 # goes to one worker, never to a vote: autocomplete is latency-first (n choices per prompt are n
 # generations, one after another, choice i*n+j being prompt i's j-th). Its lease goes ahead of the
-# chat requests waiting for a worker, and it takes its turn on the prompt like a chat does (the
-# file's prefix is in the slot that served the last keystroke). A client that hangs up (the next
-# keystroke) closes the worker's stream, which stops the generation. A `suffix` goes to
+# chat requests waiting for a worker, and it takes its turn on the prompt like a chat does, for any
+# prefix worth AUTOCOMPLETE_TURN_SECONDS (the file's prefix is in the slot that served the last
+# keystroke). A client that hangs up (the next keystroke) closes the worker's stream, which stops
+# the generation; before the first token, only once the worker has evaluated the prompt (see
+# CompletionService._generate). A `suffix` goes to
 # llama-server's /infill, which writes the fill-in-the-middle prompt with the model's own FIM
 # tokens; llama-cpp-python's `suffix` is broken (its FIM token ids are 0), so the python kind
 # refuses it. Replies have OpenAI's text_completion shape; logprobs the legacy shape (tokens,
@@ -8531,6 +8535,8 @@ MAX_PROMPTS = 16                    # prompts in one request (a list: n choices 
 MAX_COMPLETION_CHOICES = 64         # prompts times n
 COMPLETION_MAX_TOKENS = 16          # OpenAI's default max_tokens for /v1/completions
 MAX_COMPLETION_LOGPROBS = 5         # OpenAI's limit on `logprobs` for completions
+AUTOCOMPLETE_TURN_SECONDS = 0.1     # a completion waits for one in flight that holds a prefix of
+                                    # its prompt this costly to evaluate again (chats: 2 s)
 
 
 @dataclass(frozen=True)
@@ -8778,37 +8784,72 @@ class CompletionService:
 
     async def _generate(self, req: CompletionRequest, prompt: str, choice: CompletionChoice
                         ) -> AsyncIterator[dict[str, Any]]:
-        """Run one prompt on a worker (leased ahead of the waiting chats, after its turn on the
-        prompt); yield each piece ({"text", "logprobs"}) as it comes, filling in `choice`."""
-        started = time.monotonic()
-        turn = await self.turns.take(prompt)
+        """Run one prompt on a worker; yield each piece ({"text", "logprobs"}) as it comes,
+        filling in `choice`. A task of its own drives the worker (_drive). Closed before its
+        first piece once the request went out, it lets that task run on to the worker's first
+        token and stop there: llama-server does not stop evaluating a prompt for a client that
+        left, and the slot that evaluated it then holds it for the next keystroke's request,
+        which waits its turn for it (a new request on another slot would evaluate the whole
+        prefix again, beside the abandoned one). Otherwise it stops the task at once."""
+        run = _Drive()
+        task = asyncio.create_task(self._drive(req, prompt, choice, run), name="completion")
         try:
-            async with self.pool.lease(priority=True) as worker:
-                route, body = self._worker_request(req, prompt, worker, choice.index % req.n)
-                whole = prompt + (req.suffix or "") + req.middle + \
-                    "".join(e["text"] for e in req.extra)
-                if not surely_fits(whole, self.n_ctx):        # a 4xx, not a 200 that fails
-                    check_fits(await worker.count_tokens(whole), self.n_ctx, "prompt")
-                try:
-                    async with contextlib.aclosing(worker.stream_chat(
-                            body, self.cfg.request_timeout, route)) as chunks:
-                        async for chunk in chunks:
-                            piece = self._piece(chunk, choice)
-                            if piece is not None:
-                                yield piece
-                except WorkerError as exc:
-                    if exc.status is not None:
-                        raise HTTPError(400, f"the worker refused the request: {exc}",
-                                        code="worker_rejected") from exc
-                    raise
-                if not (choice.prompt_tokens and choice.completion_tokens) and choice.text:
-                    choice.prompt_tokens = choice.prompt_tokens or await worker.count_tokens(
-                        prompt + (req.suffix or ""))
-                    choice.completion_tokens = max(0, await worker.count_tokens(choice.text)
-                                                   - await worker.count_tokens(""))
+            while (item := await run.queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            turn.end()
+            if not task.done():
+                if run.sent and not run.pieces:
+                    run.abandoned = True                 # it stops at the first token
+                else:
+                    await _cancel_all([task])
+
+    async def _drive(self, req: CompletionRequest, prompt: str, choice: CompletionChoice,
+                     run: _Drive) -> None:
+        """Take the prompt's turn and a worker (ahead of the waiting chats), generate, and put
+        each piece, then None, on run.queue, or the exception that ended it (a refusal as a
+        400). Stops at the first chunk once run.abandoned."""
+        started = time.monotonic()
+        try:
+            turn = await self.turns.take(prompt, AUTOCOMPLETE_TURN_SECONDS)
+            try:
+                async with self.pool.lease(priority=True) as worker:
+                    await self._stream(req, prompt, choice, run, worker)
+            finally:
+                turn.end()
+        except WorkerError as exc:
+            run.queue.put_nowait(HTTPError(400, f"the worker refused the request: {exc}",
+                                           code="worker_rejected") if exc.status is not None
+                                 else exc)
+            return
+        except Exception as exc:          # a refusal, or a bug: the reader raises it
+            run.queue.put_nowait(exc)
+            return
         self.metrics.answer(1, 1.0, time.monotonic() - started)
+        run.queue.put_nowait(None)
+
+    async def _stream(self, req: CompletionRequest, prompt: str, choice: CompletionChoice,
+                      run: _Drive, worker: Worker) -> None:
+        route, body = self._worker_request(req, prompt, worker, choice.index % req.n)
+        whole = prompt + (req.suffix or "") + req.middle + "".join(e["text"] for e in req.extra)
+        if not surely_fits(whole, self.n_ctx):        # a 4xx, not a 200 that fails
+            check_fits(await worker.count_tokens(whole), self.n_ctx, "prompt")
+        run.sent = True
+        async with contextlib.aclosing(worker.stream_chat(
+                body, self.cfg.request_timeout, route)) as chunks:
+            async for chunk in chunks:
+                if run.abandoned:                     # the prompt is evaluated: stop here
+                    return
+                piece = self._piece(chunk, choice)
+                if piece is not None:
+                    run.pieces += 1
+                    run.queue.put_nowait(piece)
+        if not (choice.prompt_tokens and choice.completion_tokens) and choice.text:
+            choice.prompt_tokens = choice.prompt_tokens or await worker.count_tokens(
+                prompt + (req.suffix or ""))
+            choice.completion_tokens = max(0, await worker.count_tokens(choice.text)
+                                           - await worker.count_tokens(""))
 
     def _worker_request(self, req: CompletionRequest, prompt: str, worker: Worker, nth: int = 0
                         ) -> tuple[str, dict[str, Any]]:
@@ -8865,6 +8906,18 @@ class CompletionService:
     def _choice(c: CompletionChoice) -> dict[str, Any]:
         return {"text": c.text, "index": c.index, "logprobs": c.logprobs,
                 "finish_reason": c.finish_reason}
+
+
+@dataclass
+class _Drive:
+    """One completion's worker task and its reader (CompletionService._generate): the pieces
+    (then None, or the exception that ended it), whether the request went out, how many pieces
+    came, and whether the reader left."""
+
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sent: bool = False
+    pieces: int = 0
+    abandoned: bool = False
 
 
 def _usage(choices: Sequence[CompletionChoice]) -> dict[str, int]:

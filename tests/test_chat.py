@@ -1461,6 +1461,65 @@ def test_a_completion_goes_ahead_of_the_chats_waiting_for_a_worker():
     run(go())
 
 
+class EvaluatingSlot(FakeWorker):
+    """A llama-server slot that evaluates each prompt (until `evaluated` is set) before its first
+    token, as a real one does whether or not the client is still there; it notes each request's
+    prompt when sent and when its stream was closed."""
+
+    shares_prompt = takes_prompt = True
+
+    def __init__(self, i, log):
+        super().__init__(i)
+        self.log, self.evaluated = log, asyncio.Event()
+
+    def prompt_seconds(self, chars):
+        return chars * 0.1          # "abc" takes 0.3 s to evaluate again
+
+    async def stream_chat(self, body, timeout, route="/v1/completions"):
+        self.log.append(("sent", body["prompt"]))
+        try:
+            await self.evaluated.wait()
+            for text in ("x", "y"):
+                yield {"choices": [{"index": 0, "text": text, "finish_reason": None}]}
+                await asyncio.sleep(0)
+            yield {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+        finally:
+            self.log.append(("closed", body["prompt"]))
+
+
+def test_a_keystroke_abandoned_before_its_first_token_lets_its_prompt_finish_for_the_next():
+    """The client of "abc" leaves while the worker evaluates it: the worker's request runs on
+    to its first token (its slot then holds "abc"), and only then is it closed; "abcd", sent
+    meanwhile, waits its turn for it rather than going to another slot to evaluate "abc" again.
+    A request left after its first token is closed at once."""
+    async def go():
+        log = []
+        slots = [EvaluatingSlot(1, log), EvaluatingSlot(2, log)]
+        pool, app = await completion_app(slots)
+        first = asyncio.create_task(post(app, "/v1/completions", {"prompt": "abc",
+                                                                  "stream": True}))
+        await until(lambda: log == [("sent", "abc")])
+        first.cancel()                                   # the next keystroke
+        await asyncio.gather(first, return_exceptions=True)
+        second = asyncio.create_task(post(app, "/v1/completions", {"prompt": "abcd"}))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert log == [("sent", "abc")]                  # waiting its turn, not sent
+        for slot in slots:
+            slot.evaluated.set()
+        reply = json.loads((await second).body)
+        assert reply["choices"][0]["text"] == "xy"
+        assert log[:3] == [("sent", "abc"), ("closed", "abc"), ("sent", "abcd")]
+        stream = await post(app, "/v1/completions", {"prompt": "zz", "stream": True})
+        events = stream.stream.__aiter__()
+        assert b'"text":"x"' in await events.__anext__()
+        await events.aclose()                            # left after its first token
+        await until(lambda: log[-1] == ("closed", "zz"))
+        await pool.stop()
+    run(go())
+
+
 def test_legacy_logprobs_from_either_workers_shape():
     native = {"logprobs": {"content": [
         {"token": "a", "logprob": -0.5, "top_logprobs": [{"token": "a", "logprob": -0.5}]},

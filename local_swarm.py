@@ -5472,6 +5472,27 @@ def started_call_name(text: str, start: int) -> tuple[str, int] | None:
     return (found.group(1), found.start(1)) if found else None
 
 
+def unwritten_required(text: str, at: int, tools: Mapping[str, dict]) -> list[str]:
+    """The required arguments that the model left out of a call it closed: the call whose name
+    begins at `at` is a JSON object that decodes whole (from the last '{' before the name), names
+    an offered tool, and its arguments object lacks them and holds only the tool's own keys. []
+    when the object is cut off or is not such a call, when it holds other keys (the argument may
+    be there under another name), or when nothing required is missing."""
+    value, _ = _decode(text, text.rfind("{", 0, at)) if "{" in text[:at] else (_NOT_JSON, 0)
+    if not isinstance(value, dict) or value.get("name") not in tools:
+        return []
+    keys = ARGUMENT_KEYS & value.keys()
+    arguments = {} if not keys else _arguments(value[keys.pop()]) if len(keys) == 1 else None
+    if arguments is None:
+        return []
+    schema = tools[value["name"]]
+    required, known = schema.get("required"), schema.get("properties")
+    if not isinstance(required, list) or (isinstance(known, dict)
+                                          and any(key not in known for key in arguments)):
+        return []           # what it wrote under other names: the grammar names it right
+    return [key for key in required if isinstance(key, str) and key not in arguments]
+
+
 def _call_text_end(text: str, match: re.Match) -> tuple[int, bool]:
     """Where the call-shaped text at a _CALL_START_RE match ends, and whether it is call text
     (False: the end is that of a value or block that is not, to be skipped whole)."""
@@ -7191,8 +7212,9 @@ class Generation:
     call_ids: list[str] = field(default_factory=list)
     content: str = ""                 # with calls: the prose around them
     constrained: bool = False         # a call the model started was finished under the grammar
-    unmatched_call: str | None = None  # the name of a call the model started that matched no
-                                       # offered tool (so the reply stayed text)
+    unmatched_call: str | None = None  # the name of a call the model started that could not
+                                       # stand: no offered tool, or required arguments left
+                                       # out (so the reply stayed text)
     chunks: int = 0                   # content chunks streamed by the worker
     logprobs: list[float] = field(default_factory=list)   # each token's, when the worker gives them
     entries: list[dict[str, Any]] = field(default_factory=list)   # the same in the reply's shape,
@@ -7339,7 +7361,9 @@ class Generator:
         model meant: the one it named, when offered; else the offered tool most likely in its
         name's place, if at least NAME_ODDS_MIN times as likely as the name it wrote
         (likely_tool). With no such tool, or no name, the reply stays text, as written: a call
-        to the wrong tool is worse than none, since agents run what they get. Raises
+        to the wrong tool is worse than none, since agents run what they get. So it does when
+        the model closed a call to an offered tool without a required argument: the grammar
+        would invent one (a city for a weather question that named none). Raises
         WorkerError."""
         use = prepared.req.tool_use
         content, calls = parse_tool_calls(gen.text, use.specs, use.parallel)
@@ -7353,6 +7377,11 @@ class Generator:
             end = after[:after.find('"', 1) + 1] if after.count('"') > 1 else '"'
             target = own if own in use.specs else \
                 await self.likely_tool(worker, prepared, gen.text[:at], own, end)
+            if target == own and (missing := unwritten_required(gen.text, at, use.specs)):
+                gen.unmatched_call = own
+                log.info("the model called %r without its required %s: its reply stays text",
+                         own, ", ".join(missing))
+                return
         if target is None:
             gen.unmatched_call = named[0] if named else "?"
             log.info("a call the model started (to %r) matches no offered tool: its reply "

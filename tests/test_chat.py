@@ -931,6 +931,44 @@ def test_a_call_to_a_tool_not_offered_and_not_like_an_offered_one_stays_text(rea
     run(go())
 
 
+@pytest.mark.parametrize("written,stays", [
+    ('{"name": "read_file", "arguments": {}}', True),              # closed without its path
+    ('{"name": "read_file"}', True),                               # no arguments at all
+    ('{"name": "read_file", "arguments": {"file": "a.txt"}}', False),  # under another name
+    ('{"name": "read_file", "arguments": {"path": 3}}', False),    # wrote it, wrongly: fixed
+    ('{"name": "read_file", "arguments": {"pa', False),            # cut off: finished
+])
+def test_a_required_argument_the_model_left_out_is_not_invented(written, stays):
+    """The model closes a call to read_file without the path it requires: the grammar would
+    invent one, so the reply stays text. A path written wrongly or under another name, or a
+    call cut off before its end, is finished under the grammar as before."""
+    async def go():
+        w = FakeWorker(1, tokens=chunks_of("Sure.\n<tool_call>\n" + written))
+        w.completion = chunks_of(CALL_TEXT)
+        pool = await started_pool([w])
+        reply, gen, _ = await tool_service(pool).complete(tool_request())
+        choice = reply["choices"][0]
+        if stays:
+            assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+            assert gen.unmatched_call == "read_file" and not gen.constrained
+            assert not any("grammar" in b for _, b in w.requests)
+        else:
+            assert choice["message"]["tool_calls"][0]["function"]["arguments"] == \
+                '{"path":"a.txt"}' and gen.constrained
+        await pool.stop()
+    run(go())
+
+
+def test_unwritten_required_reads_only_whole_calls_to_offered_tools():
+    tools = ls.tool_specs([READ_TOOL, WRITE_TOOL])
+    text = 'x {"name": "write_file", "parameters": {"path": "a"}}'
+    assert ls.unwritten_required(text, text.index("write_file"), tools) == ["content"]
+    text = '{"name": "other", "arguments": {}}'
+    assert ls.unwritten_required(text, text.index("other"), tools) == []
+    text = '{"name": "write_file", "arguments": "{\\"path\\": \\"a\\"}"}'   # a JSON string
+    assert ls.unwritten_required(text, text.index("write_file"), tools) == ["content"]
+
+
 def test_a_valid_call_as_the_model_wrote_it_needs_no_second_request():
     async def go():
         w = FakeWorker(1, tokens=chunks_of("Let me look.\n" + CALL_TEXT))

@@ -198,6 +198,12 @@ def test_a_suffix_fills_in_the_middle_with_the_models_own_fim_tokens(qwen_swarm)
     middle = reply.choices[0].text
     assert "a" in middle and "b" in middle, middle
     assert reply.usage.prompt_tokens > 10 and reply.usage.completion_tokens > 0
+    pieces = list(client.completions.create(
+        model="local-swarm", prompt="def add(a, b):\n    return ",
+        suffix="\n\nprint(add(1, 2))\n", max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == middle   # greedy: the same
+    assert pieces[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
 

@@ -4998,6 +4998,7 @@ SHINGLE_WORDS = 3                # word 3-grams carry local order; unigrams alon
 SCORE_TIE_DIGITS = 9             # sums of the same similarities in another order differ in the last
                                  # bits; means this close are a tie, settled by the next rule
 ADAPTIVE_THRESHOLD = 0.95        # Adaptive-Consistency's default: stop at 95 % belief in the leader
+CONFIDENCE_WINDOW = 16           # tokens of a candidate's least sure stretch (token_confidence)
 COMPLETE_FINISHES = frozenset({"stop", "tool_calls"})   # the reply ended on its own
 
 # A number not glued to a word, date, time or larger number: "x-5", "2024-01-05", "10:30" and
@@ -5200,6 +5201,31 @@ def mean_similarities(texts: Sequence[str], weights: Sequence[float] | None = No
             sums[j] += w[i] * s
     total = sum(w)
     return [s / total for s in sums]
+
+
+# -- confidence ------------------------------------------------------------------------------------
+
+def lowest_window_mean(logprobs: Sequence[float], window: int = CONFIDENCE_WINDOW) -> float | None:
+    """The lowest mean of `window` consecutive token log-probabilities (the mean of all when
+    fewer); None for none."""
+    if not logprobs:
+        return None
+    if len(logprobs) <= window:
+        return statistics.fmean(logprobs)
+    run = low = sum(logprobs[:window])
+    for i in range(window, len(logprobs)):
+        run += logprobs[i] - logprobs[i - window]
+        low = min(low, run)
+    return low / window
+
+
+def token_confidence(logprobs: Sequence[float], window: int = CONFIDENCE_WINDOW) -> float | None:
+    """A candidate's confidence from its own tokens: the geometric mean probability of its least
+    sure `window` consecutive tokens, in 0..1 (DeepConf's lowest group confidence, Fu et al.
+    2025, as a probability); None without log-probabilities. Reported per candidate; the vote
+    does not weigh by it (see the README's Voting section for why)."""
+    low = lowest_window_mean(logprobs, window)
+    return None if low is None else math.exp(low)
 
 
 # -- tally -----------------------------------------------------------------------------------------
@@ -7874,13 +7900,16 @@ def _candidate_report(c: Candidate, gen: Generation, vote: Vote, i: int, explain
                       ) -> dict[str, Any]:
     """One candidate in the `swarm` object; its tokens are its generation's (Generation.tokens:
     the winner's counted by the tokenizer, the others' streamed chunks); mean_logprob is the mean
-    log-probability of its tokens where the worker gives them (llama-server), else None. With
+    log-probability of its tokens where the worker gives them (llama-server), else None, and
+    `confidence` the geometric mean probability of its least sure 16 tokens (token_confidence). With
     `explain` (the request's swarm.explain) also what it said: `content` (the prose around its
     calls, or its whole text), `calls` (name and arguments) and `logprobs` (each token's, as
     generated freely: a call finished under the grammar adds none)."""
     mean_logprob = round(statistics.fmean(gen.logprobs), 4) if gen.logprobs else None
+    confidence = token_confidence(gen.logprobs)
     report = {"worker": c.worker, "latency_ms": round(c.latency * 1000, 1), "tokens": gen.tokens,
               "mean_logprob": mean_logprob,
+              "confidence": None if confidence is None else round(confidence, 4),
               "finish_reason": c.finish_reason, "score": round(vote.scores[i], 4),
               "winner": i == vote.winner, "constrained": c.constrained, "greedy": c.greedy,
               "repeat": c.repeat, "weight": round(c.weight, 4)}

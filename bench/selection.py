@@ -55,17 +55,8 @@ def mean_logprob(c: Candidate) -> float:
 
 def window_logprob(c: Candidate, window: int = WINDOW) -> float:
     """The lowest mean log-probability over `window` consecutive tokens (all, when fewer)."""
-    xs = c.get("logprobs") or []
-    if not xs:
-        return -math.inf
-    if len(xs) <= window:
-        return statistics.fmean(xs)
-    run = sum(xs[:window])
-    low = run
-    for i in range(window, len(xs)):
-        run += xs[i] - xs[i - window]
-        low = min(low, run)
-    return low / window
+    low = ls.lowest_window_mean(c.get("logprobs") or [], window)
+    return -math.inf if low is None else low
 
 
 def anchor_index(cands: list[Candidate]) -> int:

@@ -549,6 +549,7 @@ def test_a_vote_on_shared_prompt_slots_is_the_anchor_then_one_request_for_the_sa
         assert [c["greedy"] for c in swarm["candidates"]].count(True) == 1
         assert gen.logprobs == [-0.25]
         assert {c["mean_logprob"] for c in swarm["candidates"]} == {-0.25}
+        assert {c["confidence"] for c in swarm["candidates"]} == {round(ls.math.exp(-0.25), 4)}
         assert [d["state"] for d in pool.describe()] == ["idle"] * 6
         await pool.stop()
     run(go())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import random
 
 import pytest
@@ -156,6 +157,15 @@ def test_code_votes_by_its_exact_block_and_the_anchor_wins_when_no_two_agree():
     assert agreed.strategy == "majority" and agreed.winner == 1 and agreed.confidence == 0.5
     apart = ls.tally([cand(f.format(2)), anchor, cand(f.format(3))])
     assert apart.strategy == "majority" and apart.winner == 1          # all differ: the anchor
+
+
+def test_token_confidence_is_the_least_sure_stretch_as_a_probability():
+    sure, unsure = [-0.01] * 20, [-2.0] * 4
+    assert ls.token_confidence([]) is None
+    assert ls.token_confidence([-0.5, -1.5]) == pytest.approx(math.exp(-1.0))     # all, when few
+    low = ls.token_confidence(sure + unsure + sure)        # the 16 tokens holding the 4 unsure ones
+    assert low == pytest.approx(math.exp((12 * -0.01 + 4 * -2.0) / 16))
+    assert ls.token_confidence(sure + sure) > low and 0 < low < 1
 
 
 # -- similarity -------------------------------------------------------------------------------------

@@ -8742,6 +8742,15 @@ class CompletionService:
                  ) -> None:
         self.pool, self.cfg, self.model_id, self.n_ctx = pool, cfg, model_id, n_ctx
         self.turns, self.metrics, self.clock = turns, metrics, clock
+        self.served: dict[str, str] = {}     # worker name -> the last prompt it completed
+
+    def preferred(self, prompt: str) -> tuple[str, ...]:
+        """The workers whose last completion shares a prefix with `prompt`, longest first (their
+        caches hold it: the same file, a keystroke ago). On llama-server every slot is one
+        process that finds the slot by itself; this matters for the python kind's processes."""
+        shared = {name: shared_prefix(prompt, last) for name, last in self.served.items()}
+        return tuple(sorted((name for name, n in shared.items() if n), key=shared.__getitem__,
+                            reverse=True))
 
     def reply_model(self, req: CompletionRequest) -> str:
         return req.model if req.model in (SWARM_MODEL_ID, self.model_id) else self.model_id
@@ -8872,7 +8881,8 @@ class CompletionService:
         try:
             turn = await self.turns.take(prompt, AUTOCOMPLETE_TURN_SECONDS)
             try:
-                async with self.pool.lease(priority=True) as worker:
+                async with self.pool.lease(self.preferred(prompt), priority=True) as worker:
+                    self.served[worker.name] = prompt
                     await self._stream(req, prompt, choice, run, worker)
             finally:
                 turn.end()

@@ -1481,6 +1481,25 @@ def test_a_suffix_on_workers_that_cannot_fill_in_the_middle_is_400_before_any_ge
     run(go())
 
 
+def test_a_completion_goes_to_the_worker_that_completed_the_same_prefix():
+    """Python workers are processes of their own: the next keystroke goes to the one whose
+    cache holds the file's prefix, whichever the pool would pick otherwise."""
+    async def go():
+        a, b = FakeWorker(1), FakeWorker(2)
+        a.completion = b.completion = ("x",)
+        pool, app = await completion_app([a, b])
+        await post(app, "/v1/completions", {"prompt": "def f():"})           # the first idle
+        async with pool.lease((a.name,)):                                     # a is busy
+            await post(app, "/v1/completions", {"prompt": "import os"})      # so b
+        for prompt in ("import os\n", "def f():\n", "import os\n\n", "def f():\n  r"):
+            await post(app, "/v1/completions", {"prompt": prompt})
+        by = {w.name: [body["prompt"] for _, body in getattr(w, "requests", [])] for w in (a, b)}
+        assert by == {a.name: ["def f():", "def f():\n", "def f():\n  r"],
+                      b.name: ["import os", "import os\n", "import os\n\n"]}
+        await pool.stop()
+    run(go())
+
+
 def test_a_completion_goes_ahead_of_the_chats_waiting_for_a_worker():
     async def go():
         w = FakeWorker(1, tokens=("chat",))

@@ -7654,8 +7654,9 @@ class Attempt:
 # voted; temperature 0 sends one request (its candidates would be identical) unless the request
 # forces a vote; k is capped by the healthy workers. Candidates are whole replies generated in
 # parallel, one per worker; a failed one is dropped, not fatal. Adaptive mode starts with
-# ADAPTIVE_START candidates and adds more only while they disagree (adaptive_more); a majority
-# vote finishes early once its leader cannot be overtaken, cancelling the stragglers. Peer swarms
+# ADAPTIVE_START candidates and adds more only while they disagree (adaptive_more), and ends with
+# the greedy anchor alone when the anchor is sure of itself (ANCHOR_SURE); a majority vote
+# finishes early once its leader cannot be overtaken, cancelling the stragglers. Peer swarms
 # (PeerVoters) are asked as the vote starts; their answers join the tally once the local vote is
 # done, each as one candidate weighing what its own vote backed it with.
 # On workers that share prompts (one llama-server), requests whose prompts share a prefix that is
@@ -7664,6 +7665,10 @@ class Attempt:
 # agent's prompt on a CPU), where waiting for the slot costs the other request's reply.
 
 ADAPTIVE_START = 2                  # candidates an adaptive vote starts with
+ANCHOR_SURE = 0.93                  # an adaptive vote ends with its greedy anchor when the anchor's
+                                    # confidence (token_confidence) is at least this: chosen on the
+                                    # saved votes of bench/quality and bench/tools, the most samples
+                                    # saved where no answer changed on either
 DEFAULT_MAX_VOTES = 5               # the default k is the instance count up to this
 AFFINITY_ENTRIES = 1024             # conversations remembered for affinity (least recent dropped)
 TURN_MIN_SECONDS = 2.0              # a shared prefix this slow to evaluate again makes requests
@@ -7920,6 +7925,17 @@ def _candidate_report(c: Candidate, gen: Generation, vote: Vote, i: int, explain
     return report
 
 
+def ends_on_anchor(plan: VotePlan) -> bool:
+    """Whether a sure anchor may end the plan's vote: an adaptive vote of this swarm's own."""
+    return plan.adaptive and not plan.federate
+
+
+def sure_anchor(candidate: Candidate, gen: Generation) -> bool:
+    """The greedy anchor is sure of itself: its token_confidence is at least ANCHOR_SURE."""
+    confidence = token_confidence(gen.logprobs)
+    return candidate.greedy and confidence is not None and confidence >= ANCHOR_SURE
+
+
 def _seeds(req: ChatRequest, k: int) -> list[int]:
     """One seed per candidate: the request's seed + i, else random ones."""
     base = req.sampling.get("seed")
@@ -7973,12 +7989,15 @@ class CandidateBatch:
     then holds the prompt), takes the first lease as it comes (the conversation's group first)
     and as many more idle slots of that process as it has candidates; the candidates it could
     not place go to a batch of their own (`rest`). A call a choice starts is finished under the
-    call grammar once that choice ends. A failure fails every candidate not yet done."""
+    call grammar once that choice ends. A failure fails every candidate not yet done. With
+    `may_end`, an anchor that is sure of itself (sure_anchor) ends the vote, and the batch
+    sends nothing."""
 
     def __init__(self, runner: VoteRunner, prepared: PreparedRequest, temperature: float,
                  seed: int, count: int, started: float, prefer: Sequence[str],
-                 after: asyncio.Task | None = None) -> None:
+                 after: asyncio.Task | None = None, may_end: bool = False) -> None:
         self.runner = runner
+        self.may_end = may_end            # a sure anchor (`after`) ends the vote: do not start
         self.prepared = prepared
         self.sampling = {"temperature": temperature, "seed": seed}
         self.started = started
@@ -7987,7 +8006,15 @@ class CandidateBatch:
         loop = asyncio.get_running_loop()
         self.futures: list[asyncio.Future] = [loop.create_future() for _ in range(count)]
         self.rest: CandidateBatch | None = None
+        self.sent = False                 # its request went to the worker
         self.task = asyncio.create_task(self._run(), name="candidate-batch")
+
+    def unsent(self) -> int:
+        """Its candidates (and those it spun off) whose request never went to a worker."""
+        if self.rest is not None:
+            return (0 if self.sent else len(self.futures) - len(self.rest.futures)) \
+                + self.rest.unsent()
+        return 0 if self.sent else len(self.futures)
 
     async def result(self, i: int) -> tuple[Candidate, Generation]:
         """Candidate i and its generation, once its choice is done. Raises as the batch failed."""
@@ -8007,7 +8034,9 @@ class CandidateBatch:
             if self.after is not None:
                 await asyncio.wait([self.after])
                 if not self.after.cancelled() and self.after.exception() is None:
-                    _, anchor = self.after.result()   # its slot holds the prompt now
+                    candidate, anchor = self.after.result()   # its slot holds the prompt now
+                    if self.may_end and sure_anchor(candidate, anchor):
+                        return                    # the vote ends with the anchor (VoteRunner)
                     self.prefer = self.runner.pool.siblings(anchor.worker)
             async with contextlib.AsyncExitStack() as stack:
                 workers = await self._lease_slots(stack)
@@ -8043,6 +8072,7 @@ class CandidateBatch:
         scanners = [CallScanner(prepared.scan_tools) if prepared.scan_tools is not None else None
                     for _ in workers]
         route, body = worker_request(prepared, workers[0], {**self.sampling, "n": len(workers)})
+        self.sent = True
         try:
             async with contextlib.aclosing(workers[0].stream_chat(
                     body, cfg.request_timeout, route)) as chunks:
@@ -8195,11 +8225,15 @@ class VoteRunner:
 
         try:
             turn = await self.turns.take(prepared.prompt)
+            unsent = 0                               # samples that were never spent
             try:
                 launch(min(plan.k, ADAPTIVE_START) if plan.adaptive else plan.k)
                 await self._collect_until_settled(ballot, pending, launch)
+                if self._sure_anchor(ballot):
+                    unsent = sum(batch.unsent() for batch in batches)
+                    ballot.launched -= unsent
             finally:
-                ballot.cancelled = len(pending)
+                ballot.cancelled = len(pending) - unsent
                 await _cancel_all(pending)
                 for batch in batches:
                     await batch.cancel()
@@ -8235,7 +8269,7 @@ class VoteRunner:
         if ballot.entries:
             prefer = self.pool.siblings(ballot.entries[0][1].worker)
         batch = CandidateBatch(self, prepared, plan.temperature_of(first), seeds[first], count,
-                               ballot.started, prefer, after)
+                               ballot.started, prefer, after, ends_on_anchor(plan))
         pending.update(asyncio.create_task(batch.result(i)) for i in range(count))
         return [batch]
 
@@ -8270,9 +8304,20 @@ class VoteRunner:
                     and len(ballot.entries) >= ballot.plan.choices and decided(keys, outstanding):
                 ballot.strategy = "majority"               # early finish: the leader is safe
                 return
+            if self._sure_anchor(ballot):
+                return
             if not pending and ballot.plan.adaptive and keys:
                 launch(ballot.plan.k if stuck else adaptive_more(keys, ballot.plan.k))
                 batch_started, deadline = time.monotonic(), None
+
+    @staticmethod
+    def _sure_anchor(ballot: Ballot) -> bool:
+        """True when an adaptive, local vote has only its greedy anchor in and the anchor is sure
+        of itself (sure_anchor): the samples still to come would change nothing, so they are
+        not spent (on llama-server they have not started: they wait for the anchor's prompt,
+        and do not go once it is sure)."""
+        return ends_on_anchor(ballot.plan) and len(ballot.entries) == 1 \
+            and sure_anchor(*ballot.entries[0])
 
     @staticmethod
     def _collect(ballot: Ballot, done: set) -> None:
@@ -8995,7 +9040,7 @@ def _usage(choices: Sequence[CompletionChoice]) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
-# ---- embeddings: /v1/embeddings ----------------------------------------------------------------------
+# ---- embeddings: /v1/embeddings ---------------------------------------------------------------------
 # Rules: embeddings come from a llama-server of their own, started with --embeddings (llama-server
 # so started serves nothing else) the first time a request asks, and again whenever it has exited:
 # a swarm that is never asked pays nothing. It serves the embedding model given by the

@@ -465,6 +465,7 @@ class FakeProcess:
         self.call, self.continued, self.continuing = "", [], 0
         self.name_logprobs, self.scored = {}, []
         self.per_char = 0.0             # seconds a prompt character takes to evaluate anew
+        self.greedy_logprob = -0.25     # each greedy token's log-probability (samples: -0.25)
 
 
 class FakeSlot(FakeWorker):
@@ -510,9 +511,10 @@ class FakeSlot(FakeWorker):
         try:
             if proc.gate is not None and body["temperature"] > 0:
                 await proc.gate.wait()
+            logprob = proc.greedy_logprob if body["temperature"] == 0 else -0.25
             for i, text in enumerate(texts):
                 yield {"choices": [{"index": i, "text": text, "finish_reason": None,
-                                    "logprobs": {"content": [{"logprob": -0.25}]}}]}
+                                    "logprobs": {"content": [{"logprob": logprob}]}}]}
                 await asyncio.sleep(0)
                 yield {"choices": [{"index": i, "text": "", "finish_reason": "stop"}]}
                 await asyncio.sleep(0)
@@ -551,6 +553,26 @@ def test_a_vote_on_shared_prompt_slots_is_the_anchor_then_one_request_for_the_sa
         assert {c["mean_logprob"] for c in swarm["candidates"]} == {-0.25}
         assert {c["confidence"] for c in swarm["candidates"]} == {round(ls.math.exp(-0.25), 4)}
         assert [d["state"] for d in pool.describe()] == ["idle"] * 6
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("logprob,sure", [(-0.01, True), (-0.2, False)])
+def test_a_sure_anchor_ends_an_adaptive_vote_before_its_samples_are_sent(logprob, sure):
+    """The greedy anchor's tokens at probability 0.99 (at least ANCHOR_SURE): the vote ends with
+    it, and the samples, which wait for its prompt, are never sent; at 0.82 they are."""
+    async def go():
+        proc = FakeProcess(samples=["Answer: 5"] * 8)
+        proc.greedy_logprob = logprob
+        pool = await slot_pool(proc)
+        reply, _, swarm = await slot_service(pool).complete(request(swarm={"votes": 5}))
+        assert reply["choices"][0]["message"]["content"] == "Answer: 5"
+        sent = [(b["temperature"], b.get("n", 1)) for b in proc.requests]
+        if sure:
+            assert sent == [(0.0, 1)] and swarm["samples"] == 1 and swarm["cancelled"] == 0
+            assert swarm["candidates"][0]["confidence"] == round(ls.math.exp(logprob), 4)
+        else:
+            assert sent[0] == (0.0, 1) and len(sent) > 1 and swarm["samples"] > 1
         await pool.stop()
     run(go())
 

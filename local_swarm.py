@@ -8788,6 +8788,7 @@ class CompletionService:
         self.pool, self.cfg, self.model_id, self.n_ctx = pool, cfg, model_id, n_ctx
         self.turns, self.metrics, self.clock = turns, metrics, clock
         self.served: dict[str, str] = {}     # worker name -> the last prompt it completed
+        self._running_on: set[asyncio.Task] = set()   # abandoned ones, run to their first token
 
     def preferred(self, prompt: str) -> tuple[str, ...]:
         """The workers whose last completion shares a prefix with `prompt`, longest first (their
@@ -8914,6 +8915,8 @@ class CompletionService:
             if not task.done():
                 if run.sent and not run.pieces:
                     run.abandoned = True                 # it stops at the first token
+                    self._running_on.add(task)           # (held: the loop keeps weak refs)
+                    task.add_done_callback(self._running_on.discard)
                 else:
                     await _cancel_all([task])
 

@@ -8011,10 +8011,9 @@ class CandidateBatch:
 
     def unsent(self) -> int:
         """Its candidates (and those it spun off) whose request never went to a worker."""
-        if self.rest is not None:
-            return (0 if self.sent else len(self.futures) - len(self.rest.futures)) \
-                + self.rest.unsent()
-        return 0 if self.sent else len(self.futures)
+        passed_on = len(self.rest.futures) if self.rest is not None else 0
+        mine = 0 if self.sent else len(self.futures) - passed_on
+        return mine + (self.rest.unsent() if self.rest is not None else 0)
 
     async def result(self, i: int) -> tuple[Candidate, Generation]:
         """Candidate i and its generation, once its choice is done. Raises as the batch failed."""
@@ -10163,8 +10162,7 @@ class SwarmApp:
         try:
             return Response.json(await self.embeddings.embed(req))
         except WorkerError as exc:
-            raise HTTPError(503, f"the embedding worker could not answer: {exc}", "server_error",
-                            code="workers_unavailable", headers=[("Retry-After", "5")]) from exc
+            raise workers_unavailable(exc) from exc
 
     async def _logged(self, stream: AsyncIterator[bytes], req: ChatRequest, gen: Generation
                       ) -> AsyncIterator[bytes]:
@@ -10221,16 +10219,23 @@ class Swarm:
     def model_id(self) -> str:
         return self.model.path.stem
 
-    def _embeddings(self) -> EmbeddingService:
+    @functools.cached_property
+    def log_dir(self) -> Path:
+        """This run's folder for its processes' logs (worker_log_dir, which also clears stale
+        ones: once per run)."""
+        return worker_log_dir(self.cfg.cache_dir / "logs")
+
+    def _embeddings(self) -> EmbeddingService | None:
         """The /v1/embeddings service: a llama-server of its own (started when first asked) on
-        the embedding model, else on the chat model mean-pooled; none without a native build."""
+        the embedding model, else on the chat model mean-pooled; None without a native build
+        (SwarmApp then refuses every request)."""
         if self.native is None:
-            return EmbeddingService(None, self.model_id, 0, 0)
+            return None
         p, path = self.plan, self.embedding_model or self.model.path
         spec = WorkerSpec(index=1, model=path, model_id=path.stem, n_ctx=EMBED_CTX,
                           threads=p.threads, threads_batch=p.threads_batch,
                           gpu_layers=p.gpu_layers, site=self.build.site, env=worker_env(),
-                          log_dir=worker_log_dir(self.cfg.cache_dir / "logs"),
+                          log_dir=self.log_dir,
                           binary=self.native.binary, kv_tokens=EMBED_CTX, role="embedder",
                           embedding="" if self.embedding_model else EMBED_POOLING)
         return EmbeddingService(NativeServer(spec, self.client, self.launcher), path.stem,
@@ -10238,14 +10243,13 @@ class Swarm:
 
     def _worker_specs(self) -> list[WorkerSpec]:
         """One spec per process: a python worker each, or one llama-server for all the slots."""
-        log_dir = worker_log_dir(self.cfg.cache_dir / "logs")
         p = self.plan
         native = dict(binary=self.native.binary, slots=p.slots, kv_tokens=p.kv_tokens) \
             if self.native is not None else {}
         return [WorkerSpec(index=i, model=self.model.path, model_id=self.model_id, n_ctx=p.ctx,
                            threads=p.threads, threads_batch=p.threads_batch,
                            gpu_layers=p.gpu_layers, site=self.build.site, env=worker_env(),
-                           log_dir=log_dir, **native)
+                           log_dir=self.log_dir, **native)
                 for i in range(1, p.processes + 1)]
 
     def _workers(self) -> list[Worker]:

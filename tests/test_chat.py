@@ -190,17 +190,24 @@ def test_models_and_props_tell_clients_the_context():
     run(go())
 
 
+async def keyed_app():
+    """A voting SwarmApp on two fake workers, API key "k", and a caller for it: the Response,
+    or the status of the HTTPError raised (key=None sends no key)."""
+    pool = await started_pool([FakeWorker(1, tokens=("4",)), FakeWorker(2, tokens=("4",))])
+    app = ls.SwarmApp(ls.Config(api_key="k"), pool, chat_service(pool, mode="vote"), "m")
+
+    async def call(method, path, body=b"", key="k"):
+        headers = (("x-api-key", key),) if key else ()
+        try:
+            return await app.handle(ls.Request(method, path, path, "HTTP/1.1", headers, body))
+        except ls.HTTPError as exc:
+            return exc.status
+    return pool, call
+
+
 def test_metrics_count_requests_and_votes_in_prometheus_text():
     async def go():
-        pool = await started_pool([FakeWorker(1, tokens=("4",)), FakeWorker(2, tokens=("4",))])
-        app = ls.SwarmApp(ls.Config(api_key="k"), pool, chat_service(pool, mode="vote"), "m")
-
-        async def call(method, path, body=b"", key="k"):
-            headers = (("x-api-key", key),) if key else ()
-            try:
-                return await app.handle(ls.Request(method, path, path, "HTTP/1.1", headers, body))
-            except ls.HTTPError as exc:
-                return exc.status
+        pool, call = await keyed_app()
         chat = json.dumps({"messages": [{"role": "user", "content": "2+2?"}],
                            "swarm": {"votes": 2, "adaptive": False}}).encode()
         assert (await call("POST", "/v1/chat/completions", chat)).status == 200
@@ -226,15 +233,7 @@ def test_metrics_count_requests_and_votes_in_prometheus_text():
 
 def test_status_page_is_public_and_its_data_lists_workers_and_the_last_votes_behind_the_key():
     async def go():
-        pool = await started_pool([FakeWorker(1, tokens=("4",)), FakeWorker(2, tokens=("4",))])
-        app = ls.SwarmApp(ls.Config(api_key="k"), pool, chat_service(pool, mode="vote"), "m")
-
-        async def call(method, path, body=b"", key="k"):
-            headers = (("x-api-key", key),) if key else ()
-            try:
-                return await app.handle(ls.Request(method, path, path, "HTTP/1.1", headers, body))
-            except ls.HTTPError as exc:
-                return exc.status
+        pool, call = await keyed_app()
         page = await call("GET", "/", key=None)
         assert page.status == 200 and dict(page.headers)["Content-Type"].startswith("text/html")
         html = page.body.decode()

@@ -343,6 +343,8 @@ class Config:
     adaptive: bool = True                     # start with few candidates, add while they disagree
     anchor: bool = True                       # when a request omits temperature, its first
                                               # candidate decodes greedily and wins ties
+    loop_guard: bool = True                   # an answer that only repeats the calls just
+                                              # answered is asked again once (LOOP_NOTE)
     vote_deadline: float = 30.0               # once a candidate is in, the others get as long
                                               # again as it took, and at least this; later ones
                                               # are dropped (no fixed cap: a long prompt on a
@@ -512,6 +514,9 @@ SETTINGS = (
     Setting("anchor", bool, "sample every candidate at the vote temperature (default: when a "
             "request omits temperature, its first candidate decodes greedily and wins ties)",
             flag="--no-anchor"),
+    Setting("loop_guard", bool, "return an answer that only repeats the tool calls whose results "
+            "end the conversation as it is (default: ask the model once more, with a note that "
+            "it holds those results)", flag="--no-loop-guard"),
     Setting("log_level", str, "info (default); debug shows each request and reply in brief, with "
             "timings", choices=LOG_LEVELS),
     Setting("builds_dir", Path, "where llama.cpp builds are kept (default: llama_builds/ next to "
@@ -5036,6 +5041,12 @@ class Candidate:
     repeat: bool = False        # its calls only repeat the calls whose results end the conversation
     weight: float = 1.0     # how many candidates it stands for (a peer's answer: the share of its
                             # own vote that agreed on it; see Federation)
+    again: bool = False         # asked again by the loop guard, after the vote's answer repeated
+
+    @property
+    def idle(self) -> bool:
+        """It does not move the conversation on: a repeat, or no calls and no text."""
+        return self.repeat or not (self.calls or self.text.strip())
 
 
 @dataclass(frozen=True)
@@ -5235,8 +5246,7 @@ def _ranking(candidates: Sequence[Candidate], sizes: Sequence[float],
     """Candidate indices, best first, under the tie rule of the section comment."""
     def rank(i: int) -> tuple:
         c = candidates[i]
-        idle = c.repeat or not (c.calls or c.text.strip())
-        return (idle, -sizes[i], greedy_first and not c.greedy,
+        return (c.idle, -sizes[i], greedy_first and not c.greedy,
                 -round(means[i], SCORE_TIE_DIGITS),
                 c.finish_reason not in COMPLETE_FINISHES, c.latency, i)
     return sorted(range(len(candidates)), key=rank)
@@ -5556,20 +5566,40 @@ def _at_line_start(text: str, pos: int) -> bool:
     return not text[text.rfind("\n", 0, pos) + 1:pos].strip()
 
 
-def answered_calls(messages: Sequence[dict[str, Any]]) -> frozenset[str]:
-    """The canonical forms of the calls whose results end the conversation: the last assistant
-    message's tool_calls when only `tool` messages follow it. A reply that calls just these again
-    asks for what it was given (the loop small models fall into); empty when the conversation
-    does not end on tool results."""
+def trailing_calls(messages: Sequence[dict[str, Any]]) -> list[ToolCall]:
+    """The calls whose results end the conversation: the last assistant message's tool_calls
+    when only `tool` messages follow it; [] when the conversation does not end on tool results."""
     for msg in reversed(messages):
         if msg.get("role") == "tool":
             continue
         if msg.get("role") != "assistant" or msg is messages[-1]:
-            return frozenset()
+            return []
         functions = [call["function"] for call in msg.get("tool_calls") or ()]
-        return frozenset(ToolCall(f["name"], f["arguments"]).canonical() for f in functions
-                         if isinstance(f.get("arguments"), dict))
-    return frozenset()
+        return [ToolCall(f["name"], f["arguments"]) for f in functions
+                if isinstance(f.get("arguments"), dict)]
+    return []
+
+
+def answered_calls(messages: Sequence[dict[str, Any]]) -> frozenset[str]:
+    """The canonical forms of the trailing_calls. A reply that calls just these again asks for
+    what it was given (the loop small models fall into)."""
+    return frozenset(call.canonical() for call in trailing_calls(messages))
+
+
+# The loop guard's note, a system message after the tool results when an answer only repeated
+# the calls that produced them (RequestPreparer.again). Its wording was chosen on bench/tools'
+# multi-turn tasks with Qwen2.5-Coder-0.5B: told only that it held the results, the model often
+# answered with prose about calling the tool; told not to call the same again, it moved on.
+LOOP_NOTE = ("The results of {calls} are above. Do not call {names} again with the same "
+             "arguments: answer the user from those results, or call another tool if one is "
+             "still needed.")
+
+
+def loop_note(calls: Sequence[ToolCall]) -> dict[str, str]:
+    """The loop guard's system message about `calls` (the trailing_calls)."""
+    written = ", ".join(f"{call.name}({call.arguments_json()})" for call in calls)
+    names = " or ".join(dict.fromkeys(call.name for call in calls))
+    return {"role": "system", "content": LOOP_NOTE.format(calls=written, names=names)}
 
 
 def tool_specs(tools: Sequence[dict]) -> dict[str, dict]:
@@ -6658,6 +6688,7 @@ class SwarmOptions:
                                       # (False: parse its text as it is; for measuring the gain)
     affinity: bool | None = None
     anchor: bool | None = None
+    loop_guard: bool | None = None
     federate: bool | None = None      # False: answer from this swarm's workers only
     explain: bool = False             # each candidate's text, calls and token log-probabilities
                                       # in the `swarm` object (for measuring selection rules)
@@ -6735,6 +6766,7 @@ def _parse_swarm_options(body: dict) -> SwarmOptions:
                         force_vote=_check_bool(opts, "force_vote", where),
                         constrain_calls=flag("constrain_calls") is not False,
                         affinity=flag("affinity"), anchor=flag("anchor"), federate=flag("federate"),
+                        loop_guard=flag("loop_guard"),
                         explain=_check_bool(opts, "explain", where))
 
 
@@ -6967,13 +6999,27 @@ class PromptRenderer:
         """The prompt text the worker will see (or the joined contents as a fallback)."""
         if self._template is not None:
             try:
-                return self._template.render(
-                    messages=list(messages), tools=list(tools) or None, add_generation_prompt=True,
-                    bos_token=self.bos, eos_token=self.eos, raise_exception=_template_raise,
-                    strftime_now=lambda fmt: time.strftime(fmt))
+                return self._render(messages, tools)
             except Exception as exc:       # a template is third-party code: any failure falls back
                 log.debug("chat template failed (%s); counting the joined contents", exc)
         return "\n".join(m["content"] for m in messages)
+
+    def takes(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] = ()) -> bool:
+        """Whether the model's template takes these messages (a template may refuse a system
+        message after the first, say); True without a template (the contents are joined)."""
+        if self._template is None:
+            return True
+        try:
+            self._render(messages, tools)
+        except Exception:                  # a template is third-party code
+            return False
+        return True
+
+    def _render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict]) -> str:
+        return self._template.render(
+            messages=list(messages), tools=list(tools) or None, add_generation_prompt=True,
+            bos_token=self.bos, eos_token=self.eos, raise_exception=_template_raise,
+            strftime_now=lambda fmt: time.strftime(fmt))
 
 
 def _template_raise(message: str) -> None:
@@ -7086,6 +7132,7 @@ class PreparedRequest:
                                        # completion route adds itself): what a worker that takes
                                        # prompts gets, and where a call the model starts goes on
     answered: frozenset[str] = frozenset()     # the calls whose results end the conversation
+    again: bool = False                # the loop guard's request (RequestPreparer.again)
     exact: bool = False                # `prompt` is what the model's own template renders
     prompt_tokens: int = 0             # the prompt's count by a worker's tokenizer; 0 when it
                                        # surely fits and was not counted (or is not counted yet)
@@ -7115,6 +7162,16 @@ class RequestPreparer:
             completion_prompt=self._completion_prompt(prompt),
             answered=answered_calls(req.messages) if use.active else frozenset(),
             exact=self.renderer.exact, checked=surely_fits(prompt, self.n_ctx))
+
+    def again(self, prepared: PreparedRequest) -> PreparedRequest | None:
+        """The loop guard's request: the same conversation with loop_note after its tool results
+        (the prompt only grows, so a worker's cache of it still serves), its calls still judged
+        against the `answered` ones. None when the model's template refuses the note."""
+        calls = trailing_calls(prepared.req.messages)
+        req = dataclasses.replace(prepared.req, messages=(*prepared.req.messages, loop_note(calls)))
+        if not self.renderer.takes(*self._prompt_inputs(req)):
+            return None
+        return dataclasses.replace(self.prepare(req), answered=prepared.answered, again=True)
 
     def _prompt_inputs(self, req: ChatRequest) -> tuple[list[dict[str, Any]], list[dict]]:
         """The messages and tools the worker's chat template renders: tools only when calls are
@@ -7297,17 +7354,28 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def settle_calls(use: ToolUse, gen: Generation) -> None:
+def settle_calls(use: ToolUse, gen: Generation, answered: frozenset[str] = frozenset()) -> None:
     """Parse the finished text for calls (when `use` allows calls); with calls the reply finishes
     with "tool_calls", and its content is the prose around them, without any call text (one cut
-    off by max_tokens, broken or to an unknown tool: without_call_text)."""
+    off by max_tokens, broken or to an unknown tool: without_call_text). Calls that replay the
+    `answered` ones beside new calls are dropped (without_replays)."""
     if not use.active:
         return
     content, calls = parse_tool_calls(gen.text, use.specs, use.parallel)
+    calls = without_replays(calls, answered)
     if calls:
         gen.calls, gen.content = calls, without_call_text(content)
         gen.call_ids = [new_call_id() for _ in calls]
         gen.finish_reason = "tool_calls"
+
+
+def without_replays(calls: list[ToolCall], answered: frozenset[str]) -> list[ToolCall]:
+    """The calls without those that replay an `answered` call (the same tool, the same arguments)
+    when new calls remain: a model that restates its plan writes the step whose result it holds
+    before the next one, and an agent would run that step a second time (a second commit). A
+    reply of replays alone is left whole: the vote ranks it last and the loop guard asks again."""
+    fresh = [call for call in calls if call.canonical() not in answered]
+    return fresh if fresh and len(fresh) < len(calls) else calls
 
 
 async def _const(value: Any) -> Any:
@@ -7647,7 +7715,7 @@ class Attempt:
                                                      scanner.start)
         elif scanner is not None and (tail := scanner.flush()):
             yield tail
-        settle_calls(prepared.req.tool_use, gen)
+        settle_calls(prepared.req.tool_use, gen, prepared.answered)
 
 # ---- consensus: how a request is answered, and the state of one vote ------------------------------
 # Rules: a request omitting temperature samples at the vote temperature, so the default request is
@@ -7689,6 +7757,7 @@ class VotePlan:
     federate: bool = False              # peer swarms vote too (VoteRunner.plan decides)
     explain: bool = False               # the report shows each candidate's text (swarm_report)
     choices: int = 1                    # candidates the reply returns (the request's n)
+    loop_guard: bool = False            # an answer that only repeats is asked again (ask_again)
 
     @property
     def solo(self) -> bool:
@@ -7721,7 +7790,9 @@ def vote_plan(req: ChatRequest, cfg: Config, healthy: int, instances: int) -> Vo
     anchor = cfg.anchor if req.swarm.anchor is None else req.swarm.anchor
     return VotePlan(mode=mode, k=k, adaptive=adaptive, temperature=temperature,
                     affinity=affinity, anchor=anchor and "temperature" not in req.sampling,
-                    explain=req.swarm.explain, choices=req.n)
+                    explain=req.swarm.explain, choices=req.n,
+                    loop_guard=(cfg.loop_guard if req.swarm.loop_guard is None
+                                else req.swarm.loop_guard) and req.n == 1)
 
 
 def conversation_key(messages: Sequence[dict[str, Any]]) -> str:
@@ -7867,15 +7938,16 @@ class Ballot:
         return [self.entries[i][1] for i in order[:n]]
 
 
-def candidate_of(gen: Generation, started: float, greedy: bool, answered: frozenset[str]
-                 ) -> Candidate:
+def candidate_of(gen: Generation, started: float, greedy: bool, answered: frozenset[str],
+                 again: bool = False) -> Candidate:
     """A finished generation as a vote's candidate: its latency from monotonic `started`, its
-    calls canonical, a repeat when they only repeat the `answered` calls."""
+    calls canonical, a repeat when they only repeat the `answered` calls; `again`: made by the
+    loop guard's request."""
     calls = tuple(call.canonical() for call in gen.calls)
     return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
                      latency=time.monotonic() - started, tokens=gen.tokens, calls=calls,
                      constrained=gen.constrained, greedy=greedy,
-                     repeat=bool(calls) and set(calls) <= answered)
+                     repeat=bool(calls) and set(calls) <= answered, again=again)
 
 
 def single_ballot(plan: VotePlan, gen: Generation, answered: frozenset[str]) -> Ballot:
@@ -7917,7 +7989,7 @@ def _candidate_report(c: Candidate, gen: Generation, vote: Vote, i: int, explain
               "confidence": None if confidence is None else round(confidence, 4),
               "finish_reason": c.finish_reason, "score": round(vote.scores[i], 4),
               "winner": i == vote.winner, "constrained": c.constrained, "greedy": c.greedy,
-              "repeat": c.repeat, "weight": round(c.weight, 4)}
+              "repeat": c.repeat, "again": c.again, "weight": round(c.weight, 4)}
     if explain:
         report.update(content=gen.shown_text,
                       calls=[{"name": call.name, "arguments": call.arguments} for call in gen.calls],
@@ -7931,9 +8003,11 @@ def ends_on_anchor(plan: VotePlan) -> bool:
 
 
 def sure_anchor(candidate: Candidate, gen: Generation) -> bool:
-    """The greedy anchor is sure of itself: its token_confidence is at least ANCHOR_SURE."""
+    """The greedy anchor is sure of itself: its token_confidence is at least ANCHOR_SURE, and it
+    moves the conversation on (a sure repeat is still a repeat: Candidate.idle)."""
     confidence = token_confidence(gen.logprobs)
-    return candidate.greedy and confidence is not None and confidence >= ANCHOR_SURE
+    return candidate.greedy and not candidate.idle and confidence is not None \
+        and confidence >= ANCHOR_SURE
 
 
 def _seeds(req: ChatRequest, k: int) -> list[int]:
@@ -8123,10 +8197,11 @@ class CandidateBatch:
             except WorkerError as exc:     # this candidate is lost, not its siblings
                 self.futures[i].set_exception(exc)
                 return
-        settle_calls(self.prepared.req.tool_use, gen)
+        settle_calls(self.prepared.req.tool_use, gen, self.prepared.answered)
         greedy = self.sampling["temperature"] == 0
         self.futures[i].set_result((candidate_of(gen, self.started, greedy,
-                                                 self.prepared.answered), gen))
+                                                 self.prepared.answered, self.prepared.again),
+                                    gen))
 
 
 def _pass_on(target: asyncio.Future, source: asyncio.Future) -> None:
@@ -8148,8 +8223,10 @@ class VoteRunner:
     counts the winner's usage, and remembers which workers served each conversation."""
 
     def __init__(self, generator: Generator, pool: WorkerPool, cfg: Config,
-                 peers: PeerVoters | None = None) -> None:
+                 peers: PeerVoters | None = None, preparer: RequestPreparer | None = None
+                 ) -> None:
         self.generator = generator
+        self.preparer = preparer                # the loop guard's requests (None: no guard)
         self.pool = pool                        # for the plan: healthy workers, instances
         self.cfg = cfg
         self.peers = peers                      # None: this swarm's workers only
@@ -8187,7 +8264,10 @@ class VoteRunner:
         attempt = await self.start_solo(prepared, plan)
         gen = await attempt.run()
         self.remember(prepared.req, plan, [gen.worker])
-        return single_ballot(plan, gen, prepared.answered)
+        ballot = single_ballot(plan, gen, prepared.answered)
+        if await self.ask_again(prepared, ballot):
+            await self.generator.count_winner(prepared, ballot.winner())
+        return ballot
 
     async def start_solo(self, prepared: PreparedRequest, plan: VotePlan, *, live: bool = False,
                          count: bool = True, gen: Generation | None = None) -> Attempt:
@@ -8200,11 +8280,24 @@ class VoteRunner:
                                           count=count, gen=gen, turn=turn)
 
     async def vote(self, prepared: PreparedRequest, plan: VotePlan) -> Ballot:
-        """Run the vote on an accepted request, once it has its turn on the prompt (PromptTurns;
-        the peers are asked at once): launch candidates, collect them as they finish,
-        stop early when the vote is decided or adaptive mode is satisfied, cancel the rest, add
-        the peers' answers, then count the winner. Raises WorkerError when every candidate
-        failed, HTTPError when a worker refused the request itself."""
+        """Run the vote on an accepted request (_vote), under the loop guard (see its section),
+        then count the winner. Raises WorkerError when every candidate failed, HTTPError when a
+        worker refused the request itself."""
+        ballot = await self._vote(prepared, plan)
+        if self._anchor_loops(ballot):
+            again = self.preparer.again(prepared)
+            if again is not None:
+                ballot = await self._revote(again, ballot)
+        else:
+            await self.ask_again(prepared, ballot)
+        await self.generator.count_winner(prepared, ballot.winner())
+        return ballot
+
+    async def _vote(self, prepared: PreparedRequest, plan: VotePlan) -> Ballot:
+        """The vote, once it has its turn on the prompt (PromptTurns; the peers are asked at
+        once): launch candidates, collect them as they finish, stop early when the vote is
+        decided or adaptive mode is satisfied (or the loop guard will vote again), cancel the
+        rest, add the peers' answers, tally. Raises as vote()."""
         ballot, pending = Ballot(plan), set()
         seeds, prefer = _seeds(prepared.req, plan.k), self.preferred(prepared.req, plan)
         asks = self._ask_peers(prepared.req, plan, ballot.started)
@@ -8228,7 +8321,7 @@ class VoteRunner:
             try:
                 launch(min(plan.k, ADAPTIVE_START) if plan.adaptive else plan.k)
                 await self._collect_until_settled(ballot, pending, launch)
-                if self._sure_anchor(ballot):
+                if self._sure_anchor(ballot) or self._anchor_loops(ballot):
                     unsent = sum(batch.unsent() for batch in batches)
                     ballot.launched -= unsent
             finally:
@@ -8245,8 +8338,88 @@ class VoteRunner:
         if not ballot.entries:
             raise WorkerError(f"all {ballot.launched} candidates failed")
         ballot.vote = tally(ballot.candidates, ballot.strategy)
-        await self.generator.count_winner(prepared, ballot.winner())
         return ballot
+
+    # -- the loop guard ---------------------------------------------------------------------------
+    # Rules: an answer that only repeats the calls whose results end the conversation (a repeat)
+    # asks for what the model was given; an agent would run them again, and small models go on
+    # doing so. The guard asks once more, greedily, with LOOP_NOTE after the results
+    # (RequestPreparer.again): a local vote whose greedy anchor repeats stops there and votes
+    # again on that request (_revote; its samples would have started from the loop), and any
+    # other answer that repeats (one worker's, a vote without an anchor, a federated one) gets
+    # one more candidate from it (ask_again). The guard's candidates are marked `again`; an
+    # answer of repeats stands when the guard's is idle too, or the template refuses the note.
+
+    def _anchor_loops(self, ballot: Ballot) -> bool:
+        """A local vote under the guard whose greedy anchor is a repeat: the vote goes no
+        further on this request."""
+        return ballot.plan.loop_guard and not ballot.plan.federate and self.preparer is not None \
+            and any(c.greedy and c.repeat for c in ballot.candidates)
+
+    async def _revote(self, again: PreparedRequest, first: Ballot) -> Ballot:
+        """The vote on the loop guard's request (without the guard), the first vote's repeats
+        joining it (they rank last); the first ballot when every candidate of this one failed."""
+        try:
+            ballot = await self._vote(again, dataclasses.replace(first.plan, loop_guard=False))
+        except WorkerError as exc:
+            log.warning("loop guard: the vote again failed (%s); the repeat stands", exc)
+            return first
+        ballot.entries.extend(entry for entry in first.entries if entry[0].repeat)
+        ballot.launched += first.launched
+        ballot.failed += first.failed
+        ballot.cancelled += first.cancelled + sum(not c.repeat for c in first.candidates)
+        ballot.started = first.started
+        ballot.vote = tally(ballot.candidates, ballot.strategy)
+        return ballot
+
+    def loops(self, ballot: Ballot) -> bool:
+        """The guard applies: the plan has it, and the answer only repeats the calls whose results
+        end the conversation."""
+        vote = ballot.vote or tally(ballot.candidates)
+        return ballot.plan.loop_guard and self.preparer is not None \
+            and ballot.entries[vote.winner][0].repeat
+
+    async def start_again(self, prepared: PreparedRequest, ballot: Ballot, *, live: bool = False,
+                          count: bool = False) -> Attempt | None:
+        """The loop guard's attempt, accepted: greedy, on the answer's worker when idle (its cache
+        holds all of the prompt but the note). None when the guard does not apply, the template
+        refuses the note, or no worker takes it (logged: the answer stands)."""
+        if not self.loops(ballot):
+            return None
+        again = self.preparer.again(prepared)
+        if again is None:
+            log.info("loop guard: the chat template refuses a system note; the repeat stands")
+            return None
+        try:
+            return await self.generator.start(again, {"temperature": 0.0},
+                                              (ballot.winner().worker,), live=live, count=count)
+        except (WorkerError, HTTPError) as exc:
+            log.warning("loop guard: asking again failed (%s); the repeat stands", exc)
+            return None
+
+    @staticmethod
+    def add_again(ballot: Ballot, gen: Generation, answered: frozenset[str]) -> bool:
+        """Join the guard's answer to the ballot and tally again: it wins unless it is idle too
+        (Candidate.idle ranks last). Returns whether the winner changed."""
+        before = ballot.winner()
+        ballot.entries.append((candidate_of(gen, ballot.started, True, answered, True), gen))
+        ballot.launched += 1
+        ballot.vote = tally(ballot.candidates)
+        return ballot.winner() is not before
+
+    async def ask_again(self, prepared: PreparedRequest, ballot: Ballot) -> bool:
+        """The loop guard, for a whole answer: when the ballot's answer only repeats the calls
+        whose results end the conversation, ask once more (start_again) and let that answer join
+        the ballot (add_again). Returns whether the winner changed."""
+        attempt = await self.start_again(prepared, ballot)
+        if attempt is None:
+            return False
+        try:
+            gen = await attempt.run()
+        except (WorkerError, HTTPError) as exc:
+            log.warning("loop guard: asking again failed (%s); the repeat stands", exc)
+            return False
+        return self.add_again(ballot, gen, prepared.answered)
 
     def _launch_batch(self, prepared: PreparedRequest, plan: VotePlan, ballot: Ballot,
                       pending: set, count: int, seeds: Sequence[int], prefer: Sequence[str]
@@ -8279,7 +8452,7 @@ class VoteRunner:
         attempt = await self.generator.start(prepared, {"temperature": temperature, "seed": seed},
                                              prefer, count=False)
         gen = await attempt.run()
-        return candidate_of(gen, started, temperature == 0, prepared.answered), gen
+        return candidate_of(gen, started, temperature == 0, prepared.answered, prepared.again), gen
 
     async def _collect_until_settled(self, ballot: Ballot, pending: set,
                                      launch: Callable[[int], None]) -> None:
@@ -8303,7 +8476,7 @@ class VoteRunner:
                     and len(ballot.entries) >= ballot.plan.choices and decided(keys, outstanding):
                 ballot.strategy = "majority"               # early finish: the leader is safe
                 return
-            if self._sure_anchor(ballot):
+            if self._sure_anchor(ballot) or self._anchor_loops(ballot):
                 return
             if not pending and ballot.plan.adaptive and keys:
                 launch(ballot.plan.k if stuck else adaptive_more(keys, ballot.plan.k))
@@ -8496,6 +8669,17 @@ def reply_logprobs(req: ChatRequest, gen: Generation) -> dict[str, Any] | None:
     return None if req.logprobs is None else {"content": gen.entries}
 
 
+async def _live_content(frame: ChunkFrame, attempt: Attempt) -> AsyncIterator[bytes]:
+    """A live attempt's content chunks as they arrive, then any text held back as a possible
+    call that was not one (its calls are sent by the caller)."""
+    gen, shown = attempt.generation, 0
+    async for text in attempt.deltas():
+        shown += len(text)
+        yield frame.content(text)
+    if not gen.calls and gen.text[shown:]:
+        yield frame.content(gen.text[shown:])
+
+
 def _adopt(gen: Generation, winner: Generation) -> None:
     """Copy the winner into the request's Generation (what the request log reports)."""
     for name in ("parts", "finish_reason", "prompt_tokens", "completion_tokens", "worker",
@@ -8525,7 +8709,7 @@ class ChatService:
         self.clock = clock
         self.preparer = RequestPreparer(renderer, n_ctx)
         self.generator = Generator(pool, cfg, n_ctx)
-        self.votes = VoteRunner(self.generator, pool, cfg, peers)
+        self.votes = VoteRunner(self.generator, pool, cfg, peers, self.preparer)
         self.metrics = Metrics()                 # what GET /metrics shows of the answers
 
     async def complete(self, req: ChatRequest) -> tuple[dict[str, Any], Generation, dict]:
@@ -8563,27 +8747,37 @@ class ChatService:
 
     async def _sse(self, req: ChatRequest, plan: VotePlan, attempt: Attempt
                    ) -> AsyncIterator[bytes]:
-        gen, frame = attempt.generation, self._frame(req)
+        gen, frame, again = attempt.generation, self._frame(req), None
+        prepared = attempt.prepared
         try:
             yield frame.role()
-            shown = 0
-            async for text in attempt.deltas():
-                shown += len(text)
-                yield frame.content(text)
-            if not gen.calls and gen.text[shown:]:
-                yield frame.content(gen.text[shown:])   # held back as a possible call, was not
-            for event in frame.calls(gen):
+            async for event in _live_content(frame, attempt):
                 yield event
             self.votes.remember(req, plan, [gen.worker])
-            ballot = single_ballot(plan, gen, attempt.prepared.answered)
+            ballot, usage = single_ballot(plan, gen, prepared.answered), None
+            again = await self.votes.start_again(prepared, ballot, live=True)
+            if again is not None:                  # the loop guard: its text follows live
+                async for event in _live_content(frame, again):
+                    yield event
+                self.votes.add_again(ballot, again.generation, prepared.answered)
+                if req.include_usage:
+                    await self.votes.generator.count_winner(prepared, again.generation)
+                    usage = gen.usage()        # the client read both answers' text
+                    usage["completion_tokens"] += again.generation.completion_tokens
+                    usage["total_tokens"] += again.generation.completion_tokens
+            winner = ballot.winner()
+            for event in frame.calls(winner):
+                yield event
             count_answer(self.metrics, ballot)
             swarm = swarm_report(ballot)
-            for event in closing_events(frame, req, gen, swarm):
+            for event in closing_events(frame, req, winner, swarm, usage):
                 yield event
         except WorkerError as exc:
             yield stream_broken(exc)
         finally:
             await attempt.aclose()
+            if again is not None:
+                await again.aclose()
         yield SSE_DONE
 
     async def _voted_sse(self, req: ChatRequest, plan: VotePlan, prepared: PreparedRequest,
@@ -9733,10 +9927,12 @@ class Federation:
         gen = Generation(parts=[answer.text], finish_reason=finish, worker=PEER_PREFIX + peer.name,
                          prompt_tokens=answer.prompt_tokens, attempts=1, started=started,
                          completion_tokens=answer.completion_tokens, counted=True)
-        settle_calls(req.tool_use, gen)
+        answered = answered_calls(req.messages) if req.tool_use.active else frozenset()
+        settle_calls(req.tool_use, gen, answered)
+        calls = tuple(call.canonical() for call in gen.calls)
         return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
                          latency=time.monotonic() - started, tokens=gen.completion_tokens,
-                         calls=tuple(call.canonical() for call in gen.calls),
+                         calls=calls, repeat=bool(calls) and set(calls) <= answered,
                          weight=answer.weight), gen
 
     # -- views ------------------------------------------------------------------------------------

@@ -1227,6 +1227,148 @@ def test_two_agreeing_repeats_do_not_end_an_adaptive_vote():
     run(go())
 
 
+class Looper(FakeWorker):
+    """Calls read_file(a.txt) again (a repeat, after ANSWERED_READ) unless the conversation ends
+    on the loop guard's note; then says `after_note`."""
+
+    after_note = ("It says 42.",)
+
+    async def stream_chat(self, body, timeout, route="/v1/chat/completions"):
+        last = body["messages"][-1]
+        noted = last["role"] == "system" and "Do not call read_file again" in last["content"]
+        self.tokens = self.after_note if noted else chunks_of(CALL_TEXT)
+        async for chunk in super().stream_chat(body, timeout, route):
+            yield chunk
+
+
+def guarded_request(stream=False, **extra):
+    """The conversation of ANSWERED_READ, read_file offered, calls parsed as written."""
+    swarm = {"constrain_calls": False, **extra.pop("swarm", {})}
+    return ls.parse_chat_request({"messages": ANSWERED_READ, "tools": [READ_TOOL],
+                                  "stream": stream, "swarm": swarm, **extra})
+
+
+def sent_notes(workers):
+    """The loop guard's notes the workers were sent."""
+    return [body["messages"][-1]["content"] for w in workers for _, body in
+            getattr(w, "requests", []) if body["messages"][-1]["role"] == "system"]
+
+
+def test_the_loop_guard_asks_one_worker_again_with_a_note_and_its_answer_wins():
+    async def go():
+        workers = [Looper(1)]
+        pool = await started_pool(workers)
+        reply, _, swarm = await tool_service(pool).complete(guarded_request(temperature=0))
+        assert reply["choices"][0]["message"] == {"role": "assistant", "content": "It says 42."}
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert [(c["repeat"], c["again"], c["winner"]) for c in swarm["candidates"]] == \
+            [(True, False, False), (False, True, True)]
+        assert sent_notes(workers) == [ls.LOOP_NOTE.format(
+            calls='read_file({"path":"a.txt"})', names="read_file")]
+        assert swarm["samples"] == 2
+        await pool.stop()
+    run(go())
+
+
+def test_the_loop_guard_streams_the_note_answer_after_the_first_ones_text():
+    async def go():
+        pool = await started_pool([Looper(1)])
+        gen = ls.Generation()
+        stream, _ = await tool_service(pool).open_stream(
+            guarded_request(stream=True, temperature=0, stream_options={"include_usage": True}),
+            gen)
+        payloads = sse_payloads([e async for e in stream])
+        deltas = [p["choices"][0]["delta"] for p in payloads if p["choices"]]
+        assert "".join(d.get("content") or "" for d in deltas) == "It says 42."
+        assert not any("tool_calls" in d for d in deltas)
+        finish = [p["choices"][0]["finish_reason"] for p in payloads if p["choices"]]
+        assert finish[-1] == "stop"
+        usage = payloads[-1]["usage"]
+        assert usage["completion_tokens"] > 0
+        assert [c["again"] for c in payloads[-1]["swarm"]["candidates"]] == [False, True]
+        await pool.stop()
+    run(go())
+
+
+@pytest.mark.parametrize("off", [{"swarm": {"loop_guard": False}}, {"cfg": {"loop_guard": False}}])
+def test_the_loop_guard_can_be_turned_off_by_request_or_setting(off):
+    async def go():
+        workers = [Looper(1)]
+        pool = await started_pool(workers)
+        svc = tool_service(pool, **off.get("cfg", {}))
+        reply, _, swarm = await svc.complete(guarded_request(temperature=0, **{
+            k: v for k, v in off.items() if k != "cfg"}))
+        assert reply["choices"][0]["finish_reason"] == "tool_calls"
+        assert len(swarm["candidates"]) == 1 and sent_notes(workers) == []
+        await pool.stop()
+    run(go())
+
+
+def test_a_repeat_stands_when_the_note_answer_repeats_too():
+    async def go():
+        workers = [Looper(1)]
+        workers[0].after_note = chunks_of(CALL_TEXT)
+        pool = await started_pool(workers)
+        reply, _, swarm = await tool_service(pool).complete(guarded_request(temperature=0))
+        assert reply["choices"][0]["finish_reason"] == "tool_calls"
+        assert [(c["again"], c["winner"]) for c in swarm["candidates"]] == \
+            [(False, True), (True, False)]
+        await pool.stop()
+    run(go())
+
+
+def test_the_loop_guard_leaves_the_repeat_when_the_template_refuses_a_late_system_message():
+    strict = ("{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+              "{{ raise_exception('System message must be first') }}{% endif %}"
+              "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "{{ '<|im_start|>assistant\\n' }}")
+    async def go():
+        workers = [Looper(1)]
+        pool = await started_pool(workers)
+        svc = ls.ChatService(pool, ls.PromptRenderer(strict), "fake-model", 10_000,
+                             ls.Config(mode="fastest"))
+        reply, _, swarm = await svc.complete(guarded_request(temperature=0))
+        assert reply["choices"][0]["finish_reason"] == "tool_calls"
+        assert len(workers[0].requests) == 1 and len(swarm["candidates"]) == 1
+        await pool.stop()
+    run(go())
+
+
+def test_an_anchored_vote_whose_anchor_repeats_votes_again_on_the_note():
+    """The default request (temperature omitted): the greedy anchor repeats, so the vote runs
+    again on the request with the note; the first vote's repeats join it (they rank last). On
+    workers that share a prompt the first vote's samples are never sent (the e2e test)."""
+    async def go():
+        workers = [Looper(i) for i in (1, 2, 3)]
+        pool = await started_pool(workers)
+        svc = tool_service(pool, mode="vote", adaptive=False)
+        reply, _, swarm = await svc.complete(guarded_request(swarm={"votes": 3}))
+        assert reply["choices"][0]["message"]["content"] == "It says 42."
+        first = [c for c in swarm["candidates"] if not c["again"]]
+        assert all(c["repeat"] for c in first) and sum(c["greedy"] for c in first) == 1
+        again = [c for c in swarm["candidates"] if c["again"]]
+        assert len(again) == 3 and not any(c["repeat"] for c in again)
+        assert len(sent_notes(workers)) == 3
+        await pool.stop()
+    run(go())
+
+
+def test_a_reply_that_restates_the_answered_call_before_a_new_one_keeps_only_the_new():
+    """Small models replay their plan: read_file(a.txt) again (its result ends the conversation),
+    then the next step. An agent would read the file twice, or commit twice; the replay goes."""
+    write = '<tool_call>\n{"name": "write_file", "arguments": {"path": "b.txt", "content": "42"}}' \
+            '\n</tool_call>'
+    async def go():
+        pool = await started_pool([FakeWorker(1, tokens=chunks_of(CALL_TEXT + "\n" + write))])
+        req = guarded_request(temperature=0, tools=[READ_TOOL, WRITE_TOOL])
+        reply, _, swarm = await tool_service(pool).complete(req)
+        calls = reply["choices"][0]["message"]["tool_calls"]
+        assert [c["function"]["name"] for c in calls] == ["write_file"]
+        assert swarm["candidates"][0]["repeat"] is False
+        await pool.stop()
+    run(go())
+
+
 def test_a_second_call_cut_off_by_max_tokens_leaves_no_fragment_in_the_content():
     async def go():
         w = FakeWorker(1, tokens=chunks_of("Let me look.\n" + CALL_TEXT))

@@ -484,6 +484,32 @@ def test_answered_calls(messages, answered):
     assert ls.answered_calls(normalized) == expected
 
 
+WRITE_B = ("write_file", {"path": "b.txt", "content": "42"})
+
+
+@pytest.mark.parametrize("calls,kept", [
+    ([READ_A, WRITE_B], [WRITE_B]),              # the plan restated: the answered step goes
+    ([WRITE_B, READ_A, LIST_SRC], [WRITE_B, LIST_SRC]),
+    ([READ_A], [READ_A]),                         # a repeat alone stays (the loop guard's case)
+    ([READ_A, READ_A], [READ_A, READ_A]),
+    ([("read_file", {"path": "b.txt"}), WRITE_B], [("read_file", {"path": "b.txt"}), WRITE_B]),
+    ([], []),
+])
+def test_without_replays_drops_answered_calls_beside_new_ones(calls, kept):
+    answered = frozenset({ls.ToolCall(*READ_A).canonical()})
+    got = ls.without_replays([ls.ToolCall(*c) for c in calls], answered)
+    assert [(c.name, c.arguments) for c in got] == kept
+
+
+def test_the_loop_note_names_the_calls_and_their_tools_once():
+    note = ls.loop_note([ls.ToolCall(*READ_A), ls.ToolCall("read_file", {"path": "b"}),
+                         ls.ToolCall(*LIST_SRC)])
+    assert note["role"] == "system"
+    assert 'read_file({"path":"a.txt"}), read_file({"path":"b"}), list_dir({"path":"src"})' \
+        in note["content"]
+    assert "Do not call read_file or list_dir again" in note["content"]
+
+
 @pytest.mark.parametrize("content,kept", [
     # a call cut off by max_tokens, closed or broken calls to tools not offered, broken JSON
     ("Let me look.\n<tool_call>\n{\"name\": \"read_fi", "Let me look."),

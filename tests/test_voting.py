@@ -465,3 +465,16 @@ def test_an_empty_reply_never_wins_over_an_answer():
 ])
 def test_leader_repeats(cands, stuck):
     assert ls.leader_repeats(cands) is stuck
+
+
+@pytest.mark.parametrize("candidate,sure", [
+    (cand("42", greedy=True), True),
+    (cand(calls=["f()"], greedy=True), True),
+    (cand(calls=["f()"], greedy=True, repeat=True), False),   # a sure repeat is still a repeat
+    (cand("  ", greedy=True), False),                           # nothing said
+    (cand("42"), False),                                        # a sample is no anchor
+])
+def test_a_sure_anchor_moves_the_conversation_on(candidate, sure):
+    gen = ls.Generation(logprobs=[-0.001] * 20)
+    assert ls.sure_anchor(candidate, gen) is sure
+    assert candidate.idle is (candidate.repeat or not candidate.text.strip() and not candidate.calls)

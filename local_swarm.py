@@ -8284,7 +8284,8 @@ class VoteRunner:
         then count the winner. Raises WorkerError when every candidate failed, HTTPError when a
         worker refused the request itself."""
         ballot = await self._vote(prepared, plan)
-        if self._anchor_loops(ballot):
+        if self._anchor_loops(ballot) or (self._guarded(ballot)
+                                          and leader_repeats(ballot.candidates)):
             again = self.preparer.again(prepared)
             if again is not None:
                 ballot = await self._revote(again, ballot)
@@ -8344,21 +8345,27 @@ class VoteRunner:
     # Rules: an answer that only repeats the calls whose results end the conversation (a repeat)
     # asks for what the model was given; an agent would run them again, and small models go on
     # doing so. The guard asks once more, greedily, with LOOP_NOTE after the results
-    # (RequestPreparer.again): a local vote whose greedy anchor repeats stops there and votes
-    # again on that request (_revote; its samples would have started from the loop), and any
-    # other answer that repeats (one worker's, a vote without an anchor, a federated one) gets
-    # one more candidate from it (ask_again). The guard's candidates are marked `again`; an
+    # (RequestPreparer.again). A local vote is caught in the loop when its greedy anchor repeats
+    # (it stops there: its samples would start from the loop) or when, done, its largest group
+    # is repeats (a lone sample that moves on is more often a stray call than the next step);
+    # it then votes again on that request (_revote). Any other answer that repeats (one
+    # worker's, a federated vote's) gets one more candidate from it (ask_again). The guard's candidates are marked `again`; an
     # answer of repeats stands when the guard's is idle too, or the template refuses the note.
 
+    def _guarded(self, ballot: Ballot) -> bool:
+        """A local vote under the guard (a federated one only gets ask_again: its peers were
+        asked the first request)."""
+        return ballot.plan.loop_guard and not ballot.plan.federate and self.preparer is not None
+
     def _anchor_loops(self, ballot: Ballot) -> bool:
-        """A local vote under the guard whose greedy anchor is a repeat: the vote goes no
-        further on this request."""
-        return ballot.plan.loop_guard and not ballot.plan.federate and self.preparer is not None \
-            and any(c.greedy and c.repeat for c in ballot.candidates)
+        """A guarded vote whose greedy anchor is a repeat: the vote goes no further on this
+        request."""
+        return self._guarded(ballot) and any(c.greedy and c.repeat for c in ballot.candidates)
 
     async def _revote(self, again: PreparedRequest, first: Ballot) -> Ballot:
         """The vote on the loop guard's request (without the guard), the first vote's repeats
-        joining it (they rank last); the first ballot when every candidate of this one failed."""
+        joining it (they rank last; its other candidates, drawn from the loop, are dropped, and
+        counted in `samples` only); the first ballot when every candidate of this one failed."""
         try:
             ballot = await self._vote(again, dataclasses.replace(first.plan, loop_guard=False))
         except WorkerError as exc:
@@ -8367,7 +8374,7 @@ class VoteRunner:
         ballot.entries.extend(entry for entry in first.entries if entry[0].repeat)
         ballot.launched += first.launched
         ballot.failed += first.failed
-        ballot.cancelled += first.cancelled + sum(not c.repeat for c in first.candidates)
+        ballot.cancelled += first.cancelled
         ballot.started = first.started
         ballot.vote = tally(ballot.candidates, ballot.strategy)
         return ballot

@@ -1171,10 +1171,12 @@ ANSWERED_READ = [{"role": "user", "content": "read a.txt"},
 
 def answered_read_request(*more_messages):
     """A 3-vote request whose conversation ends on the result of read_file(a.txt) (then
-    `more_messages`); calls are parsed from the text as written (no grammar)."""
+    `more_messages`); calls are parsed from the text as written (no grammar), without the loop
+    guard (these tests are of the vote's ranking)."""
     return ls.parse_chat_request({"messages": ANSWERED_READ + list(more_messages),
                                   "tools": [READ_TOOL], "temperature": 0.7,
-                                  "swarm": {"votes": 3, "constrain_calls": False}})
+                                  "swarm": {"votes": 3, "constrain_calls": False,
+                                            "loop_guard": False}})
 
 
 def test_a_candidate_that_repeats_the_answered_call_loses_to_one_that_moves_on():
@@ -1349,6 +1351,36 @@ def test_an_anchored_vote_whose_anchor_repeats_votes_again_on_the_note():
         again = [c for c in swarm["candidates"] if c["again"]]
         assert len(again) == 3 and not any(c["repeat"] for c in again)
         assert len(sent_notes(workers)) == 3
+        await pool.stop()
+    run(go())
+
+
+def test_a_vote_whose_largest_group_repeats_votes_again_on_the_note():
+    """No anchor (temperature set): two of three candidates repeat and one moves on. The
+    repeats lead, so the vote is in the loop: it runs again on the note, whose answers win."""
+    class Stray(Looper):
+        after_note = ("It says 42.",)
+
+        async def stream_chat(self, body, timeout, route="/v1/chat/completions"):
+            async for chunk in super().stream_chat(body, timeout, route):
+                if chunk["choices"][0]["delta"].get("content") == CALL_TEXT[:3]:
+                    chunk = {"choices": [{"delta": {"content": "Let me see."},
+                                          "finish_reason": None}]}
+                elif "content" in chunk["choices"][0]["delta"] and \
+                        chunk["choices"][0]["delta"]["content"] != "It says 42.":
+                    continue
+                yield chunk
+
+    async def go():
+        workers = [Looper(1), Looper(2), Stray(3)]
+        pool = await started_pool(workers)
+        svc = tool_service(pool, mode="vote", adaptive=False)
+        reply, _, swarm = await svc.complete(guarded_request(temperature=0.7, swarm={"votes": 3}))
+        assert reply["choices"][0]["message"]["content"] == "It says 42."
+        first = [c for c in swarm["candidates"] if not c["again"]]
+        assert [c["repeat"] for c in first] == [True, True]        # the stray one is dropped
+        assert len([c for c in swarm["candidates"] if c["again"]]) == 3
+        assert swarm["samples"] == 6
         await pool.stop()
     run(go())
 

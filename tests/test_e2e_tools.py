@@ -4,6 +4,8 @@ swarm parses, and as grammar-constrained text where a call is required or the mo
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -221,3 +223,54 @@ def test_llama_cpps_infill_route_with_other_files_as_context(qwen_swarm):
     body = infill([{"filename": "util.py", "text": "GREETING = 'hello'\n" * 20}])
     assert body["stop"] is True and body["content"] and 0 < body["tokens_predicted"] <= 6
     assert body["tokens_evaluated"] >= alone["tokens_evaluated"] + 20 * 5
+
+
+def _version_task():
+    """bench/tools' multi-06: VERSION (1.4.2) was read; the next step writes 1.4.3 back."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import tools_tasks as tt
+    task = next(t for t in tt.TASKS if t.id == "multi-06")
+    return tt.messages_for(task), tt.tools_for(task)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_loop_guard_turns_a_second_read_into_the_next_step(qwen_swarm, stream):
+    """Greedy, the 0.5B model reads VERSION again though its text is in the conversation (the
+    guard off shows it); with the guard on it is asked again with the note, and writes 1.4.3."""
+    messages, tools = _version_task()
+    off = post(qwen_swarm, messages=messages, tools=tools, swarm={"loop_guard": False})
+    assert only_call(off) == ("read_file", {"path": "VERSION"})
+    client = openai.OpenAI(base_url=qwen_swarm.url + "/v1", api_key="x")
+    if stream:
+        chunks = list(client.chat.completions.create(
+            model="local-swarm", messages=messages, tools=tools, temperature=0, stream=True))
+        calls = [c.function for chunk in chunks for d in [chunk.choices[0].delta] if chunk.choices
+                 for c in d.tool_calls or ()]
+        assert [c.name for c in calls if c.name] == ["write_file"]
+        args = json.loads("".join(c.arguments or "" for c in calls))
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    else:
+        reply = client.chat.completions.create(model="local-swarm", messages=messages,
+                                               tools=tools, temperature=0)
+        [call] = reply.choices[0].message.tool_calls
+        assert call.function.name == "write_file"
+        args = json.loads(call.function.arguments)
+        swarm = reply.model_extra["swarm"]
+        assert [(c["repeat"], c["again"], c["winner"]) for c in swarm["candidates"]] == \
+            [(True, False, False), (False, True, True)]
+    assert args["path"] == "VERSION" and args["content"].strip() == "1.4.3"
+
+
+def test_a_default_vote_whose_anchor_rereads_votes_again_on_the_note(qwen_swarm):
+    """The default request: the greedy anchor repeats the read, so no sample is drawn from that
+    loop (they wait for the anchor's prompt, and are not sent); the vote runs on the note."""
+    messages, tools = _version_task()
+    reply = httpx.post(qwen_swarm.url + "/v1/chat/completions", timeout=600,
+                       json={"model": "local-swarm", "messages": messages, "tools": tools})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    name, args = only_call(body)
+    assert name == "write_file" and args["content"].strip() == "1.4.3"
+    first = [c for c in body["swarm"]["candidates"] if not c["again"]]
+    assert [(c["greedy"], c["repeat"]) for c in first] == [(True, True)]
+    assert all(not c["repeat"] for c in body["swarm"]["candidates"] if c["again"])

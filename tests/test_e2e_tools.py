@@ -237,13 +237,17 @@ def _version_task():
 def test_the_loop_guard_turns_a_second_read_into_the_next_step(qwen_swarm, stream):
     """Greedy, the 0.5B model reads VERSION again though its text is in the conversation (the
     guard off shows it); with the guard on it is asked again with the note, and writes 1.4.3."""
+    # max_tokens bounds each answer, as bench/tools does: unbounded, the model writes calls after
+    # calls (the next read, then writes of 1.4.2 ...) until the context is full
     messages, tools = _version_task()
-    off = post(qwen_swarm, messages=messages, tools=tools, swarm={"loop_guard": False})
+    off = post(qwen_swarm, messages=messages, tools=tools, max_tokens=200,
+               swarm={"loop_guard": False})
     assert only_call(off) == ("read_file", {"path": "VERSION"})
     client = openai.OpenAI(base_url=qwen_swarm.url + "/v1", api_key="x")
     if stream:
         chunks = list(client.chat.completions.create(
-            model="local-swarm", messages=messages, tools=tools, temperature=0, stream=True))
+            model="local-swarm", messages=messages, tools=tools, temperature=0, stream=True,
+            max_tokens=200))
         calls = [c.function for chunk in chunks for d in [chunk.choices[0].delta] if chunk.choices
                  for c in d.tool_calls or ()]
         assert [c.name for c in calls if c.name] == ["write_file"]
@@ -251,7 +255,7 @@ def test_the_loop_guard_turns_a_second_read_into_the_next_step(qwen_swarm, strea
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
     else:
         reply = client.chat.completions.create(model="local-swarm", messages=messages,
-                                               tools=tools, temperature=0)
+                                               tools=tools, temperature=0, max_tokens=200)
         [call] = reply.choices[0].message.tool_calls
         assert call.function.name == "write_file"
         args = json.loads(call.function.arguments)
@@ -266,7 +270,8 @@ def test_a_default_vote_whose_anchor_rereads_votes_again_on_the_note(qwen_swarm)
     loop (they wait for the anchor's prompt, and are not sent); the vote runs on the note."""
     messages, tools = _version_task()
     reply = httpx.post(qwen_swarm.url + "/v1/chat/completions", timeout=600,
-                       json={"model": "local-swarm", "messages": messages, "tools": tools})
+                       json={"model": "local-swarm", "messages": messages, "tools": tools,
+                             "max_tokens": 200})
     assert reply.status_code == 200, reply.text
     body = reply.json()
     name, args = only_call(body)

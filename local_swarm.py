@@ -8286,9 +8286,7 @@ class VoteRunner:
         ballot = await self._vote(prepared, plan)
         if self._anchor_loops(ballot) or (self._guarded(ballot)
                                           and leader_repeats(ballot.candidates)):
-            again = self.preparer.again(prepared)
-            if again is not None:
-                ballot = await self._revote(again, ballot)
+            ballot = await self._revote(prepared, ballot)
         else:
             await self.ask_again(prepared, ballot)
         await self.generator.count_winner(prepared, ballot.winner())
@@ -8362,13 +8360,19 @@ class VoteRunner:
         request."""
         return self._guarded(ballot) and any(c.greedy and c.repeat for c in ballot.candidates)
 
-    async def _revote(self, again: PreparedRequest, first: Ballot) -> Ballot:
+    async def _revote(self, prepared: PreparedRequest, first: Ballot) -> Ballot:
         """The vote on the loop guard's request (without the guard), the first vote's repeats
         joining it (they rank last; its other candidates, drawn from the loop, are dropped, and
-        counted in `samples` only); the first ballot when every candidate of this one failed."""
+        counted in `samples` only). The first ballot when the template refuses the note, the
+        note does not fit the context, or the vote again fails: the request itself was fine."""
+        again = self.preparer.again(prepared)
+        if again is None:
+            log.info("loop guard: the chat template refuses a system note; the repeat stands")
+            return first
         try:
+            again = await self.generator.accept(again)
             ballot = await self._vote(again, dataclasses.replace(first.plan, loop_guard=False))
-        except WorkerError as exc:
+        except (WorkerError, HTTPError) as exc:
             log.warning("loop guard: the vote again failed (%s); the repeat stands", exc)
             return first
         ballot.entries.extend(entry for entry in first.entries if entry[0].repeat)

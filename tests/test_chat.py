@@ -1336,6 +1336,25 @@ def test_the_loop_guard_leaves_the_repeat_when_the_template_refuses_a_late_syste
     run(go())
 
 
+@pytest.mark.parametrize("votes", [1, 3])
+def test_a_note_that_would_overflow_the_context_leaves_the_repeat_not_an_error(votes):
+    """The request fits; with the note it would not. The loop guard gives up (the repeat is the
+    answer), where a 400 would tell the client its own request was too long."""
+    async def go():
+        workers = [Looper(i) for i in range(1, votes + 1)]
+        pool = await started_pool(workers)
+        req = guarded_request(swarm={"votes": votes})
+        prompt = ls.RequestPreparer(ls.PromptRenderer(QWEN_LIKE), 10_000).prepare(req).prompt
+        n_ctx = len(prompt.split()) + 10                 # the note has more than 10 words
+        svc = ls.ChatService(pool, ls.PromptRenderer(QWEN_LIKE), "fake-model", n_ctx,
+                             ls.Config(mode="vote", adaptive=False))
+        reply, _, swarm = await svc.complete(req)
+        assert reply["choices"][0]["finish_reason"] == "tool_calls"
+        assert not any(c["again"] for c in swarm["candidates"]) and sent_notes(workers) == []
+        await pool.stop()
+    run(go())
+
+
 def test_an_anchored_vote_whose_anchor_repeats_votes_again_on_the_note():
     """The default request (temperature omitted): the greedy anchor repeats, so the vote runs
     again on the request with the note; the first vote's repeats join it (they rank last). On

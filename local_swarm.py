@@ -7723,7 +7723,9 @@ class Attempt:
 # forces a vote; k is capped by the healthy workers. Candidates are whole replies generated in
 # parallel, one per worker; a failed one is dropped, not fatal. Adaptive mode starts with
 # ADAPTIVE_START candidates and adds more only while they disagree (adaptive_more), and ends with
-# the greedy anchor alone when the anchor is sure of itself (ANCHOR_SURE); a majority vote
+# the greedy anchor alone when the anchor is sure of itself (ANCHOR_SURE) and moves the
+# conversation on; an answer caught repeating the calls just answered is asked again with a
+# note (the loop guard, in VoteRunner); a majority vote
 # finishes early once its leader cannot be overtaken, cancelling the stragglers. Peer swarms
 # (PeerVoters) are asked as the vote starts; their answers join the tally once the local vote is
 # done, each as one candidate weighing what its own vote backed it with.
@@ -8347,8 +8349,10 @@ class VoteRunner:
     # (it stops there: its samples would start from the loop) or when, done, its largest group
     # is repeats (a lone sample that moves on is more often a stray call than the next step);
     # it then votes again on that request (_revote). Any other answer that repeats (one
-    # worker's, a federated vote's) gets one more candidate from it (ask_again). The guard's candidates are marked `again`; an
-    # answer of repeats stands when the guard's is idle too, or the template refuses the note.
+    # worker's, a federated vote's) gets one more candidate from it (ask_again). The guard's
+    # candidates are marked `again`. The repeat stands when the guard's answer is idle too, and
+    # when the note cannot be asked (the template refuses it, it would overflow the context, the
+    # workers fail): the client's request was fine, so that is no error.
 
     def _guarded(self, ballot: Ballot) -> bool:
         """A local vote under the guard (a federated one only gets ask_again: its peers were

@@ -8369,9 +8369,8 @@ class VoteRunner:
         joining it (they rank last; its other candidates, drawn from the loop, are dropped, and
         counted in `samples` only). The first ballot when the template refuses the note, the
         note does not fit the context, or the vote again fails: the request itself was fine."""
-        again = self.preparer.again(prepared)
+        again = self._again_request(prepared)
         if again is None:
-            log.info("loop guard: the chat template refuses a system note; the repeat stands")
             return first
         try:
             again = await self.generator.accept(again)
@@ -8387,6 +8386,13 @@ class VoteRunner:
         ballot.vote = tally(ballot.candidates, ballot.strategy)
         return ballot
 
+    def _again_request(self, prepared: PreparedRequest) -> PreparedRequest | None:
+        """RequestPreparer.again, logged when the template refuses the note."""
+        again = self.preparer.again(prepared)
+        if again is None:
+            log.info("loop guard: the chat template refuses a system note; the repeat stands")
+        return again
+
     def loops(self, ballot: Ballot) -> bool:
         """The guard applies: the plan has it, and the answer only repeats the calls whose results
         end the conversation."""
@@ -8399,11 +8405,8 @@ class VoteRunner:
         """The loop guard's attempt, accepted: greedy, on the answer's worker when idle (its cache
         holds all of the prompt but the note). None when the guard does not apply, the template
         refuses the note, or no worker takes it (logged: the answer stands)."""
-        if not self.loops(ballot):
-            return None
-        again = self.preparer.again(prepared)
+        again = self._again_request(prepared) if self.loops(ballot) else None
         if again is None:
-            log.info("loop guard: the chat template refuses a system note; the repeat stands")
             return None
         try:
             return await self.generator.start(again, {"temperature": 0.0},
@@ -9944,11 +9947,8 @@ class Federation:
                          completion_tokens=answer.completion_tokens, counted=True)
         answered = answered_calls(req.messages) if req.tool_use.active else frozenset()
         settle_calls(req.tool_use, gen, answered)
-        calls = tuple(call.canonical() for call in gen.calls)
-        return Candidate(worker=gen.worker, text=gen.text, finish_reason=gen.finish_reason,
-                         latency=time.monotonic() - started, tokens=gen.completion_tokens,
-                         calls=calls, repeat=bool(calls) and set(calls) <= answered,
-                         weight=answer.weight), gen
+        return dataclasses.replace(candidate_of(gen, started, False, answered),
+                                   weight=answer.weight), gen
 
     # -- views ------------------------------------------------------------------------------------
 

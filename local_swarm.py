@@ -34,11 +34,13 @@ the peers serving the same model (see the Federation section).
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import base64
 import contextlib
 import dataclasses
 import enum
+import fractions
 import functools
 import hashlib
 import hmac
@@ -4968,8 +4970,10 @@ class WorkerPool:
 # tasks than centrality's picks (97 against 95), and on none where the anchor was right and it was
 # wrong (centrality: 2). One candidate is "single", confidence 1.
 #
-# Keys (candidate_key). Tool calls: "calls:" + the sorted calls joined by newlines; in a vote where
-# any candidate calls tools, every text reply shares one key (vote_keys). Text: the final
+# Keys (candidate_key). Tool calls: "calls:" + the sorted calls joined by newlines, each with its
+# arithmetic arguments by value (call_key: "15 * 240 / 100" and "0.15 * 240" both read "36"; a
+# bare number, a date or a version is left as written); in a vote where any candidate calls
+# tools, every text reply shares one key (vote_keys). Text: the final
 # number if the text ends with one ("+1,000.50" -> "1000.5"); else "code:" + the last fenced code
 # block with whitespace collapsed; else the text case-folded, punctuation dropped, whitespace
 # collapsed. Folded text holds no ":" and code keys start "code:", so no text key is a calls key.
@@ -5022,6 +5026,9 @@ BOXED_RE = re.compile(r"\\boxed\s*\{([^{}]*)\}")
 FENCE_RE = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})[^\n]*\n(?P<body>.*?)"
                       r"(?:(?P<close>^[ \t]*(?P=fence)[ \t]*$)|\Z)", re.MULTILINE | re.DOTALL)
 PUNCT_RE = re.compile(r"[^\w\s]")
+# What expression_value reads: digits, points, + - * / parentheses and spaces, nothing else.
+_EXPRESSION_RE = re.compile(r"[\d.+\-*/() ]*\d[\d.+\-*/() ]*")
+MAX_EXPRESSION_CHARS = 100       # longer argument strings are not read as arithmetic
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")   # words, and each punctuation mark (it matters in code)
 
 
@@ -5126,11 +5133,77 @@ def answer_key(text: str) -> str:
     return " ".join(PUNCT_RE.sub(" ", text.casefold()).split())
 
 
+_ARITHMETIC_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+                   ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+
+
+def _arithmetic(node: ast.AST) -> fractions.Fraction:
+    """The exact value of a parsed expression of numbers, + - * / and signs. Raises ValueError
+    for anything else, ZeroDivisionError for a division by zero."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return fractions.Fraction(repr(node.value))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _arithmetic(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC_OPS:
+        return _ARITHMETIC_OPS[type(node.op)](_arithmetic(node.left), _arithmetic(node.right))
+    raise ValueError("not arithmetic")
+
+
+def expression_value(text: str) -> str | None:
+    """The exact value of `text` when it is a plain arithmetic expression ("15 * 240 / 100" ->
+    "36", "1 / 3" -> "1/3", "15 / 240" -> "0.0625"): numbers, + - * / and parentheses, with at
+    least one of "*/+(" (so a date such as "2024-01-05" is no expression) and no number with
+    leading zeros; None for anything else, and for a division by zero."""
+    if len(text) > MAX_EXPRESSION_CHARS or not _EXPRESSION_RE.fullmatch(text) \
+            or not any(op in text for op in "*/+("):
+        return None
+    try:
+        value = _arithmetic(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+    places = 0                      # the decimal places of the value, if it has finitely many
+    while (value * 10 ** places).denominator != 1:
+        places += 1
+        if places > value.denominator.bit_length():
+            return f"{value.numerator}/{value.denominator}"
+    digits = str(abs(value.numerator) * 10 ** places // value.denominator).rjust(places + 1, "0")
+    sign = "-" if value < 0 else ""
+    return sign + _normal_decimal(f"{digits[:len(digits) - places]}.{digits[len(digits) - places:]}")
+
+
+def _with_values(value: Any) -> Any:
+    """`value` with each string that is an arithmetic expression replaced by its value."""
+    if isinstance(value, str):
+        return expression_value(value) or value
+    if isinstance(value, dict):
+        return {key: _with_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_with_values(item) for item in value]
+    return value
+
+
+def call_key(call: str) -> str:
+    """A canonical call as it votes: arguments that are arithmetic expressions count by their
+    value, since calls that compute the same number do the same ("15 * 240 / 100" and
+    "15 / 100 * 240" agree); other calls as they are."""
+    try:
+        parsed = json.loads(call)
+    except ValueError:
+        return call
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("arguments"), dict):
+        return call
+    valued = {**parsed, "arguments": _with_values(parsed["arguments"])}
+    if valued == parsed:
+        return call
+    return json.dumps(valued, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def candidate_key(candidate: Candidate) -> str:
-    """"calls:" + the sorted calls joined by newlines for a candidate with calls (order-free: the
-    same calls in another order are the same action), else answer_key(text)."""
+    """"calls:" + the sorted call_keys joined by newlines for a candidate with calls (order-free:
+    the same calls in another order are the same action), else answer_key(text)."""
     if candidate.calls:
-        return "calls:" + "\n".join(sorted(candidate.calls))
+        return "calls:" + "\n".join(sorted(call_key(call) for call in candidate.calls))
     return answer_key(candidate.text)
 
 

@@ -103,6 +103,70 @@ def test_candidate_key_for_calls(calls, key):
     assert ls.candidate_key(cand("some prose", calls=calls)) == key
 
 
+@pytest.mark.parametrize("text,value", [
+    ("15 * 240 / 100", "36"),
+    ("15 / 100 * 240", "36"),
+    ("15 * (240 / 100)", "36"),
+    ("0.15 * 240", "36"),
+    ("15 / 240 * 100", "6.25"),
+    ("15 / 240", "0.0625"),
+    ("1 / 3", "1/3"),                  # no finite decimal: a fraction
+    ("-0.5 * 0.5", "-0.25"),
+    ("0.1 + 0.2", "0.3"),              # exact, not binary floating point
+    ("(2)", "2"),
+    ("3 -5+ 1", "-1"),
+    # not arithmetic, or not surely so
+    ("17520", None),                   # a bare number stays as written ("1.10" is a version)
+    ("1.10", None),
+    ("2024-01-05", None),              # a date: only minus signs
+    ("10 - 3", None),
+    ("01 + 2", None),                  # leading zeros
+    ("1 / 0", None),
+    ("2 ** 10", None),                 # powers could be huge
+    ("1e5 * 2", None),
+    ("x * 2", None),
+    ("print(1+1)", None),
+    ("(" * 60 + "1" + ")" * 60, None),  # longer than MAX_EXPRESSION_CHARS
+    ("", None),
+])
+def test_expression_value(text, value):
+    assert ls.expression_value(text) == value
+
+
+def call(name, **arguments):
+    return ls.ToolCall(name, arguments).canonical()
+
+
+def test_calls_that_compute_the_same_value_vote_together():
+    cands = [cand(calls=[call("calculator", expression="15 / 240 * 100")], greedy=True),
+             cand(calls=[call("calculator", expression="15 / 240")]),
+             cand(calls=[call("calculator", expression="15 / 100 * 240")]),
+             cand(calls=[call("calculator", expression="15 * (240 / 100)")]),
+             cand(calls=[call("calculator", expression="36")])]
+    vote = ls.tally(cands)
+    assert vote.groups[0] == (2, 3, 4)
+    assert vote.winner in (2, 3, 4)
+    assert vote.confidence == pytest.approx(3 / 5)
+
+
+@pytest.mark.parametrize("a,b", [
+    (call("write_file", path="VERSION", content="1.10"), call("write_file", path="VERSION",
+                                                              content="1.1")),
+    (call("calendar", date="2024-01-05"), call("calendar", date="2024-02-04")),
+    (call("f", x=["1 + 1"]), call("f", x=["3"])),
+])
+def test_call_keys_keep_different_calls_apart(a, b):
+    assert ls.call_key(a) != ls.call_key(b)
+
+
+def test_call_key_reads_nested_arguments_and_leaves_other_text():
+    assert ls.call_key(call("f", x=["1 + 1"], y={"z": "2 * 1"})) == call("f", x=["2"], y={"z": "2"})
+    assert ls.call_key(call("f", x="1 + 1", n=2)) == call("f", x="2", n=2)
+    assert ls.call_key("a()") == "a()"                      # not JSON: as it is
+    plain = call("read_file", path="src/main.py")
+    assert ls.call_key(plain) is plain
+
+
 @pytest.mark.parametrize("text", [
     "calls: a()", "calls:a()", "CALLS:a()", "```\ncalls:a()\n```", "```\ncalls: a()\n```", "",
 ])

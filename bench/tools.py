@@ -4,7 +4,8 @@
 The tasks (bench/tools_tasks.py) offer 1 to 6 tools and expect either one call (name and
 arguments, each argument compared its own way) or a text answer; some are multi-turn, carrying an
 earlier call and its result. Each arm sends every task once to a running swarm's
-/v1/chat/completions with the task's `tools` and "tool_choice": "auto", as one request body:
+/v1/chat/completions with the task's `tools` and "tool_choice": "auto" (but in `textonly`), in
+one request body:
 
   greedy   temperature 0,                   "swarm": {"votes": 1}
   sample   temperature omitted, seed/task,  "swarm": {"votes": 1, "anchor": false}   (one sample
@@ -13,6 +14,8 @@ earlier call and its result. Each arm sends every task once to a running swarm's
   vote5    temperature omitted,             "swarm": {"votes": 5}
   vote5s   temperature omitted,             "swarm": {"votes": 5, "anchor": false}
   free     temperature 0,                   "swarm": {"votes": 1, "constrain_calls": false}
+  hint     temperature 0, HINT as a system message after the conversation
+  textonly temperature 0, "tool_choice": "none" (replies in --out: what it says instead)
 
 With the temperature omitted the swarm samples at its own vote temperature (--temperature sends
 one instead), except its anchor: the first candidate decodes greedily and wins ties (vote3, vote5;
@@ -66,6 +69,13 @@ class Arm:
     seeded: bool                # a seed per task
     constrain: bool = True      # False: the swarm parses the model's own call text as it is
     anchor: bool = True         # False: no greedy first candidate ("swarm": {"anchor": false})
+    hint: bool = False          # a system message after the conversation: HINT
+    choice: str = "auto"        # tool_choice ("none": does the model answer in text at all?)
+
+
+# What the `hint` arm adds after each conversation: can the model be told when not to call?
+HINT = ("Call a tool only when the user's request needs it. If the question can be answered "
+        "directly, or the tool results above already answer it, reply in plain text.")
 
 
 ARMS = {a.name: a for a in (
@@ -75,6 +85,8 @@ ARMS = {a.name: a for a in (
     Arm("vote5", "vote k=5 at T", 5, greedy=False, seeded=False),
     Arm("vote5s", "vote k=5, no anchor", 5, greedy=False, seeded=False, anchor=False),
     Arm("free", "greedy, unconstrained", 1, greedy=True, seeded=False, constrain=False),
+    Arm("hint", "greedy, with HINT", 1, greedy=True, seeded=False, hint=True),
+    Arm("textonly", "greedy, tool_choice none", 1, greedy=True, seeded=False, choice="none"),
 )}
 DEFAULT_ARMS = ("greedy", "sample", "vote3", "vote5")
 
@@ -106,8 +118,9 @@ TASK_NUMBER = {t.id: i for i, t in enumerate(tt.TASKS)}     # seeds do not move 
 
 
 def request_body(arm: Arm, task: tt.ToolTask, args: argparse.Namespace) -> dict:
-    body: dict[str, Any] = {"model": "local-swarm", "messages": tt.messages_for(task),
-                            "tools": tt.tools_for(task), "tool_choice": "auto",
+    messages = tt.messages_for(task) + ([{"role": "system", "content": HINT}] if arm.hint else [])
+    body: dict[str, Any] = {"model": "local-swarm", "messages": messages,
+                            "tools": tt.tools_for(task), "tool_choice": arm.choice,
                             "max_tokens": MAX_TOKENS, "swarm": {"votes": arm.votes}}
     if not arm.constrain:
         body["swarm"]["constrain_calls"] = False

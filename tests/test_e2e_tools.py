@@ -4,12 +4,15 @@ swarm parses, and as grammar-constrained text where a call is required or the mo
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+
+from conftest import TOOLS_MODEL, start_swarm
 
 pytestmark = pytest.mark.e2e  # every test runs a real Qwen swarm
 
@@ -279,3 +282,45 @@ def test_a_default_vote_whose_anchor_rereads_votes_again_on_the_note(qwen_swarm)
     first = [c for c in body["swarm"]["candidates"] if not c["again"]]
     assert [(c["greedy"], c["repeat"]) for c in first] == [(True, True)]
     assert all(not c["repeat"] for c in body["swarm"]["candidates"] if c["again"])
+
+
+def test_calls_that_compute_the_same_number_vote_as_one():
+    """bench/tools' calc-04 ("What is 15% of 240?"): the 0.5B model's samples write the
+    calculator's expression in several ways (`0.15 * 240`, `15 * (240 / 100)`, `15/100 * 240`),
+    and those of one value are one group of the vote. Keyed by spelling, this test's first seed
+    voted [1, 1, 1, 1, 1] (the anchor's `15 / 240` wins such a tie); by value, [3, 1, 1] for 36.
+    Through the default 8-slot daemon seeds 1-4 each gave such a group, and 36 won all four."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import tools_tasks as tt
+    task = next(t for t in tt.TASKS if t.id == "calc-04")
+    swarm5 = start_swarm("--model", TOOLS_MODEL, "--instances", "5", "--threads", "1",
+                         "--ctx", "2048")                       # five slots: a vote of 5
+    try:
+        mixed = sum(_calc_vote(swarm5, task, tt, seed) for seed in (1, 2, 3))
+    finally:
+        swarm5.stop()
+    assert mixed >= 1, "no vote had two spellings of one value to group"
+
+
+def _calc_vote(swarm5, task, tt, seed: int) -> bool:
+    """One default vote of 5 on calc-04: its groups are the candidates' calls by value (checked
+    with Python's own arithmetic); True when a group holds two spellings of one value."""
+    reply = httpx.post(swarm5.url + "/v1/chat/completions", timeout=600, json={
+        "model": "local-swarm", "messages": tt.messages_for(task), "tools": tt.tools_for(task),
+        "max_tokens": 100, "seed": seed, "swarm": {"votes": 5, "explain": True}})
+    assert reply.status_code == 200, reply.text
+    swarm = reply.json()["swarm"]
+    groups: dict[tuple, list[str]] = {}
+    for c in swarm["candidates"]:
+        if [call["name"] for call in c["calls"]] != ["calculator"]:      # text, or another
+            key, spelled = ("other", json.dumps(c["calls"]) if c["calls"] else ""), ""
+        else:
+            args = dict(c["calls"][0]["arguments"])
+            spelled = str(args.pop("expression", ""))
+            arithmetic = re.fullmatch(r"[\d.+\-*/() ]*[*/+(][\d.+\-*/() ]*", spelled)
+            value = round(eval(spelled, {"__builtins__": {}}), 9) if arithmetic else spelled
+            key = (value, json.dumps(args, sort_keys=True))
+        groups.setdefault(key, []).append(spelled)
+    assert sorted(swarm["votes"], reverse=True) == \
+        sorted((len(g) for g in groups.values()), reverse=True), (swarm["votes"], groups)
+    return any(len(set(g)) > 1 for g in groups.values())

@@ -5172,15 +5172,17 @@ def expression_value(text: str) -> str | None:
     return sign + _normal_decimal(f"{digits[:len(digits) - places]}.{digits[len(digits) - places:]}")
 
 
-def _with_values(value: Any) -> Any:
-    """`value` with each string that is an arithmetic expression replaced by its value."""
-    if isinstance(value, str):
-        return expression_value(value) or value
+def map_json(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """`value` with `leaf` applied to every value that is no dict or list, inside them too."""
     if isinstance(value, dict):
-        return {key: _with_values(item) for key, item in value.items()}
+        return {key: map_json(item, leaf) for key, item in value.items()}
     if isinstance(value, list):
-        return [_with_values(item) for item in value]
-    return value
+        return [map_json(item, leaf) for item in value]
+    return leaf(value)
+
+
+def _valued(leaf: Any) -> Any:
+    return (expression_value(leaf) or leaf) if isinstance(leaf, str) else leaf
 
 
 def call_key(call: str) -> str:
@@ -5193,18 +5195,21 @@ def call_key(call: str) -> str:
         return call
     if not isinstance(parsed, dict) or not isinstance(parsed.get("arguments"), dict):
         return call
-    valued = {**parsed, "arguments": _with_values(parsed["arguments"])}
+    valued = {**parsed, "arguments": map_json(parsed["arguments"], _valued)}
     if valued == parsed:
         return call
     return json.dumps(valued, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def calls_key(calls: Iterable[str]) -> str:
+    """"calls:" + the canonical calls' sorted call_keys joined by newlines (order-free: the same
+    calls in another order are the same action)."""
+    return "calls:" + "\n".join(sorted(call_key(call) for call in calls))
+
+
 def candidate_key(candidate: Candidate) -> str:
-    """"calls:" + the sorted call_keys joined by newlines for a candidate with calls (order-free:
-    the same calls in another order are the same action), else answer_key(text)."""
-    if candidate.calls:
-        return "calls:" + "\n".join(sorted(call_key(call) for call in candidate.calls))
-    return answer_key(candidate.text)
+    """calls_key for a candidate with calls, else answer_key(text)."""
+    return calls_key(candidate.calls) if candidate.calls else answer_key(candidate.text)
 
 
 TEXT_REPLY_KEY = "text"         # the one key of all text replies in a vote where some call tools
@@ -5492,15 +5497,13 @@ _JSON = json.JSONDecoder(parse_constant=_reject_constant)    # NaN and Infinity 
 _NOT_JSON = object()                                         # _decode's "no value here"
 
 
+def _integral(leaf: Any) -> Any:
+    return int(leaf) if isinstance(leaf, float) and leaf.is_integer() else leaf
+
+
 def _normalize(value: Any) -> Any:
     """`value` with integral floats as ints (2.0 -> 2), inside lists and dicts too."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {key: _normalize(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_normalize(item) for item in value]
-    return value
+    return map_json(value, _integral)
 
 
 def _json_key(value: Any) -> str:

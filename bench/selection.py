@@ -40,11 +40,11 @@ Candidate = dict[str, Any]
 
 
 def answer_key(c: Candidate) -> str:
-    """The answer a candidate gives, as the swarm's majority compares them: its calls by their
-    call_key (canonical, arithmetic by value), else the key of its text."""
+    """The answer a candidate gives, as the swarm's majority compares them: its calls' calls_key
+    (canonical, arithmetic by value), else the key of its text."""
     if c.get("calls"):
-        return "calls:" + "\n".join(sorted(
-            ls.call_key(ls.ToolCall(x["name"], x["arguments"]).canonical()) for x in c["calls"]))
+        return ls.calls_key(ls.ToolCall(x["name"], x["arguments"]).canonical()
+                            for x in c["calls"])
     return "text:" + ls.answer_key(c.get("content") or "")
 
 
